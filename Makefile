@@ -1,0 +1,73 @@
+# whatcar: `make serve` runs the committed model, `make test` runs every test.
+# Each target builds the virtualenv it needs, and rebuilds it only when its requirements change.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PIP_ARGS ?=
+DATA     ?= ../shared/datasets/cars
+MODELS   ?= models
+LEARNER  ?= $(MODELS)/export.pkl
+OUT      ?= artifacts
+# Empty by default: the server's own defaults (and WHATCAR_* variables) apply.
+HOST     ?=
+PORT     ?=
+TRAIN_ARGS ?=
+BENCH_ARGS ?=
+
+SERVE_PY := $(VENV)/serve/bin/python
+TRAIN_PY := $(VENV)/train/bin/python
+BUILD    := build
+
+.DEFAULT_GOAL := help
+.PHONY: help serve test test-serve test-export test-cross train export bench clean serve-env train-env
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) OUT=$(OUT) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
+
+$(VENV)/serve/.stamp: requirements-serve.txt
+	rm -rf $(VENV)/serve
+	$(PYTHON) -m venv $(VENV)/serve
+	$(VENV)/serve/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-serve.txt
+	touch $@
+
+$(VENV)/train/.stamp: requirements-train.txt
+	rm -rf $(VENV)/train
+	$(PYTHON) -m venv $(VENV)/train
+	$(VENV)/train/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-train.txt
+	touch $@
+
+$(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements-test.txt
+	$(VENV)/$*/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-test.txt
+	touch $@
+
+serve-env: $(VENV)/serve/.stamp ## build the serving virtualenv only
+train-env: $(VENV)/train/.stamp ## build the training virtualenv only
+
+serve: $(VENV)/serve/.stamp ## serve $(OUT) on http://127.0.0.1:8080 (HOST, PORT to change)
+	$(SERVE_PY) -m serve --model-dir $(OUT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
+	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
+
+export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact in OUT
+	$(TRAIN_PY) -m export $(LEARNER) --out $(OUT)
+
+test: test-serve test-export test-cross ## run every test (serve side, export side, cross-version)
+
+test-serve: $(VENV)/serve/.stamp-test
+	$(SERVE_PY) -m pytest tests/serve
+
+test-export: $(VENV)/train/.stamp-test
+	rm -rf $(BUILD)/cross
+	WHATCAR_CROSS_DIR=$(BUILD)/cross $(TRAIN_PY) -m pytest tests/export
+
+# The artifact test-export wrote under torch 2.14.1, loaded and scored under the serve side's 2.13.0.
+test-cross: $(VENV)/serve/.stamp-test test-export
+	WHATCAR_CROSS_DIR=$(BUILD)/cross $(SERVE_PY) -m pytest tests/cross
+
+bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving speed against baselines
+	$(SERVE_PY) -m bench $(BENCH_ARGS)
+
+clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
+	rm -rf $(VENV) $(BUILD) .pytest_cache

@@ -1,0 +1,1 @@
+"""Training side of whatcar: fit a fastai Learner and turn it into a TorchScript artifact."""

@@ -1,0 +1,169 @@
+"""`python -m export`: turn a fastai Learner pickle into a served artifact folder.
+
+    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME]
+
+Writes model.pt (traced, frozen TorchScript), labels.txt and manifest.json. The parity check
+runs first; if it fails nothing is written and the previous artifact stays as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from serve.artifact import FORMAT_VERSION, MANIFEST, load_artifact, sha256_file
+
+from . import learner as learner_io
+from . import parity, torchscript
+from .transforms import read_pipeline
+
+PARITY_IMAGES = 24
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("learner", type=Path, help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder to write (default: artifacts)")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of real images for the parity check (default: the validation images recorded "
+                        "by `python -m export.train`)")
+    p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
+                   help="how many images the parity check uses (default: %(default)s, at least 20 for a release)")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: the output folder's name)")
+    return p.parse_args(argv)
+
+
+def parity_files(args: argparse.Namespace, info: dict) -> list[Path]:
+    if args.images is not None:
+        if not args.images.is_dir():
+            raise learner_io.LearnerError(f"--images {args.images} is not a folder")
+        candidates = [p for p in args.images.rglob("*") if p.is_file()]
+    else:
+        base = Path(info.get("data", "."))
+        candidates = [base / rel for rel in info.get("valid_files", [])]
+        candidates = [p for p in candidates if p.is_file()]
+        if not candidates:
+            raise learner_io.LearnerError("no parity images: the learner has no recorded validation files "
+                                          "that exist here; pass --images DIR with real photos")
+    files = parity.pick_images(candidates, args.parity_images)
+    if not files:
+        raise learner_io.LearnerError("no images found for the parity check")
+    return files
+
+
+def describe_arch(model) -> str:
+    body = model[0] if isinstance(model, torch.nn.Sequential) and len(model) else model
+    inner = getattr(body, "model", None)
+    if inner is not None and hasattr(inner, "default_cfg"):
+        return f"timm {inner.default_cfg.get('architecture', type(inner).__name__)} + fastai head"
+    return f"{type(body).__name__} + fastai head"
+
+
+def build_manifest(args, learn, pipe, info, parity_report, model_file: Path, labels_file: Path) -> dict:
+    height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
+    labels = [str(v) for v in learn.dls.vocab]
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": args.name or args.out.resolve().name,
+        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "files": {
+            "model": {"file": model_file.name, "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
+            "labels": {"file": labels_file.name, "sha256": sha256_file(labels_file)},
+        },
+        "num_classes": len(labels),
+        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                  "height": height, "width": width, "batch": "any"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(labels)], "activation": "softmax"},
+        "preprocessing": {
+            "decode": "Pillow; first frame; EXIF orientation applied; converted to 8-bit RGB (alpha dropped, "
+                      "16-bit scaled)",
+            "steps": pipe.steps,
+            "in_model": {"divide_by": pipe.div, "mean": pipe.mean, "std": pipe.std},
+            "skipped_training_only": pipe.skipped,
+            "identity_at_validation": pipe.identity,
+        },
+        "architecture": describe_arch(learn.model),
+        "versions": learner_io.installed_versions(),
+        "source": {"learner_file": args.learner.name, "learner_sha256": sha256_file(args.learner),
+                   "trained_with": info.get("versions"), "training": info.get("training")},
+        "validation": info.get("validation"),
+        "parity": parity_report.as_dict(),
+    }
+
+
+def write_atomically(out: Path, fill) -> None:
+    """Build the new folder beside `out`, then swap it in; on any error `out` is untouched."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        fill(staging)
+        load_artifact(staging)  # the server's own check, before anything is replaced
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(staging, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except learner_io.LearnerError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    learn = learner_io.load(args.learner)
+    info = learner_io.read_sidecar(args.learner)
+    pipe = read_pipeline(learn.dls)
+    activation = getattr(learn.loss_func, "activation", None)
+    probe = torch.randn(4, max(2, len(learn.dls.vocab)))
+    if activation is None or not torch.allclose(activation(probe), torch.softmax(probe, dim=-1), atol=1e-6):
+        raise learner_io.LearnerError(
+            f"loss function {type(learn.loss_func).__name__} does not end in a softmax over classes; whatcar "
+            "serves single-label classifiers (CrossEntropyLossFlat and friends)")
+    height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
+    served = torchscript.ServedModel(torchscript.plain(learn.model), pipe.div, pipe.mean, pipe.std)
+    module = torchscript.trace_and_freeze(served, height, width)
+
+    files = parity_files(args, info)
+    report = parity.check(learn, module, pipe.steps, files)
+    print(f"parity: {report.top1_agree}/{report.images} top-1 agree, max |p - p_fastai| = {report.max_abs_diff:.2e} "
+          f"(tolerance {report.tolerance:g}); fastai's decoder gave identical pixels on "
+          f"{report.decode_identical}/{report.images}")
+    if not report.passed:
+        print(f"export: parity check failed; {args.out} left as it was", file=sys.stderr)
+        return 1
+
+    def fill(folder: Path) -> None:
+        model_file, labels_file = folder / "model.pt", folder / "labels.txt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(module, str(model_file))
+        labels_file.write_text("".join(f"{label}\n" for label in learn.dls.vocab), encoding="utf-8")
+        manifest = build_manifest(args, learn, pipe, info, report, model_file, labels_file)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    write_atomically(args.out, fill)
+    size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
+    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}")
+    return 0

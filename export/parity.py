@@ -1,0 +1,66 @@
+"""The exporter's self-check: the traced module, fed by the server's own preprocessing,
+must agree with `learn.predict` on real images before anything is written."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serve.decode import decode
+from serve.preprocess import preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+TOLERANCE = 1e-3
+MAX_PIXELS = 200_000_000
+
+
+@dataclass
+class ParityReport:
+    images: int
+    top1_agree: int
+    max_abs_diff: float
+    decode_identical: int
+    tolerance: float = TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return self.images > 0 and self.top1_agree == self.images and self.max_abs_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {"images": self.images, "top1_agree": self.top1_agree, "max_abs_diff": self.max_abs_diff,
+                "tolerance": self.tolerance, "fastai_decode_identical": self.decode_identical,
+                "passed": self.passed}
+
+
+def pick_images(files: list[Path], count: int) -> list[Path]:
+    """Up to `count` files spread evenly over a sorted list, so every class tends to appear."""
+    files = sorted(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) <= count:
+        return files
+    step = len(files) / count
+    return [files[int(i * step)] for i in range(count)]
+
+
+def server_input(path: Path, steps: list[dict]) -> tuple:
+    image = decode(path.read_bytes(), MAX_PIXELS)
+    return image, preprocess(image, steps)
+
+
+def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[Path]) -> ParityReport:
+    from fastai.vision.core import PILImage
+
+    agree, max_diff, same_decode = 0, 0.0, 0
+    for path in files:
+        image, pixels = server_input(path, steps)
+        with torch.no_grad():
+            ours = module(pixels.unsqueeze(0))[0]
+        with warnings.catch_warnings(), learn.no_bar():
+            warnings.simplefilter("ignore")
+            theirs = learn.predict(PILImage.create(image))[2].float()
+        agree += int(ours.argmax()) == int(theirs.argmax())
+        max_diff = max(max_diff, float((ours - theirs).abs().max()))
+        same_decode += PILImage.create(path).tobytes() == image.tobytes()
+    return ParityReport(images=len(files), top1_agree=agree, max_abs_diff=max_diff, decode_identical=same_decode)

@@ -1,0 +1,193 @@
+"""The HTTP face of whatcar: `create_app(config, scorer, state)` builds the Falcon app."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import falcon
+
+from .config import Config
+from .decode import ACCEPTED_MEDIA_TYPES
+from .errors import BodyTooLarge, ImageRejected, UnsupportedImageType
+from .scoring import Scorer
+
+log = logging.getLogger("whatcar")
+access_log = logging.getLogger("whatcar.access")
+
+STATIC = Path(__file__).parent / "static"
+# Raw bodies may also be untyped or generic bytes: the decoder, not the header, decides.
+RAW_TYPES = frozenset(ACCEPTED_MEDIA_TYPES) | {"application/octet-stream", ""}
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+            "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
+class State:
+    """Readiness, shared by the server (which flips it) and the probes (which report it)."""
+
+    def __init__(self, ready: bool = False):
+        self._ready = threading.Event()
+        if ready:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def set_ready(self, ready: bool) -> None:
+        (self._ready.set if ready else self._ready.clear)()
+
+
+def reject(exc: ImageRejected) -> falcon.HTTPError:
+    headers = None
+    if isinstance(exc, UnsupportedImageType):
+        headers = {"Accept-Post": ", ".join(ACCEPTED_MEDIA_TYPES)}
+    return falcon.HTTPError(exc.status, title=exc.status.split(" ", 1)[1], description=exc.description,
+                            code=exc.reason, headers=headers)
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, refusing anything over `limit` bytes without reading it all."""
+    if req.content_length is not None and req.content_length > limit:
+        raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
+    data = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+    return data
+
+
+def read_upload(req: falcon.Request, limit: int) -> bytes:
+    """Image bytes from a raw body or from the multipart field `file`."""
+    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        if req.content_length is not None and req.content_length > limit:
+            raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
+        files = []
+        for part in req.get_media():
+            if part.name == "file":
+                files.append(part.stream.read(limit + 1))
+                if len(files[-1]) > limit:
+                    raise BodyTooLarge(f"file is over the limit of {limit} bytes")
+            else:
+                part.stream.read()  # drain fields we do not use
+        if len(files) != 1:
+            raise falcon.HTTPBadRequest(
+                title="Bad Request", code="multipart_file",
+                description=f"multipart upload needs exactly one field named 'file' (got {len(files)})")
+        return files[0]
+    if media_type not in RAW_TYPES:
+        raise UnsupportedImageType(
+            f"Content-Type {media_type!r} is not accepted; send the image as {', '.join(ACCEPTED_MEDIA_TYPES)} "
+            "or application/octet-stream, or as multipart/form-data field 'file'")
+    return read_body(req, limit)
+
+
+class PredictResource:
+    def __init__(self, scorer: Scorer, config: Config, state: State):
+        self.scorer, self.config, self.state = scorer, config, state
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.state.ready:
+            raise falcon.HTTPServiceUnavailable(description="model is not ready", retry_after=1)
+        k = req.get_param_as_int("top_k", min_value=1, max_value=len(self.scorer.artifact.labels),
+                                 default=min(self.config.top_k, len(self.scorer.artifact.labels)))
+        started = time.perf_counter()
+        try:
+            data = read_upload(req, self.config.max_upload_bytes)
+            result = self.scorer.score(data, k)
+        except ImageRejected as exc:
+            raise reject(exc) from None
+        result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
+        resp.media = result
+
+
+class HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "alive"}
+
+
+class ReadyResource:
+    def __init__(self, state: State):
+        self.state = state
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not self.state.ready:
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "not ready"}
+            return
+        resp.media = {"status": "ready"}
+
+
+class MetadataResource:
+    def __init__(self, scorer: Scorer):
+        artifact = scorer.artifact
+        manifest = artifact.manifest
+        self.body = {
+            "name": artifact.name,
+            "sha256": artifact.sha256,
+            "classes": artifact.labels,
+            "num_classes": len(artifact.labels),
+            "input": manifest["input"],
+            "preprocessing": manifest["preprocessing"],
+            "output": manifest.get("output"),
+            "architecture": manifest.get("architecture"),
+            "versions": manifest.get("versions"),
+            "validation": manifest.get("validation"),
+        }
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self.body
+
+
+class StaticResource:
+    """One file of the upload page, read once at start-up; no path comes from the request."""
+
+    def __init__(self, name: str, content_type: str):
+        self.body = (STATIC / name).read_bytes()
+        self.content_type = content_type
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = self.body
+        resp.content_type = self.content_type
+        resp.set_header("Content-Security-Policy", PAGE_CSP)
+        resp.set_header("Cache-Control", "no-cache")
+
+
+class AccessLog:
+    """One line per request to stderr, plus headers every response should carry."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        elapsed = (time.perf_counter() - getattr(req.context, "started", time.perf_counter())) * 1000
+        access_log.info("%s %s %s %.1fms", req.method, req.path, resp.status_code, elapsed)
+
+
+def handle_unexpected(req, resp, exc, params) -> None:
+    """A bug on our side: log it with its traceback, answer JSON without one."""
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
+
+
+def create_app(config: Config, scorer: Scorer, state: State) -> falcon.App:
+    app = falcon.App(middleware=[AccessLog()])
+    app.add_error_handler(Exception, handle_unexpected)
+    multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
+    multipart.parse_options.max_body_part_count = 8
+
+    predict = PredictResource(scorer, config, state)
+    app.add_route("/predict", predict)
+    app.add_route("/upload", predict)  # the original whatcar app's path
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(state))
+    app.add_route("/metadata", MetadataResource(scorer))
+    app.add_route("/", StaticResource("index.html", falcon.MEDIA_HTML))
+    app.add_route("/static/app.js", StaticResource("app.js", falcon.MEDIA_JS))
+    app.add_route("/static/app.css", StaticResource("app.css", "text/css; charset=utf-8"))
+    return app

@@ -1,0 +1,111 @@
+"""All serving settings in one place: command-line flags, each also a WHATCAR_* variable.
+
+A flag beats its variable, which beats the default. Everything is checked before the model
+loads, so a bad setting stops the server with one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cpus import available_cpus
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    model_dir: Path = Path("artifacts")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 4
+    torch_threads: int = 1
+    inference_workers: int = 1
+    max_upload_bytes: int = 20 * MiB
+    max_image_pixels: int = 50_000_000
+    top_k: int = 5
+    channel_timeout: int = 30
+    log_level: str = "INFO"
+
+
+def _defaults() -> dict:
+    cpus = available_cpus()
+    # One single-threaded forward pass per CPU, and enough Waitress threads to decode the next
+    # uploads while those run.
+    return dict(inference_workers=cpus, threads=max(4, 2 * cpus))
+
+
+# (flag, field, type, help). The variable is WHATCAR_ + the field in capitals.
+OPTIONS = [
+    ("--model-dir", "model_dir", Path, "artifact folder written by `make export`"),
+    ("--host", "host", str, "address to bind; 0.0.0.0 exposes the server to the network"),
+    ("--port", "port", int, "TCP port"),
+    ("--threads", "threads", int, "Waitress worker threads (HTTP, decoding)"),
+    ("--torch-threads", "torch_threads", int, "intra-op threads of each forward pass"),
+    ("--inference-workers", "inference_workers", int, "forward passes allowed at once"),
+    ("--max-upload-bytes", "max_upload_bytes", int, "largest request body accepted (413 above)"),
+    ("--max-image-pixels", "max_image_pixels", int, "largest width*height decoded (422 above)"),
+    ("--top-k", "top_k", int, "predictions returned when the request has no ?top_k"),
+    ("--channel-timeout", "channel_timeout", int, "seconds an idle or slow connection is kept"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def env_name(field: str) -> str:
+    return "WHATCAR_" + field.upper()
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="Serve a whatcar artifact over HTTP: POST an image to /predict, get makes and models back.",
+        epilog="Every option can also be set with the environment variable shown; a flag wins over it.",
+    )
+    for flag, field, kind, text in OPTIONS:
+        parser.add_argument(flag, dest=field, type=str, default=None,
+                            help=f"{text} [{env_name(field)}, default: {defaults[field]}]")
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
+    """Build and validate the configuration, or raise ConfigError naming the bad setting."""
+    environ = os.environ if environ is None else environ
+    defaults = {**Config().__dict__, **_defaults()}
+    args = build_parser(defaults).parse_args(argv)
+    values = {}
+    for flag, field, kind, _ in OPTIONS:
+        raw, source = getattr(args, field), flag
+        if raw is None and env_name(field) in environ:
+            raw, source = environ[env_name(field)], env_name(field)
+        if raw is None:
+            values[field] = defaults[field]
+            continue
+        try:
+            values[field] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
+                "channel_timeout")
+    for field in positive:
+        if getattr(config, field) < 1:
+            raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "
+                              f"set --{field.replace('_', '-')} or {env_name(field)}")
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"port must be 0-65535 (got {config.port})")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {config.log_level!r})")
+    if not config.model_dir.is_dir():
+        raise ConfigError(f"model folder {config.model_dir} does not exist; set --model-dir or WHATCAR_MODEL_DIR")

@@ -1,0 +1,67 @@
+// Upload page: post the chosen photo to /predict and show the top five answers.
+// Labels and messages are set with textContent only, never as HTML.
+"use strict";
+
+const drop = document.getElementById("drop");
+const input = document.getElementById("file");
+const preview = document.getElementById("preview");
+const statusLine = document.getElementById("status");
+const results = document.getElementById("results");
+const modelLine = document.getElementById("model");
+
+function showStatus(text, isError) {
+  statusLine.textContent = text;
+  statusLine.className = isError ? "error" : "";
+}
+
+function showPredictions(body) {
+  results.replaceChildren();
+  for (const p of body.predictions) {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "label";
+    name.textContent = p.label;
+    const pct = document.createElement("span");
+    pct.className = "pct";
+    pct.textContent = " " + (p.probability * 100).toFixed(1) + " %";
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.style.width = Math.max(1, Math.round(p.probability * 100)) + "%";
+    item.append(name, pct, bar);
+    results.append(item);
+  }
+  modelLine.textContent = "model " + body.model.name + " · " + body.timings_ms.total + " ms";
+}
+
+async function upload(file) {
+  if (!file) return;
+  results.replaceChildren();
+  modelLine.textContent = "";
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  showStatus("Looking…", false);
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const response = await fetch("/predict?top_k=5", { method: "POST", body: form });
+    const body = await response.json();
+    if (!response.ok) {
+      showStatus(body.description || body.title || ("error " + response.status), true);
+      return;
+    }
+    showStatus("", false);
+    showPredictions(body);
+  } catch (err) {
+    showStatus("Could not reach the server: " + err.message, true);
+  }
+}
+
+input.addEventListener("change", () => upload(input.files[0]));
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  upload(e.dataTransfer.files[0]);
+});

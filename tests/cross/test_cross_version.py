@@ -1,0 +1,45 @@
+"""An artifact exported under the train side's torch, scored under the serve side's torch."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve.artifact import load_artifact
+from serve.decode import decode
+from serve.preprocess import preprocess
+from tests.conftest import CARS
+
+
+@pytest.fixture(scope="module")
+def cross_dir() -> Path:
+    # Set by `make test`, which runs tests/export first; running this alone is a mistake, not a skip.
+    assert "WHATCAR_CROSS_DIR" in os.environ, "run through `make test` (needs the artifact tests/export writes)"
+    folder = Path(os.environ["WHATCAR_CROSS_DIR"])
+    assert (folder / "expected.json").is_file(), f"{folder} has no exported artifact; did tests/export run?"
+    return folder
+
+
+def test_exported_under_another_torch(cross_dir):
+    expected = json.loads((cross_dir / "expected.json").read_text())
+    manifest = json.loads((cross_dir / "artifact" / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == expected["torch"]
+    assert expected["torch"].split("+")[0] != torch.__version__.split("+")[0], \
+        "export and serve ran the same torch; the cross-version check would prove nothing"
+
+
+def test_probabilities_match_what_the_exporter_saw(cross_dir):
+    expected = json.loads((cross_dir / "expected.json").read_text())["probabilities"]
+    artifact = load_artifact(cross_dir / "artifact")  # optimised, as the server runs it
+    assert len(expected) == 24
+    worst = 0.0
+    for name, row in expected.items():
+        pixels = preprocess(decode((CARS / name).read_bytes(), 10**8), artifact.steps)
+        with torch.inference_mode():
+            got = artifact.module(pixels.unsqueeze(0))[0]
+        want = torch.tensor(row)
+        assert int(got.argmax()) == int(want.argmax()), name
+        worst = max(worst, float((got - want).abs().max()))
+    assert worst < 1e-4, f"max probability difference {worst}"

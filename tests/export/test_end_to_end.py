@@ -1,0 +1,132 @@
+"""Train a tiny learner on real photos, export it, and check the artifact end to end.
+
+The artifact and the probabilities seen here are left in $WHATCAR_CROSS_DIR (when set) for
+tests/cross, which loads them under the serve side's torch.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export import cli
+from export.learner import LearnerError, load, write_sidecar
+from serve.artifact import load_artifact
+from serve.decode import decode
+from serve.preprocess import preprocess
+from tests.conftest import CARS, ROOT, car_photos
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def learner(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(out), "--size", str(SIZE),
+                    "--epochs", "1", "--freeze-epochs", "1", "--batch-size", "8", "--quiet"],
+                   check=True, cwd=ROOT)
+    return out / "export.pkl"
+
+
+@pytest.fixture(scope="module")
+def artifact(learner, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    assert cli.main([str(learner), "--out", str(out), "--images", str(CARS)]) == 0
+    return out
+
+
+def test_training_records_its_run(learner):
+    info = json.loads(learner.with_name("export.pkl.json").read_text())
+    assert info["versions"]["fastai"] and info["versions"]["torch"] == torch.__version__
+    assert len(info["valid_files"]) == info["validation"]["images"] > 0
+    assert 0.0 <= info["validation"]["accuracy"] <= 1.0
+
+
+def test_manifest_describes_the_artifact(artifact):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["num_classes"] == 3
+    assert manifest["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                                 "height": SIZE, "width": SIZE, "batch": "any"}
+    assert manifest["preprocessing"]["steps"][0]["op"] == "resize"
+    assert manifest["preprocessing"]["steps"][0]["method"] == "squish"
+    assert manifest["preprocessing"]["in_model"]["divide_by"] == 255.0
+    assert manifest["output"]["activation"] == "softmax"
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert len(manifest["source"]["learner_sha256"]) == 64
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["images"] == 24 and parity["top1_agree"] == 24
+    assert parity["max_abs_diff"] <= 1e-3
+    labels = (artifact / "labels.txt").read_text().splitlines()
+    assert labels == sorted(p.name for p in CARS.iterdir())
+
+
+def test_module_batches_any_size_and_matches_single_images(artifact):
+    loaded = load_artifact(artifact)
+    steps = loaded.steps
+    pixels = torch.stack([preprocess(decode(p.read_bytes(), 10**8), steps) for p in car_photos()[:5]])
+    together = loaded.module(pixels)
+    one_by_one = torch.cat([loaded.module(pixels[i:i + 1]) for i in range(5)])
+    assert together.shape == (5, 3)
+    assert torch.allclose(together.sum(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_failed_parity_leaves_previous_artifact_untouched(learner, artifact, monkeypatch, capsys):
+    before = {p.name: p.read_bytes() for p in artifact.iterdir()}
+    real_check = cli.parity.check
+
+    def one_disagreement(*args, **kwargs):
+        report = real_check(*args, **kwargs)
+        report.top1_agree -= 1
+        return report
+
+    monkeypatch.setattr(cli.parity, "check", one_disagreement)
+    assert cli.main([str(learner), "--out", str(artifact), "--images", str(CARS)]) == 1
+    assert "parity check failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before
+
+
+def test_learner_from_another_fastai_names_both_versions(tmp_path):
+    import fastai
+
+    bogus = tmp_path / "export.pkl"
+    # A pickle naming a class that this fastai does not have, as after a rename upstream.
+    module = tmp_path / "vanished_mod.py"
+    module.write_text("class Gone:\n    pass\n")
+    script = (f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import vanished_mod; "
+              f"torch.save(vanished_mod.Gone(), {str(bogus)!r})")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    module.unlink()
+    write_sidecar(bogus, {"versions": {"fastai": "2.7.19", "torch": "2.5.1"}})
+    with pytest.raises(LearnerError) as caught:
+        load(bogus)
+    message = str(caught.value)
+    assert "fastai 2.7.19" in message and f"fastai {fastai.__version__}" in message
+    assert "vanished_mod" in message
+
+
+def test_missing_learner_says_how_to_make_one(tmp_path):
+    assert cli.main([str(tmp_path / "nope.pkl"), "--out", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_leaves_artifact_for_the_cross_version_check(artifact):
+    target = os.environ.get("WHATCAR_CROSS_DIR")
+    if not target:
+        pytest.skip("WHATCAR_CROSS_DIR not set (make test sets it)")
+    target = Path(target)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(artifact, target / "artifact")
+    loaded = load_artifact(target / "artifact", optimize=False)
+    rows = {}
+    for path in car_photos():
+        pixels = preprocess(decode(path.read_bytes(), 10**8), loaded.steps)
+        with torch.no_grad():
+            rows[str(path.relative_to(CARS))] = loaded.module(pixels.unsqueeze(0))[0].tolist()
+    (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows}))
