@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +125,10 @@ def load_artifact(folder: str | Path, optimize: bool = True) -> Artifact:
         raise ArtifactError(f"preprocessing produces {height}x{width} but the model input is "
                             f"{manifest['input'].get('height')}x{manifest['input'].get('width')}")
     try:
-        module = torch.jit.load(str(model_path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch 2.14 flags jit.load as deprecated; it remains the loader for frozen archives.
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(model_path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError or ValueError depending on the damage
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{model_path} is not a loadable TorchScript module: {first_line}") from None
@@ -140,6 +144,8 @@ def load_artifact(folder: str | Path, optimize: bool = True) -> Artifact:
         raise ArtifactError(f"model outputs shape {tuple(out.shape)} but there are {len(labels)} labels")
     if optimize:
         # Only in memory: a saved optimize_for_inference module does not load again.
-        module = torch.jit.optimize_for_inference(module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.optimize_for_inference(module)
     return Artifact(folder=folder, manifest=manifest, labels=labels, module=module,
                     load_seconds=time.perf_counter() - started)

@@ -14,9 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import EmptyBody, TooManyPixels, UndecodableImage, UnsupportedImageType
 
-# Formats Pillow may try. MPO is how Pillow opens many phone JPEGs; anything else (EPS, PSD,
-# ICO, SVG, ...) is refused before a decoder runs, which also keeps rarely used parsers away.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Formats Pillow may try (phone JPEGs that Pillow reports as MPO come in through JPEG). Anything
+# else (EPS, PSD, ICO, SVG, ...) is refused before a decoder runs, keeping rarely used parsers away.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import torch
 from waitress import wasyncore
@@ -43,6 +44,8 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch mentions at import that numpy is absent; the server never needs it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         config = load_config(argv)
     except ConfigError as exc:

@@ -1,0 +1,160 @@
+"""Every endpoint and error through falcon.testing, with real photos and the committed model."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from tests.conftest import car_photos
+from tests.serve.conftest import encode, multipart
+
+# Photos the committed model must name correctly (the folder is the class).
+KNOWN = [p for p in car_photos() if p.stem in ("047", "030", "029")]
+
+
+@pytest.mark.parametrize("path", KNOWN, ids=lambda p: p.parent.name)
+def test_raw_body_names_the_car(client, path):
+    resp = client.simulate_post("/predict", body=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 200
+    body = resp.json
+    assert body["predictions"][0]["label"] == path.parent.name
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert len(probabilities) == 5 and 0 < sum(probabilities) <= 1.0001
+    assert len(body["model"]["sha256"]) == 64
+    assert set(body["timings_ms"]) >= {"preprocess", "inference", "postprocess", "total"}
+
+
+def test_multipart_upload_and_upload_alias(client):
+    path = KNOWN[0]
+    data, content_type = multipart([("file", path.name, path.read_bytes(), "image/jpeg")])
+    for route in ("/predict", "/upload"):
+        resp = client.simulate_post(route, body=data, headers={"Content-Type": content_type})
+        assert resp.status_code == 200, resp.text
+        assert resp.json["predictions"][0]["label"] == path.parent.name
+
+
+def test_top_k_parameter(client, photo):
+    resp = client.simulate_post("/predict", body=photo, params={"top_k": "2"},
+                                headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 200 and len(resp.json["predictions"]) == 2
+    resp = client.simulate_post("/predict", body=photo, params={"top_k": "0"}, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 400
+    resp = client.simulate_post("/predict", body=photo, params={"top_k": "x"}, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 400
+
+
+def test_empty_body(client):
+    resp = client.simulate_post("/predict", body=b"", headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 400 and resp.json["code"] == "empty"
+
+
+def test_wrong_content_type_lists_accepted_types(client, photo):
+    resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "text/plain"})
+    assert resp.status_code == 415
+    assert "image/jpeg" in resp.json["description"]
+    assert "image/png" in resp.headers["Accept-Post"]
+
+
+def test_text_sent_as_jpeg(client):
+    resp = client.simulate_post("/predict", body=b"<html>not a car</html>", headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 415 and resp.json["code"] == "unsupported_type"
+
+
+def test_truncated_jpeg(client, photo):
+    resp = client.simulate_post("/predict", body=photo[: len(photo) // 2], headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 400 and resp.json["code"] == "undecodable"
+    assert "truncated" in resp.json["description"]
+
+
+def test_body_over_limit_is_refused_from_content_length(client, config):
+    resp = client.simulate_post("/predict", body=b"\xff" * (config.max_upload_bytes + 1),
+                                headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 413 and resp.json["code"] == "too_large"
+
+
+def test_decompression_bomb(client):
+    image = Image.new("L", (3000, 3000))  # 9 MP against a 4 MP limit, tiny when compressed
+    resp = client.simulate_post("/predict", body=encode(image, "PNG"), headers={"Content-Type": "image/png"})
+    assert resp.status_code == 422 and resp.json["code"] == "too_many_pixels"
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "RGBA", "L", "I;16", "1"])
+def test_odd_modes_are_scored(client, mode):
+    image = Image.open(KNOWN[0]).convert("RGB")
+    if mode == "I;16":
+        # Each grey level v as the 16-bit value v * 257 (both bytes v), as a 16-bit PNG stores it.
+        grey = image.convert("L").tobytes()
+        odd = Image.frombytes("I;16", image.size, bytes(b for v in grey for b in (v, v)))
+        fmt = "PNG"
+    else:
+        odd = image.convert(mode)
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+    resp = client.simulate_post("/predict", body=encode(odd, fmt), headers={"Content-Type": f"image/{fmt.lower()}"})
+    assert resp.status_code == 200, resp.text
+
+
+def test_multipart_without_file_field(client, photo):
+    data, content_type = multipart([("image", "car.jpg", photo, "image/jpeg")])
+    resp = client.simulate_post("/predict", body=data, headers={"Content-Type": content_type})
+    assert resp.status_code == 400 and "'file'" in resp.json["description"]
+
+
+def test_multipart_with_two_files(client, photo):
+    data, content_type = multipart([("file", "a.jpg", photo, "image/jpeg"), ("file", "b.jpg", photo, "image/jpeg")])
+    resp = client.simulate_post("/predict", body=data, headers={"Content-Type": content_type})
+    assert resp.status_code == 400
+
+
+def test_multipart_with_wrong_boundary(client, photo):
+    data, _ = multipart([("file", "a.jpg", photo, "image/jpeg")], boundary="one")
+    resp = client.simulate_post("/predict", body=data, headers={"Content-Type": "multipart/form-data; boundary=two"})
+    assert resp.status_code == 400
+
+
+def test_health_ready_and_not_ready(client, state, photo):
+    assert client.simulate_get("/healthz").json == {"status": "alive"}
+    assert client.simulate_get("/readyz").status_code == 200
+    state.set_ready(False)
+    assert client.simulate_get("/readyz").status_code == 503
+    resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 503
+
+
+def test_metadata_comes_from_the_manifest(client, scorer):
+    body = client.simulate_get("/metadata").json
+    manifest = scorer.artifact.manifest
+    assert body["classes"] == scorer.artifact.labels
+    assert body["sha256"] == manifest["files"]["model"]["sha256"]
+    assert body["input"]["height"] == manifest["input"]["height"]
+    assert body["preprocessing"]["steps"] == manifest["preprocessing"]["steps"]
+    assert body["versions"]["torch"]
+
+
+def test_unknown_route_and_method(client):
+    assert client.simulate_get("/nope").status_code == 404
+    resp = client.simulate_get("/predict")
+    assert resp.status_code == 405
+
+
+def test_page_is_served_with_security_headers(client):
+    resp = client.simulate_get("/")
+    assert resp.status_code == 200 and "text/html" in resp.headers["Content-Type"]
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script src=\"/static/app.js\"" in resp.text
+    js = client.simulate_get("/static/app.js")
+    assert js.status_code == 200 and "textContent" in js.text and "innerHTML" not in js.text
+
+
+def test_internal_error_is_json_without_traceback(client, scorer, monkeypatch, photo):
+    def broken(batch):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(scorer, "inference", broken)
+    resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 500
+    assert "secret" not in resp.text and "Traceback" not in resp.text
+    assert json.loads(resp.text)["title"]
+    monkeypatch.undo()
+    assert client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"}).status_code == 200
