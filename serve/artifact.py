@@ -99,7 +99,9 @@ def verify_file(folder: Path, manifest: dict, role: str) -> Path:
         raise ArtifactError(f"{folder / MANIFEST} has no files.{role}.file and files.{role}.sha256") from None
     path = folder / name
     # The manifest names files inside the artifact folder only.
-    if path.resolve().parent != folder.resolve() or not path.is_file():
+    if path.resolve().parent != folder.resolve():
+        raise ArtifactError(f"{role} file {name!r} in {folder / MANIFEST} is not a file name inside {folder}")
+    if not path.is_file():
         raise ArtifactError(f"{role} file {path} is missing (listed in {folder / MANIFEST})")
     actual = sha256_file(path)
     if actual != expected:

@@ -1,0 +1,97 @@
+"""The manifest check: a damaged or mismatched artifact is refused with a reason."""
+
+import json
+import shutil
+
+import pytest
+
+from serve.artifact import ArtifactError, load_artifact, sha256_file
+from tests.conftest import ARTIFACTS
+
+
+@pytest.fixture()
+def copy(tmp_path):
+    folder = tmp_path / "artifact"
+    shutil.copytree(ARTIFACTS, folder)
+    return folder
+
+
+def rewrite_manifest(folder, change):
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_committed_artifact_loads(copy):
+    artifact = load_artifact(copy, optimize=False)
+    assert len(artifact.labels) == artifact.manifest["num_classes"]
+    assert artifact.sha256 == sha256_file(copy / "model.pt")
+
+
+def test_edited_model_byte_is_detected(copy):
+    model = copy / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(copy)
+
+
+def test_edited_labels_are_detected(copy):
+    labels = copy / "labels.txt"
+    labels.write_text(labels.read_text().replace("a", "e", 1))
+    with pytest.raises(ArtifactError, match="labels.txt sha256"):
+        load_artifact(copy)
+
+
+def test_wrong_label_count_is_detected_even_with_a_matching_checksum(copy):
+    labels = copy / "labels.txt"
+    labels.write_text(labels.read_text() + "Extra Car 2020\n")
+    rewrite_manifest(copy, lambda m: m["files"]["labels"].update(sha256=sha256_file(labels)))
+    with pytest.raises(ArtifactError, match="classes but the manifest says"):
+        load_artifact(copy)
+    rewrite_manifest(copy, lambda m: m.update(num_classes=m["num_classes"] + 1))
+    with pytest.raises(ArtifactError, match="model outputs shape"):
+        load_artifact(copy)
+
+
+def test_newer_format_is_refused(copy):
+    rewrite_manifest(copy, lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format 99, newer than this server understands"):
+        load_artifact(copy)
+
+
+def test_missing_files_are_named(copy):
+    (copy / "model.pt").unlink()
+    with pytest.raises(ArtifactError, match="model file .*model.pt is missing"):
+        load_artifact(copy)
+    with pytest.raises(ArtifactError, match="manifest.json not found"):
+        load_artifact(copy.parent / "nowhere")
+
+
+def test_manifest_cannot_point_outside_its_folder(copy):
+    shutil.copy(copy / "model.pt", copy.parent / "model.pt")
+    rewrite_manifest(copy, lambda m: m["files"]["model"].update(file="../model.pt"))
+    with pytest.raises(ArtifactError, match="not a file name inside"):
+        load_artifact(copy)
+
+
+def test_preprocessing_must_produce_the_input_size(copy):
+    rewrite_manifest(copy, lambda m: m["preprocessing"]["steps"][-1].update(height=7))
+    with pytest.raises(ArtifactError, match="preprocessing produces 7x"):
+        load_artifact(copy)
+
+
+def test_unknown_preprocessing_op_is_refused(copy):
+    rewrite_manifest(copy, lambda m: m["preprocessing"]["steps"].append({"op": "sharpen"}))
+    with pytest.raises(ArtifactError, match="unknown op 'sharpen'"):
+        load_artifact(copy)
+
+
+def test_not_torchscript_is_refused(copy):
+    model = copy / "model.pt"
+    model.write_bytes(b"not a zip archive at all")
+    rewrite_manifest(copy, lambda m: m["files"]["model"].update(sha256=sha256_file(model)))
+    with pytest.raises(ArtifactError, match="not a loadable TorchScript module"):
+        load_artifact(copy)

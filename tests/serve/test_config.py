@@ -1,0 +1,53 @@
+"""Settings: flags beat WHATCAR_* variables beat defaults; bad values stop start-up."""
+
+import pytest
+
+from serve import cpus
+from serve.config import ConfigError, load_config
+from tests.conftest import ARTIFACTS
+
+
+def test_defaults_fit_the_cpus_the_process_has(monkeypatch):
+    monkeypatch.setattr("serve.config.available_cpus", lambda: 3)
+    config = load_config(["--model-dir", str(ARTIFACTS)], environ={})
+    assert config.host == "127.0.0.1" and config.port == 8080
+    assert config.torch_threads * config.inference_workers == 3
+    assert config.threads >= config.inference_workers
+
+
+def test_environment_then_flags(tmp_path):
+    env = {"WHATCAR_MODEL_DIR": str(ARTIFACTS), "WHATCAR_PORT": "9000", "WHATCAR_TOP_K": "3"}
+    assert load_config([], environ=env).port == 9000
+    config = load_config(["--port", "9100"], environ=env)
+    assert config.port == 9100 and config.top_k == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "http"], "--port='http' is not a valid int"),
+    (["--port", "70000"], "port must be 0-65535"),
+    (["--threads", "0"], "threads must be at least 1"),
+    (["--log-level", "LOUD"], "log_level"),
+    (["--model-dir", "/nonexistent/whatcar"], "does not exist"),
+])
+def test_bad_settings_are_named(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--model-dir", str(ARTIFACTS), *argv] if "--model-dir" not in argv else argv, environ={})
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="WHATCAR_MAX_UPLOAD_BYTES='lots'"):
+        load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_MAX_UPLOAD_BYTES": "lots"})
+
+
+def test_cgroup_quota_is_read(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpus.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpus.cgroup_cpu_limit(tmp_path) is None
+    assert cpus.cgroup_cpu_limit(tmp_path / "missing") is None
+
+
+def test_quota_caps_the_cpu_count(monkeypatch):
+    monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda: 1.5)
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpus.available_cpus() == 2
