@@ -11,7 +11,7 @@ import falcon
 
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
-from .errors import BodyTooLarge, ImageRejected, UnsupportedImageType
+from .errors import BodyTooLarge, EmptyBody, ImageRejected, UnsupportedImageType
 from .scoring import Scorer
 
 log = logging.getLogger("whatcar")
@@ -62,11 +62,19 @@ def read_upload(req: falcon.Request, limit: int) -> bytes:
     """Image bytes from a raw body or from the multipart field `file`."""
     media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":
-        if req.content_length is not None and req.content_length > limit:
+        if not req.content_length:
+            # Falcon's form parser asserts on a missing length; Waitress sets one for every body it passes on.
+            raise EmptyBody("the multipart body is empty; send the image as the field 'file'")
+        if req.content_length > limit:
             raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
         files = []
         for part in req.get_media():
-            if part.name == "file":
+            try:
+                name = part.name
+            except UnicodeDecodeError:
+                # Falcon decodes part headers as UTF-8 and lets the error escape as a 500.
+                raise falcon.MultipartParseError(description="a part's headers are not valid UTF-8") from None
+            if name == "file":
                 files.append(part.stream.read(limit + 1))
                 if len(files[-1]) > limit:
                     raise BodyTooLarge(f"file is over the limit of {limit} bytes")

@@ -21,8 +21,20 @@ ACCEPTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "i
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
+# How the accepted formats begin (BMP's two-byte "BM" is too weak a sign to count). Data that
+# starts like one of them but does not open is a damaged image, not a foreign file type.
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
+
 # Errors Pillow's decoders raise on damaged data; none of them means a bug on our side.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError, KeyError, struct.error)
+
+
+def sniff(data: bytes) -> str | None:
+    """The accepted format `data` starts like, judging by its first bytes only."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -37,6 +49,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise TooManyPixels(f"image is too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
+        claimed = sniff(data)
+        if claimed is not None:
+            raise UndecodableImage(
+                f"the data starts as a {claimed} image but its header is damaged or truncated") from None
         raise UnsupportedImageType("not an image whatcar can read; send JPEG, PNG, WebP, GIF, BMP or TIFF") from None
     except _DECODE_ERRORS as exc:
         raise UndecodableImage(f"cannot read the image header: {exc}") from None

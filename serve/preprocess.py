@@ -18,6 +18,8 @@ import ctypes
 import torch
 from PIL import Image
 
+from .errors import TooManyPixels
+
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -79,7 +81,7 @@ def crop_pad(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int
     return image
 
 
-def resize(image: Image.Image, step: dict) -> Image.Image:
+def resize(image: Image.Image, step: dict, max_pixels: int | None = None) -> Image.Image:
     width, height = image.size
     target = (step["width"], step["height"])
     if step["method"] == "squish":
@@ -91,6 +93,10 @@ def resize(image: Image.Image, step: dict) -> Image.Image:
     else:
         scale = ratio_w if ratio_w > ratio_h else ratio_h
     size = (int(scale * target[0]), int(scale * target[1]))
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        # Padding keeps the long side, so a 1x20000 strip would become a 20000x20000 canvas first.
+        raise TooManyPixels(f"padding the {width}x{height} image to the model's shape needs {size[0]}x{size[1]} "
+                            f"pixels; the limit is {max_pixels}")
     top_left = (int(0.5 * (width - size[0])), int(0.5 * (height - size[1])))
     return crop_pad(image, size, top_left, step["pad_mode"], step["resample"], target)
 
@@ -125,9 +131,10 @@ def validate_steps(steps: list[dict]) -> tuple[int, int]:
     return steps[-1]["height"], steps[-1]["width"]
 
 
-def apply_steps(image: Image.Image, steps: list[dict]) -> Image.Image:
+def apply_steps(image: Image.Image, steps: list[dict], max_pixels: int | None = None) -> Image.Image:
+    """Run the steps; `max_pixels` bounds the canvas a padding resize may build on the way."""
     for step in steps:
-        image = OPS[step["op"]](image, step)
+        image = resize(image, step, max_pixels) if step["op"] == "resize" else OPS[step["op"]](image, step)
     return image
 
 
@@ -138,6 +145,6 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
 
 
-def preprocess(image: Image.Image, steps: list[dict]) -> torch.Tensor:
+def preprocess(image: Image.Image, steps: list[dict], max_pixels: int | None = None) -> torch.Tensor:
     """Decoded RGB image to the model's uint8 [3, H, W] input."""
-    return image_to_tensor(apply_steps(image, steps))
+    return image_to_tensor(apply_steps(image, steps, max_pixels))

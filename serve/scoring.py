@@ -21,7 +21,8 @@ class Scorer:
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Image bytes to the model's uint8 [3, H, W] input; raises ImageRejected for bad input."""
-        return image_to_tensor(apply_steps(decode(data, self.max_image_pixels), self.artifact.steps))
+        image = decode(data, self.max_image_pixels)
+        return image_to_tensor(apply_steps(image, self.artifact.steps, self.max_image_pixels))
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch)
