@@ -49,3 +49,31 @@ def load_lite0_weights(model: torch.nn.Module) -> int:
         mapped[name] = src_tensor
     model.load_state_dict(mapped, strict=True)
     return len(mapped)
+
+
+# ImageNet classes a car photo should land in: sports car, convertible, minivan, beach wagon, cab,
+# limousine, jeep, racer, pickup, grille, car wheel, moving van, police van, Model T, ambulance,
+# go-kart, tow truck.
+CAR_LIKE_IMAGENET = (817, 511, 656, 436, 468, 627, 609, 751, 717, 581, 479, 675, 734, 661, 407, 573, 864)
+
+
+def imagenet_car_mass(arch: str, images: "torch.Tensor", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[float, float]:
+    """Load the packaged weights, with their ImageNet classifier, into timm `arch` and score images.
+
+    `images` is float [N, 3, H, W] in 0..1. Returns (share of images whose top-1 is car-like,
+    mean probability mass on car-like classes): the evidence that the weights are genuine and
+    which variant they belong to.
+    """
+    import timm
+
+    model = timm.create_model(arch, pretrained=False)
+    source = list(lite0_state_dict().values())
+    target = model.state_dict()
+    model.load_state_dict({name: tensor for name, tensor in zip(target, source)}, strict=True)
+    model.eval()
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probabilities = model(x).softmax(dim=1)
+    car = list(CAR_LIKE_IMAGENET)
+    top1_car = sum(int(i) in car for i in probabilities.argmax(dim=1)) / len(images)
+    return top1_car, float(probabilities[:, car].sum(dim=1).mean())
