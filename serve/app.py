@@ -1,4 +1,4 @@
-"""The HTTP face of whatcar: `create_app(config, scorer, state)` builds the Falcon app."""
+"""The HTTP face of whatcar: `create_app(config, scorer, state, registry)` builds the Falcon app."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import time
 from pathlib import Path
 
 import falcon
+from prometheus_client import CollectorRegistry
 
+from . import v2
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import BodyTooLarge, EmptyBody, ImageRejected, UnsupportedImageType
+from .metrics import Metrics, MetricsResource, RequestMetrics
+from .openapi import OpenApiResource
 from .scoring import Scorer
 
 log = logging.getLogger("whatcar")
@@ -93,8 +97,8 @@ def read_upload(req: falcon.Request, limit: int) -> bytes:
 
 
 class PredictResource:
-    def __init__(self, scorer: Scorer, config: Config, state: State):
-        self.scorer, self.config, self.state = scorer, config, state
+    def __init__(self, scorer: Scorer, config: Config, state: State, metrics: Metrics):
+        self.scorer, self.config, self.state, self.metrics = scorer, config, state, metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self.state.ready:
@@ -106,7 +110,9 @@ class PredictResource:
             data = read_upload(req, self.config.max_upload_bytes)
             result = self.scorer.score(data, k)
         except ImageRejected as exc:
+            self.metrics.observe_rejection(exc)
             raise reject(exc) from None
+        self.metrics.observe_inference(result["timings_ms"]["inference"] / 1000, 1)
         result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
         resp.media = result
 
@@ -183,13 +189,15 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
 
 
-def create_app(config: Config, scorer: Scorer, state: State) -> falcon.App:
-    app = falcon.App(middleware=[AccessLog()])
+def create_app(config: Config, scorer: Scorer, state: State, registry: CollectorRegistry | None = None) -> falcon.App:
+    """The app, with its metrics in `registry` (a fresh one when not given, never the global one)."""
+    metrics = Metrics(registry if registry is not None else CollectorRegistry(), scorer.artifact)
+    app = falcon.App(middleware=[AccessLog(), RequestMetrics(metrics)])
     app.add_error_handler(Exception, handle_unexpected)
     multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
     multipart.parse_options.max_body_part_count = 8
 
-    predict = PredictResource(scorer, config, state)
+    predict = PredictResource(scorer, config, state, metrics)
     app.add_route("/predict", predict)
     app.add_route("/upload", predict)  # the original whatcar app's path
     app.add_route("/healthz", HealthResource())
@@ -198,4 +206,7 @@ def create_app(config: Config, scorer: Scorer, state: State) -> falcon.App:
     app.add_route("/", StaticResource("index.html", falcon.MEDIA_HTML))
     app.add_route("/static/app.js", StaticResource("app.js", falcon.MEDIA_JS))
     app.add_route("/static/app.css", StaticResource("app.css", "text/css; charset=utf-8"))
+    app.add_route("/metrics", MetricsResource(metrics.registry))
+    app.add_route("/openapi.json", OpenApiResource(config, scorer.artifact))
+    v2.register(app, config, scorer, state, metrics)
     return app

@@ -27,6 +27,7 @@ class Config:
     max_upload_bytes: int = 20 * MiB
     max_image_pixels: int = 50_000_000
     top_k: int = 5
+    max_batch: int = 32
     channel_timeout: int = 30
     log_level: str = "INFO"
 
@@ -49,6 +50,7 @@ OPTIONS = [
     ("--max-upload-bytes", "max_upload_bytes", int, "largest request body accepted (413 above)"),
     ("--max-image-pixels", "max_image_pixels", int, "largest width*height decoded (422 above)"),
     ("--top-k", "top_k", int, "predictions returned when the request has no ?top_k"),
+    ("--max-batch", "max_batch", int, "most images in one /v2 inference request (400 above)"),
     ("--channel-timeout", "channel_timeout", int, "seconds an idle or slow connection is kept"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -98,7 +100,7 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
 
 def validate(config: Config) -> None:
     positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
-                "channel_timeout")
+                "max_batch", "channel_timeout")
     for field in positive:
         if getattr(config, field) < 1:
             raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "

@@ -1,0 +1,89 @@
+"""Prometheus metrics for one app: requests, latencies, batch sizes, rejected images, model info.
+
+Every collector lives in the registry the app is given, never in prometheus_client's global
+one, so several apps (tests, or two models in one process) keep separate counts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+
+from .artifact import Artifact
+from .errors import ImageRejected
+
+# Whole requests include upload and decode, so they reach further than a forward pass alone.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Requests that matched no route are counted under one label, so probing scanners cannot grow
+# the number of series without bound.
+UNMATCHED = "unmatched"
+
+
+def rejection_reasons() -> list[str]:
+    """Every `reason` an ImageRejected subclass can carry, so each series exists from the start."""
+    reasons, pending = {ImageRejected.reason}, list(ImageRejected.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        reasons.add(cls.reason)
+        pending.extend(cls.__subclasses__())
+    return sorted(reasons)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, artifact: Artifact):
+        self.registry = registry
+        self.requests = Counter("whatcar_http_requests", "HTTP requests answered, by route and status",
+                                ["method", "route", "status"], registry=registry)
+        self.request_seconds = Histogram("whatcar_http_request_duration_seconds",
+                                         "Time from reading a request to handing back its response",
+                                         ["method", "route"], buckets=REQUEST_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram("whatcar_inference_duration_seconds",
+                                           "Time of one forward pass of the model (any batch size)",
+                                           buckets=INFERENCE_BUCKETS, registry=registry)
+        self.batch_size = Histogram("whatcar_inference_batch_size", "Images in each forward pass",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        self.rejected = Counter("whatcar_images_rejected", "Uploads refused before scoring, by reason",
+                                ["reason"], registry=registry)
+        for reason in rejection_reasons():
+            self.rejected.labels(reason=reason)
+        Info("whatcar_model", "The artifact being served", registry=registry).info(
+            {"name": artifact.name, "sha256": artifact.sha256, "classes": str(len(artifact.labels))})
+
+    def observe_inference(self, seconds: float, batch: int) -> None:
+        self.inference_seconds.observe(seconds)
+        self.batch_size.observe(batch)
+
+    def observe_rejection(self, exc: ImageRejected) -> None:
+        self.rejected.labels(reason=exc.reason).inc()
+
+
+class RequestMetrics:
+    """Middleware counting every response by the route template it matched."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.metrics_started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded: bool) -> None:
+        started = getattr(req.context, "metrics_started", None)
+        route = (req.uri_template or UNMATCHED) if resource is not None else UNMATCHED
+        method = req.method if req.method in falcon.COMBINED_METHODS else "other"
+        self.metrics.requests.labels(method=method, route=route, status=str(resp.status_code)).inc()
+        if started is not None:
+            self.metrics.request_seconds.labels(method=method, route=route).observe(
+                time.perf_counter() - started)
+
+
+class MetricsResource:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = generate_latest(self.registry)
+        resp.content_type = CONTENT_TYPE_LATEST

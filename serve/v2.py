@@ -1,0 +1,475 @@
+"""The Open Inference Protocol (KServe V2, Triton's HTTP API), so V2 clients can call whatcar.
+
+Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1],
+/v2/models/{name}[/versions/1]/ready and POST /v2/models/{name}[/versions/1]/infer. The model
+name is the artifact's (manifest "name"); there is one version, "1".
+
+A request carries exactly one input:
+  "image"   BYTES [N] or [N, 1]: encoded image files (JPEG, PNG, WebP, GIF, BMP, TIFF), each
+            decoded and preprocessed as /predict does. In JSON each element is a base64 string.
+  "images"  UINT8 [N, 3, H, W]: RGB pixels already preprocessed to the manifest's input size.
+and gets back the outputs it asks for (both when it names none):
+  "probabilities"  FP32 [N, classes]. With parameters.classification = k (Triton's
+            classification extension) it becomes BYTES [N, k] instead, as "labels" below.
+  "labels"  BYTES [N, k]: the k most likely classes of each image, most likely first, each
+            "<probability>:<index>:<label>" (Triton's classification strings, probability with
+            six decimals). k is the output's parameters.top_k (or classification), else the
+            request's parameters.top_k, else the server's --top-k; never more than the classes.
+
+Both JSON tensors and the binary tensor data extension are understood: binary inputs follow
+the JSON header (`Inference-Header-Content-Length`), in input order, sized by each input's
+parameters.binary_data_size; an output is binary when its parameters.binary_data is true, or
+when the request's parameters.binary_data_output is and the output does not say otherwise.
+BYTES elements in binary form are each a 4-byte little-endian length, then the bytes.
+Errors answer {"error": "..."}: 400 for a malformed request, 404 for an unknown model or
+version, 413 over --max-upload-bytes (the whole body), the decoder's own 4xx for bad images,
+503 while not ready.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import time
+from dataclasses import dataclass
+
+import falcon
+import torch
+
+from .config import Config
+from .errors import BodyTooLarge, ImageRejected
+from .metrics import Metrics
+from .scoring import Scorer
+
+SERVER_NAME = "whatcar"
+# Version of this V2 front end; changes when its inputs or outputs change.
+SERVER_VERSION = "1"
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+IMAGE_INPUT = "image"
+PROBABILITIES = "probabilities"
+LABELS = "labels"
+MAX_NESTING = 6
+
+
+class V2Error(Exception):
+    """Answered as the protocol's error object, with its own status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def handle_error(req, resp, exc: V2Error, params) -> None:
+    resp.status = exc.status
+    resp.media = {"error": exc.message}
+
+
+def bad(message: str) -> V2Error:
+    return V2Error(falcon.HTTP_400, message)
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: object = None  # the JSON "data", when not binary
+    raw: bytes | None = None  # the binary extension's bytes, when binary
+
+    @property
+    def count(self) -> int:
+        total = 1
+        for dim in self.shape:
+            total *= dim
+        return total
+
+
+def is_int(value) -> bool:
+    return type(value) is int  # bool is an int subclass, and never a count
+
+
+def read_limited(req: falcon.Request, limit: int) -> bytes:
+    if req.content_length is not None and req.content_length > limit:
+        raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
+    data = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise BodyTooLarge(f"body is over the limit of {limit} bytes")
+    return data
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON header and the binary tensor data after it."""
+    if header_length is None:
+        return body, b""
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise bad(f"{HEADER_LENGTH} must be an integer (got {header_length!r})") from None
+    if not 0 <= size <= len(body):
+        raise bad(f"{HEADER_LENGTH} is {size} but the body is {len(body)} bytes")
+    return body[:size], body[size:]
+
+
+def parse_header(data: bytes) -> dict:
+    try:
+        request = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"the inference request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise bad("the inference request must be a JSON object")
+    if not isinstance(request.get("parameters", {}), dict):
+        raise bad("'parameters' must be an object")
+    if "id" in request and not isinstance(request["id"], str):
+        raise bad("'id' must be a string")
+    return request
+
+
+def parse_inputs(request: dict, binary: bytes) -> list[Tensor]:
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad("'inputs' must be a non-empty list of tensors")
+    tensors, offset = [], 0
+    for i, spec in enumerate(inputs):
+        if not isinstance(spec, dict):
+            raise bad(f"inputs[{i}] must be an object")
+        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise bad(f"inputs[{i}] needs a string 'name' and 'datatype'")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise bad(f"input '{name}': 'shape' must be a list of non-negative integers")
+        params = spec.get("parameters", {})
+        if not isinstance(params, dict):
+            raise bad(f"input '{name}': 'parameters' must be an object")
+        tensor = Tensor(name, datatype, shape)
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not is_int(size) or size < 0:
+                raise bad(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise bad(f"input '{name}': binary_data_size {size} runs past the end of the body")
+            tensor.raw = binary[offset:offset + size]
+            offset += size
+        elif "data" in spec:
+            tensor.data = spec["data"]
+        else:
+            raise bad(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+        tensors.append(tensor)
+    if offset != len(binary):
+        raise bad(f"{len(binary) - offset} bytes after the JSON header belong to no input's binary_data_size")
+    return tensors
+
+
+def flatten(data, depth: int = 0):
+    """Row-major elements of JSON tensor data, which may be flat or nested."""
+    if isinstance(data, list):
+        if depth > MAX_NESTING:
+            raise bad("tensor data is nested too deeply")
+        for item in data:
+            yield from flatten(item, depth + 1)
+    else:
+        yield data
+
+
+def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
+    """BYTES elements in binary form: each a 4-byte little-endian length, then that many bytes."""
+    elements, pos, view = [], 0, memoryview(raw)
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise bad(f"input '{name}': binary BYTES data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + length > len(raw):
+            raise bad(f"input '{name}': a BYTES element of {length} bytes runs past the end of its data")
+        elements.append(bytes(view[pos:pos + length]))
+        pos += length
+    return elements
+
+
+def pack_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+class InferRequest:
+    """A parsed, validated inference request: the pixels to score and the outputs to send."""
+
+    def __init__(self, request: dict, tensors: list[Tensor], scorer: Scorer, config: Config):
+        self.scorer, self.config = scorer, config
+        self.id = request.get("id")
+        self.params = request.get("parameters", {})
+        names = {IMAGE_INPUT, self.pixels_name}
+        if len(tensors) != 1 or tensors[0].name not in names:
+            got = ", ".join(repr(t.name) for t in tensors)
+            raise bad(f"send exactly one input, '{IMAGE_INPUT}' (BYTES, encoded images) or "
+                      f"'{self.pixels_name}' (UINT8 [N, 3, H, W]); got {got}")
+        self.input = tensors[0]
+        self.outputs = self.requested_outputs(request.get("outputs"))
+
+    @property
+    def pixels_name(self) -> str:
+        return self.scorer.artifact.manifest["input"].get("name", "images")
+
+    def check_batch(self, n: int) -> None:
+        if not 1 <= n <= self.config.max_batch:
+            raise bad(f"input '{self.input.name}': batch of {n}; send 1 to {self.config.max_batch} images")
+
+    def images(self) -> list[bytes]:
+        """The encoded image files of a BYTES input."""
+        tensor = self.input
+        if tensor.datatype != "BYTES":
+            raise bad(f"input '{IMAGE_INPUT}' must be BYTES (got {tensor.datatype})")
+        if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)):
+            raise bad(f"input '{IMAGE_INPUT}': shape must be [N] or [N, 1] (got {tensor.shape})")
+        self.check_batch(tensor.shape[0])
+        if tensor.raw is not None:
+            elements = unpack_bytes(tensor.raw, tensor.name)
+        else:
+            elements = []
+            for item in flatten(tensor.data):
+                if not isinstance(item, str):
+                    raise bad(f"input '{IMAGE_INPUT}': in JSON each image must be a base64 string")
+                try:
+                    elements.append(base64.b64decode(item, validate=True))
+                except binascii.Error:
+                    raise bad(f"input '{IMAGE_INPUT}': element {len(elements)} is not valid base64") from None
+        if len(elements) != tensor.count:
+            raise bad(f"input '{IMAGE_INPUT}': shape {tensor.shape} needs {tensor.count} elements, "
+                      f"got {len(elements)}")
+        return elements
+
+    def pixels(self) -> torch.Tensor:
+        """The uint8 [N, 3, H, W] batch of a UINT8 input, checked against the model's input size."""
+        tensor = self.input
+        height, width = self.scorer.artifact.input_size
+        if tensor.datatype != "UINT8":
+            raise bad(f"input '{tensor.name}' must be UINT8 (got {tensor.datatype})")
+        if len(tensor.shape) != 4 or tensor.shape[1:] != [3, height, width]:
+            raise bad(f"input '{tensor.name}': shape must be [N, 3, {height}, {width}] (got {tensor.shape})")
+        self.check_batch(tensor.shape[0])
+        if tensor.raw is not None:
+            if len(tensor.raw) != tensor.count:
+                raise bad(f"input '{tensor.name}': shape {tensor.shape} needs {tensor.count} bytes, "
+                          f"got {len(tensor.raw)}")
+            flat = torch.frombuffer(bytearray(tensor.raw), dtype=torch.uint8)
+        else:
+            values = list(flatten(tensor.data))
+            if len(values) != tensor.count:
+                raise bad(f"input '{tensor.name}': shape {tensor.shape} needs {tensor.count} values, "
+                          f"got {len(values)}")
+            if not all(is_int(v) and 0 <= v <= 255 for v in values):
+                raise bad(f"input '{tensor.name}': UINT8 values must be integers from 0 to 255")
+            flat = torch.tensor(values, dtype=torch.uint8)
+        return flat.view(tensor.shape)
+
+    def requested_outputs(self, outputs) -> list[tuple[str, bool, int | None]]:
+        """(name, binary, k) for each output to send; k is None for raw probabilities."""
+        if outputs is None:
+            outputs = [{"name": PROBABILITIES}, {"name": LABELS}]
+        if not isinstance(outputs, list):
+            raise bad("'outputs' must be a list")
+        chosen, seen = [], set()
+        for i, spec in enumerate(outputs):
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise bad(f"outputs[{i}] must be an object with a string 'name'")
+            name, params = spec["name"], spec.get("parameters", {})
+            if name not in (PROBABILITIES, LABELS):
+                raise bad(f"unknown output '{name}'; this model has '{PROBABILITIES}' and '{LABELS}'")
+            if name in seen:
+                raise bad(f"output '{name}' is requested twice")
+            if not isinstance(params, dict):
+                raise bad(f"output '{name}': 'parameters' must be an object")
+            seen.add(name)
+            chosen.append((name, self.binary(params, name), self.top_k(params, name)))
+        return chosen
+
+    def binary(self, params: dict, name: str) -> bool:
+        default = self.params.get("binary_data_output", False)
+        if not isinstance(default, bool):
+            raise bad("parameters.binary_data_output must be true or false")
+        value = params.get("binary_data", default)
+        if not isinstance(value, bool):
+            raise bad(f"output '{name}': binary_data must be true or false")
+        return value
+
+    def count(self, value, what: str) -> int:
+        if not is_int(value) or value < 1:
+            raise bad(f"{what} must be a positive integer (got {value!r})")
+        return min(value, len(self.scorer.artifact.labels))
+
+    def top_k(self, params: dict, name: str) -> int | None:
+        """How many classes a classification output holds, or None for the raw probabilities."""
+        if "classification" in params:
+            return self.count(params["classification"], f"output '{name}': parameters.classification")
+        if name == PROBABILITIES:
+            return None
+        if "top_k" in params:
+            return self.count(params["top_k"], f"output '{name}': parameters.top_k")
+        if "top_k" in self.params:
+            return self.count(self.params["top_k"], "parameters.top_k")
+        return min(self.config.top_k, len(self.scorer.artifact.labels))
+
+
+def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> list[bytes]:
+    values, indices = torch.topk(probabilities, k, dim=1)
+    return [f"{p:.6f}:{i}:{labels[i]}".encode("utf-8")
+            for row_p, row_i in zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)]
+
+
+def response_outputs(infer: InferRequest, probabilities: torch.Tensor) -> tuple[list[dict], list[bytes]]:
+    """Each requested output as its JSON entry, plus the binary blobs in the same order."""
+    entries, blobs = [], []
+    n = probabilities.shape[0]
+    for name, binary, k in infer.outputs:
+        if k is None:
+            entry = {"name": name, "datatype": "FP32", "shape": list(probabilities.shape)}
+            values = probabilities.reshape(-1).tolist()
+            blob = struct.pack(f"<{len(values)}f", *values) if binary else None
+        else:
+            entry = {"name": name, "datatype": "BYTES", "shape": [n, k]}
+            strings = classifications(probabilities, infer.scorer.artifact.labels, k)
+            values = [s.decode("utf-8") for s in strings]
+            blob = pack_bytes(strings) if binary else None
+        if binary:
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = values
+        entries.append(entry)
+    return entries, blobs
+
+
+class ModelScope:
+    """What every model route shares: the name and version checks and the readiness."""
+
+    def __init__(self, scorer: Scorer, state):
+        self.scorer, self.state = scorer, state
+
+    @property
+    def name(self) -> str:
+        return self.scorer.artifact.name
+
+    def check(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise V2Error(falcon.HTTP_404, f"unknown model '{name}'; this server serves '{self.name}'")
+        if version is not None and version != MODEL_VERSION:
+            raise V2Error(falcon.HTTP_404, f"model '{name}' has no version '{version}'; it has '{MODEL_VERSION}'")
+
+
+class ServerMetadataResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+
+class LiveResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"live": True}
+
+
+class ReadyResource:
+    def __init__(self, state):
+        self.state = state
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.status = falcon.HTTP_200 if self.state.ready else falcon.HTTP_503
+        resp.media = {"ready": self.state.ready}
+
+
+class ModelMetadataResource:
+    def __init__(self, scope: ModelScope):
+        self.scope = scope
+        artifact = scope.scorer.artifact
+        height, width = artifact.input_size
+        self.body = {
+            "name": artifact.name,
+            "versions": [MODEL_VERSION],
+            "platform": "pytorch_torchscript",
+            "inputs": [
+                {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
+                {"name": artifact.manifest["input"].get("name", "images"), "datatype": "UINT8",
+                 "shape": [-1, 3, height, width]},
+            ],
+            "outputs": [
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
+                {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
+            ],
+        }
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        self.scope.check(name, version)
+        resp.media = self.body
+
+
+class ModelReadyResource:
+    def __init__(self, scope: ModelScope):
+        self.scope = scope
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        self.scope.check(name, version)
+        ready = self.scope.state.ready
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"name": name, "ready": ready}
+
+
+class InferResource:
+    def __init__(self, scope: ModelScope, config: Config, metrics: Metrics):
+        self.scope, self.config, self.metrics = scope, config, metrics
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        self.scope.check(name, version)
+        if not self.scope.state.ready:
+            raise V2Error(falcon.HTTP_503, "model is not ready")
+        encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise V2Error(falcon.HTTP_415, f"Content-Encoding {encoding!r} is not supported; send the body as is")
+        scorer = self.scope.scorer
+        try:
+            body = read_limited(req, self.config.max_upload_bytes)
+        except ImageRejected as exc:
+            self.metrics.observe_rejection(exc)
+            raise V2Error(exc.status, exc.description) from None
+        header, binary = split_body(body, req.get_header(HEADER_LENGTH))
+        request = parse_header(header)
+        infer = InferRequest(request, parse_inputs(request, binary), scorer, self.config)
+        if infer.input.name == IMAGE_INPUT:
+            batch = torch.stack([self.preprocess(i, data) for i, data in enumerate(infer.images())])
+        else:
+            batch = infer.pixels()
+        started = time.perf_counter()
+        probabilities = scorer.inference(batch)
+        self.metrics.observe_inference(time.perf_counter() - started, batch.shape[0])
+        entries, blobs = response_outputs(infer, probabilities)
+        answer = {"model_name": scorer.artifact.name, "model_version": MODEL_VERSION, "outputs": entries}
+        if infer.id is not None:
+            answer["id"] = infer.id
+        head = json.dumps(answer).encode("utf-8")
+        if blobs:
+            resp.set_header(HEADER_LENGTH, str(len(head)))
+            resp.content_type = "application/octet-stream"
+            resp.data = head + b"".join(blobs)
+        else:
+            resp.content_type = falcon.MEDIA_JSON
+            resp.data = head
+
+    def preprocess(self, index: int, data: bytes) -> torch.Tensor:
+        try:
+            return self.scope.scorer.preprocess(data)
+        except ImageRejected as exc:
+            self.metrics.observe_rejection(exc)
+            raise V2Error(exc.status, f"image {index}: {exc.description}") from None
+
+
+def register(app: falcon.App, config: Config, scorer: Scorer, state, metrics: Metrics) -> None:
+    """Add the V2 routes and their error format to `app`."""
+    app.add_error_handler(V2Error, handle_error)
+    scope = ModelScope(scorer, state)
+    model, ready, infer = ModelMetadataResource(scope), ModelReadyResource(scope), InferResource(scope, config, metrics)
+    app.add_route("/v2", ServerMetadataResource())
+    app.add_route("/v2/health/live", LiveResource())
+    app.add_route("/v2/health/ready", ReadyResource(state))
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.add_route(prefix, model)
+        app.add_route(prefix + "/ready", ready)
+        app.add_route(prefix + "/infer", infer)

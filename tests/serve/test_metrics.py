@@ -1,0 +1,98 @@
+"""/metrics, read back with prometheus_client's own text parser."""
+
+import base64
+
+import falcon.testing
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.app import create_app
+from serve.errors import ImageRejected
+from serve.metrics import rejection_reasons
+from tests.conftest import car_photos
+
+
+def scrape(client) -> dict:
+    """Every sample as {(name, frozenset of labels): value}."""
+    resp = client.simulate_get("/metrics")
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, metric: str, **labels) -> float:
+    return samples.get((metric, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture()
+def fresh(config, scorer, state):
+    def build() -> falcon.testing.TestClient:
+        return falcon.testing.TestClient(create_app(config, scorer, state, registry=CollectorRegistry()))
+    return build
+
+
+def test_requests_inference_batches_and_rejections_are_counted(fresh, scorer):
+    client = fresh()
+    photos = car_photos()[:3]
+    jpeg = {"Content-Type": "image/jpeg"}
+    assert client.simulate_post("/predict", body=photos[0].read_bytes(), headers=jpeg).status_code == 200
+    assert client.simulate_post("/predict", body=b"plain text", headers=jpeg).status_code == 415
+    assert client.simulate_post("/predict", body=photos[0].read_bytes()[:500], headers=jpeg).status_code == 400
+    batch = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                         "data": [base64.b64encode(p.read_bytes()).decode() for p in photos]}]}
+    assert client.simulate_post(f"/v2/models/{scorer.artifact.name}/infer", json=batch).status_code == 200
+    assert client.simulate_get("/no/such/page").status_code == 404
+
+    samples = scrape(client)
+    requests = "whatcar_http_requests_total"
+    assert value(samples, requests, method="POST", route="/predict", status="200") == 1
+    assert value(samples, requests, method="POST", route="/predict", status="415") == 1
+    assert value(samples, requests, method="POST", route="/predict", status="400") == 1
+    assert value(samples, requests, method="POST", route="/v2/models/{name}/infer", status="200") == 1
+    assert value(samples, requests, method="GET", route="unmatched", status="404") == 1
+    assert value(samples, "whatcar_http_request_duration_seconds_count", method="POST", route="/predict") == 3
+    # Two forward passes: one image from /predict, three from the V2 batch.
+    assert value(samples, "whatcar_inference_batch_size_count") == 2
+    assert value(samples, "whatcar_inference_batch_size_sum") == 4
+    assert value(samples, "whatcar_inference_batch_size_bucket", le="1.0") == 1
+    assert value(samples, "whatcar_inference_batch_size_bucket", le="4.0") == 2
+    assert value(samples, "whatcar_inference_duration_seconds_count") == 2
+    assert value(samples, "whatcar_inference_duration_seconds_sum") > 0
+    assert value(samples, "whatcar_images_rejected_total", reason="unsupported_type") == 1
+    assert value(samples, "whatcar_images_rejected_total", reason="undecodable") == 1
+    assert value(samples, "whatcar_images_rejected_total", reason="too_many_pixels") == 0
+
+
+def test_every_rejection_reason_is_exported_from_the_start(fresh):
+    samples = scrape(fresh())
+    reasons = {dict(labels)["reason"] for name, labels in samples if name == "whatcar_images_rejected_total"}
+    assert reasons == set(rejection_reasons())
+    assert {"undecodable", "unsupported_type", "too_many_pixels", "too_large", "empty"} <= reasons
+    assert all(isinstance(cls.reason, str) for cls in ImageRejected.__subclasses__())
+
+
+def test_model_info(fresh, scorer):
+    samples = scrape(fresh())
+    artifact = scorer.artifact
+    assert value(samples, "whatcar_model_info", name=artifact.name, sha256=artifact.sha256,
+                 classes=str(len(artifact.labels))) == 1
+
+
+def test_each_app_counts_in_its_own_registry(fresh):
+    busy, idle = fresh(), fresh()
+    for _ in range(3):
+        busy.simulate_get("/healthz")
+    idle.simulate_get("/healthz")
+    assert value(scrape(busy), "whatcar_http_requests_total", method="GET", route="/healthz", status="200") == 3
+    assert value(scrape(idle), "whatcar_http_requests_total", method="GET", route="/healthz", status="200") == 1
+
+
+def test_the_global_registry_is_left_alone(fresh):
+    from prometheus_client import REGISTRY
+
+    fresh().simulate_get("/healthz")
+    assert not [m for m in REGISTRY.collect() if m.name.startswith("whatcar")]
