@@ -16,10 +16,12 @@ BENCH_ARGS ?=
 
 SERVE_PY := $(VENV)/serve/bin/python
 TRAIN_PY := $(VENV)/train/bin/python
+CLIENT_PY := $(VENV)/client/bin/python
 BUILD    := build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-serve test-export test-cross train export bench clean serve-env train-env
+.PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env \
+        client-env
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,12 +39,20 @@ $(VENV)/train/.stamp: requirements-train.txt
 	$(VENV)/train/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-train.txt
 	touch $@
 
+# Test-only: tritonclient and Playwright bring numpy and gevent, which the serve side must never have.
+$(VENV)/client/.stamp: requirements-client.txt requirements-test.txt
+	rm -rf $(VENV)/client
+	$(PYTHON) -m venv $(VENV)/client
+	$(VENV)/client/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-client.txt
+	touch $@
+
 $(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements-test.txt
 	$(VENV)/$*/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-test.txt
 	touch $@
 
 serve-env: $(VENV)/serve/.stamp ## build the serving virtualenv only
 train-env: $(VENV)/train/.stamp ## build the training virtualenv only
+client-env: $(VENV)/client/.stamp ## build the test-only client virtualenv (tritonclient, Playwright)
 
 serve: $(VENV)/serve/.stamp ## serve $(OUT) on http://127.0.0.1:8080 (HOST, PORT to change)
 	$(SERVE_PY) -m serve --model-dir $(OUT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
@@ -53,7 +63,10 @@ train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact in OUT
 	$(TRAIN_PY) -m export $(LEARNER) --out $(OUT)
 
-test: test-serve test-export test-cross ## run every test (serve side, export side, cross-version)
+triton: $(VENV)/train/.stamp ## add a Triton model repository (OUT/triton) to the artifact in OUT
+	$(TRAIN_PY) -m export.triton $(OUT)
+
+test: test-serve test-export test-cross test-client ## run every test (serve, export, cross-version, clients)
 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
@@ -65,6 +78,11 @@ test-export: $(VENV)/train/.stamp-test
 # The artifact test-export wrote under torch 2.14.1, loaded and scored under the serve side's 2.13.0.
 test-cross: $(VENV)/serve/.stamp-test test-export
 	WHATCAR_CROSS_DIR=$(BUILD)/cross $(SERVE_PY) -m pytest tests/cross
+
+# A real server from the serve venv, driven from outside by tritonclient and by Debian's Chromium
+# through Playwright (apt-get install -y chromium); screenshots land in $(BUILD)/screenshots.
+test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp
+	WHATCAR_SERVE_PYTHON=$(SERVE_PY) WHATCAR_SCREENSHOTS=$(BUILD)/screenshots $(CLIENT_PY) -m pytest tests/client
 
 bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving speed against baselines
 	$(SERVE_PY) -m bench $(BENCH_ARGS)

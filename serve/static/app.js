@@ -18,16 +18,22 @@ function showPredictions(body) {
   results.replaceChildren();
   for (const p of body.predictions) {
     const item = document.createElement("li");
+    const line = document.createElement("div");
+    line.className = "line";
     const name = document.createElement("span");
     name.className = "label";
     name.textContent = p.label;
     const pct = document.createElement("span");
     pct.className = "pct";
-    pct.textContent = " " + (p.probability * 100).toFixed(1) + " %";
+    pct.textContent = (p.probability * 100).toFixed(1) + " %";
+    line.append(name, pct);
+    const track = document.createElement("div");
+    track.className = "track";
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.style.width = Math.max(1, Math.round(p.probability * 100)) + "%";
-    item.append(name, pct, bar);
+    track.append(bar);
+    item.append(line, track);
     results.append(item);
   }
   modelLine.textContent = "model " + body.model.name + " · " + body.timings_ms.total + " ms";
@@ -38,13 +44,17 @@ async function upload(file) {
   results.replaceChildren();
   modelLine.textContent = "";
   if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
+  preview.removeAttribute("src");
+  // Only images get a preview: anything else would show as a broken picture. The server
+  // still decides what it accepts.
+  preview.hidden = !file.type.startsWith("image/");
+  if (!preview.hidden) preview.src = URL.createObjectURL(file);
   showStatus("Looking…", false);
   const form = new FormData();
   form.append("file", file);
   try {
-    const response = await fetch("/predict?top_k=5", { method: "POST", body: form });
+    // No top_k: the server's default (five) already stops at the model's class count.
+    const response = await fetch("/predict", { method: "POST", body: form });
     const body = await response.json();
     if (!response.ok) {
       showStatus(body.description || body.title || ("error " + response.status), true);
