@@ -1,5 +1,10 @@
 import sys
+import warnings
 
-from .server import main
+# torch warns at import time that numpy is missing; the serve side never uses numpy, and a
+# start-up refusal must be the only line on stderr. The filter has to be in place before torch loads.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from .server import main  # noqa: E402
 
 sys.exit(main())

@@ -23,7 +23,14 @@ log = logging.getLogger("whatcar")
 
 # Multipart framing around an upload is small; this slack lets Waitress pass such bodies on to
 # the app, which applies the exact limit, while Waitress itself refuses anything far larger.
+# Waitress buffers a whole body before the app sees it, so only its own check avoids reading a
+# huge one: it answers 413 straight from the headers (Content-Length) or as soon as a chunked body
+# passes the limit, and closes the connection. That 413 is plain text, not our JSON; the status is
+# what clients act on, and the page shows a plain message for any answer that is not JSON.
 MULTIPART_SLACK = 64 * 1024
+# How often the loop wakes up by itself: the longest SIGTERM waits, and the granularity of the
+# slow-request check.
+TICK_SECONDS = 0.2
 
 
 def build_scorer(config: Config) -> Scorer:
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         server = create_server(
             app, host=config.host, port=config.port, threads=config.threads,
             channel_timeout=config.channel_timeout,
+            # Waitress looks for idle connections only every cleanup_interval (30 s by default).
+            cleanup_interval=min(30, config.channel_timeout),
             max_request_body_size=config.max_upload_bytes + MULTIPART_SLACK,
             ident="whatcar", clear_untrusted_proxy_headers=True,
         )
@@ -80,22 +89,69 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     host, port = server.getsockname()[:2]
     log.info("listening on http://%s:%s with %d threads", host, port, config.threads)
-    serve_until(server, stopping, state)
+    serve_until(server, stopping, request_timeout=config.channel_timeout)
     log.info("stopped")
     return 0
 
 
-def serve_until(server, stopping: threading.Event, state: State, drain_seconds: float = 10.0) -> None:
-    """Run Waitress's loop until asked to stop, then drain: refuse new connections and work,
-    let requests already inside finish and be written, and return."""
+class SlowRequests:
+    """Closes connections whose current request has been arriving for longer than `timeout` seconds.
+
+    Waitress's channel_timeout only counts silence, so a client sending a byte a second would hold
+    its connection and buffers forever. This counts from the first byte of each request instead.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.first_seen: dict = {}  # channel -> (its partial request, when first seen)
+
+    def sweep(self, server, now: float) -> None:
+        seen = {}
+        for channel in list(server.active_channels.values()):
+            partial = channel.request
+            if partial is None or channel.requests:
+                continue  # nothing arriving, or a request already being answered
+            known, since = self.first_seen.get(channel, (None, now))
+            since = since if known is partial else now
+            if now - since > self.timeout:
+                log.info("closed the connection from %s: its request took over %ss to arrive",
+                         channel.addr[0] if channel.addr else "?", self.timeout)
+                channel.handle_close()
+            else:
+                seen[channel] = (partial, since)
+        self.first_seen = seen
+
+
+def busy(channel) -> bool:
+    """Whether a connection has a request inside: arriving, being answered, or its answer being sent."""
+    return bool(channel.requests or channel.total_outbufs_len or channel.request is not None)
+
+
+def serve_until(server, stopping: threading.Event, drain_seconds: float = 10.0, request_timeout: float = 30.0) -> None:
+    """Run Waitress's loop until asked to stop, then drain: stop listening (new connections are
+    refused), close idle keep-alive connections, let requests already inside finish and be written,
+    and return once none is left or `drain_seconds` have passed.
+
+    Readiness stays as it is: with the socket closed no new probe gets through, and a request
+    still queued for a worker thread must be answered, not refused with a 503."""
     adj = server.adj
+    slow = SlowRequests(request_timeout)
+
+    def tick(timeout: float) -> None:
+        server.asyncore.loop(timeout=timeout, map=server._map, use_poll=adj.asyncore_use_poll, count=1)
+        slow.sweep(server, time.monotonic())
+
     while not stopping.is_set():
-        server.asyncore.loop(timeout=adj.asyncore_loop_timeout, map=server._map, use_poll=adj.asyncore_use_poll,
-                             count=1)
-    state.set_ready(False)
+        tick(TICK_SECONDS)
     wasyncore.dispatcher.close(server)  # stop listening, keep the trigger the workers use
+    tick(0)  # read whatever already arrived, so a request sent just before the signal counts as inside
     deadline = time.monotonic() + drain_seconds
-    while time.monotonic() < deadline and any(
-            channel.requests or channel.total_outbufs_len for channel in list(server.active_channels.values())):
-        server.asyncore.loop(timeout=0.05, map=server._map, use_poll=adj.asyncore_use_poll, count=1)
+    while time.monotonic() < deadline:
+        channels = list(server.active_channels.values())
+        for channel in channels:
+            if not busy(channel):
+                channel.handle_close()  # idle: no task uses it, so closing here is safe
+        if not any(busy(channel) for channel in channels):
+            break
+        tick(0.05)
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)

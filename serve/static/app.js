@@ -55,9 +55,10 @@ async function upload(file) {
   try {
     // No top_k: the server's default (five) already stops at the model's class count.
     const response = await fetch("/predict", { method: "POST", body: form });
-    const body = await response.json();
+    // A body over the size limit is refused by the HTTP server itself, in plain text, not JSON.
+    const body = await response.json().catch(() => ({}));
     if (!response.ok) {
-      showStatus(body.description || body.title || ("error " + response.status), true);
+      showStatus(body.description || body.title || ("error " + response.status + " " + response.statusText), true);
       return;
     }
     showStatus("", false);

@@ -1,0 +1,68 @@
+"""A tiny artifact folder made at test time: any labels, optional slowness, and a model that fails
+on purpose on an all-white image, so that server tests can reach paths a real model never takes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+SIZE = 16
+
+
+class TinyModel(torch.nn.Module):
+    """Softmax over the mean of each colour channel: one class per channel, three in all."""
+
+    def __init__(self, burn_rounds: int = 0):
+        super().__init__()
+        self.burn_rounds = burn_rounds
+        self.weight = torch.nn.Parameter(torch.eye(192) * 0.5, requires_grad=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        means = images.float().mean(dim=(2, 3))
+        if bool((means > 254.5).all()):
+            raise RuntimeError("tiny model refuses all-white images")
+        # Work that depends on the input, so freezing cannot fold it away: a slow model on demand.
+        acc = means.sum() * torch.ones(192, 192) / 1000.0
+        for _ in range(self.burn_rounds):
+            acc = torch.tanh(acc @ self.weight)
+        return torch.softmax(means / 64.0 + acc.mean() * 0.0, dim=1)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Refresh both checksums and write manifest.json."""
+    manifest["files"]["model"]["sha256"] = sha256(folder / "model.pt")
+    manifest["files"]["labels"]["sha256"] = sha256(folder / "labels.txt")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0) -> Path:
+    labels = labels or ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
+    assert len(labels) == 3, "the tiny model has one class per colour channel"
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(TinyModel(burn_rounds).eval()), str(folder / "model.pt"))
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+    manifest = {
+        "format_version": 1,
+        "name": "tiny-test",
+        "files": {"model": {"file": "model.pt"}, "labels": {"file": "labels.txt"}},
+        "num_classes": len(labels),
+        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                  "height": SIZE, "width": SIZE, "batch": "any"},
+        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(labels)], "activation": "softmax"},
+        "preprocessing": {"steps": [{"op": "resize", "method": "squish", "height": SIZE, "width": SIZE,
+                                     "resample": "bilinear", "pad_mode": "reflection"}]},
+        "architecture": "channel means (test model)",
+        "versions": {"torch": torch.__version__},
+    }
+    write_manifest(folder, manifest)
+    return folder
