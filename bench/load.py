@@ -1,0 +1,223 @@
+"""A small HTTP load generator and the server processes it drives, all on 127.0.0.1.
+
+Each client thread keeps one HTTP/1.1 connection open and sends the next request as soon as
+the last answer is read (a closed loop), so `concurrency` is the number of requests in flight.
+Every run is bounded by a request count and by a time limit, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = q / 100 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_ms)
+
+    def summary(self) -> dict:
+        lat = self.latencies_ms
+        return {
+            "concurrency": self.concurrency, "requests": self.ok, "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "throughput_rps": self.ok / self.seconds if self.seconds else 0.0,
+            "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
+            "mean_ms": statistics.fmean(lat) if lat else float("nan"), "max_ms": max(lat, default=float("nan")),
+        }
+
+
+def run_load(port: int, path: str, body: bytes, content_type: str, concurrency: int, requests: int,
+             seconds: float, warmup: int = 0, timeout: float = 60.0) -> LoadResult:
+    """`requests` POSTs (at most, and for at most `seconds`) from `concurrency` keep-alive clients.
+
+    The first `warmup` answers of each client are not counted, so every connection is open and
+    every server thread has run once before timing starts."""
+    result = LoadResult(concurrency)
+    lock = threading.Lock()
+    issued = [0]
+    headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+    clock = {"started": 0.0, "deadline": 0.0}
+
+    def start_clock():
+        # Runs once, when every client has warmed up and before any is released.
+        clock["started"] = time.perf_counter()
+        clock["deadline"] = clock["started"] + seconds
+
+    barrier = threading.Barrier(concurrency, action=start_clock)
+
+    def claim() -> bool:
+        with lock:
+            if issued[0] >= requests or time.perf_counter() >= clock["deadline"]:
+                return False
+            issued[0] += 1
+            return True
+
+    def send(conn: http.client.HTTPConnection) -> int:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+
+    def client():
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        try:
+            for _ in range(warmup):
+                send(conn)
+        finally:
+            barrier.wait()
+        try:
+            while claim():
+                t0 = time.perf_counter()
+                try:
+                    status = send(conn)
+                except (OSError, http.client.HTTPException) as exc:
+                    status = type(exc).__name__
+                    conn.close()
+                    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+                elapsed = (time.perf_counter() - t0) * 1000
+                with lock:
+                    if status == 200:
+                        result.latencies_ms.append(elapsed)
+                    else:
+                        result.errors[str(status)] = result.errors.get(str(status), 0) + 1
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + timeout * (warmup + 2))
+    result.seconds = time.perf_counter() - clock["started"]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def get_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    try:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of one process, from /proc (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def tree_rss_mib(pid: int) -> float | None:
+    """Resident memory of a process and all its descendants (TorchServe is Java plus Python workers)."""
+    total, stack, seen = 0.0, [pid], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        rss = rss_mib(current)
+        if rss is None:
+            continue
+        total += rss
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            children = []
+        stack.extend(int(c) for c in children)
+    return total or None
+
+
+class Process:
+    """A server started in its own process group, so stopping it takes its children along."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None, log: Path | None = None):
+        self.log = open(log, "wb") if log else subprocess.DEVNULL
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_until(self, ready, timeout: float, poll: float = 0.01) -> float | None:
+        """Seconds from process start until `ready()` is true; None on time-out or exit."""
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if ready():
+                return time.perf_counter() - self.started
+            if self.proc.poll() is not None:
+                return None
+            time.sleep(poll)
+        return None
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to the whole group, then SIGKILL to whatever is left of it after `grace` seconds
+        (TorchServe's Java front end outlives the launcher that started it)."""
+        group = self.proc.pid
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            self.proc.poll()
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
