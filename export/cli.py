@@ -1,9 +1,10 @@
 """`python -m export`: turn a fastai Learner pickle into a served artifact folder.
 
-    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME]
+    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--triton]
 
-Writes model.pt (traced, frozen TorchScript), labels.txt and manifest.json. The parity check
-runs first; if it fails nothing is written and the previous artifact stays as it was.
+Writes model.pt (traced, frozen TorchScript), labels.txt and manifest.json, and with --triton
+a Triton model repository in triton/ too. The parity check runs first; if it fails nothing is
+written and the previous artifact stays as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from serve.artifact import FORMAT_VERSION, MANIFEST, load_artifact, sha256_file
 
 from . import learner as learner_io
-from . import parity, torchscript
+from . import parity, torchscript, triton
 from .transforms import read_pipeline
 
 PARITY_IMAGES = 24
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
                    help="how many images the parity check uses (default: %(default)s, at least 20 for a release)")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the output folder's name)")
+    p.add_argument("--triton", action="store_true",
+                   help="also write a Triton model repository (triton/<name>/) for the pytorch_libtorch backend; "
+                        "`python -m export.triton` adds one to an existing artifact with more options")
     return p.parse_args(argv)
 
 
@@ -126,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except learner_io.LearnerError as exc:
+    except (learner_io.LearnerError, triton.TritonError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.triton:
+        triton.model_name({"name": args.name or args.out.resolve().name})  # refuse a bad name before the work
     learn = learner_io.load(args.learner)
     info = learner_io.read_sidecar(args.learner)
     pipe = read_pipeline(learn.dls)
@@ -162,8 +168,11 @@ def run(args: argparse.Namespace) -> int:
         labels_file.write_text("".join(f"{label}\n" for label in learn.dls.vocab), encoding="utf-8")
         manifest = build_manifest(args, learn, pipe, info, report, model_file, labels_file)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if args.triton:
+            triton.write_model_repository(folder, manifest)
 
     write_atomically(args.out, fill)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
-    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}")
+    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}"
+          + (f", {triton.REPOSITORY}/" if args.triton else ""))
     return 0

@@ -16,7 +16,7 @@ import torch
 
 from export import cli
 from export.learner import LearnerError, load, write_sidecar
-from serve.artifact import load_artifact
+from serve.artifact import load_artifact, sha256_file
 from serve.decode import decode
 from serve.preprocess import preprocess
 from tests.conftest import CARS, ROOT, car_photos
@@ -130,3 +130,15 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
         with torch.no_grad():
             rows[str(path.relative_to(CARS))] = loaded.module(pixels.unsqueeze(0))[0].tolist()
     (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows}))
+
+
+def test_triton_flag_adds_a_model_repository_to_the_export(learner, tmp_path):
+    out = tmp_path / "with-triton"
+    assert cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4", "--triton"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    model_dir = out / "triton" / manifest["name"]
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'platform: "pytorch_libtorch"' in config and f"dims: [ {manifest['num_classes']} ]" in config
+    assert sha256_file(model_dir / "1" / "model.pt") == manifest["files"]["model"]["sha256"]
+    assert (model_dir / "labels.txt").read_bytes() == (out / "labels.txt").read_bytes()
+    load_artifact(out)  # the server's check is not disturbed by the extra folder
