@@ -13,6 +13,7 @@ HOST     ?=
 PORT     ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_SECONDS ?= 60
 
 SERVE_PY := $(VENV)/serve/bin/python
 TRAIN_PY := $(VENV)/train/bin/python
@@ -21,7 +22,7 @@ BUILD    := build
 
 .DEFAULT_GOAL := help
 .PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env \
-        client-env
+        client-env fuzz
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +45,12 @@ $(VENV)/client/.stamp: requirements-client.txt requirements-test.txt
 	rm -rf $(VENV)/client
 	$(PYTHON) -m venv $(VENV)/client
 	$(VENV)/client/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-client.txt
+	touch $@
+
+$(VENV)/fuzz/.stamp: requirements-fuzz.txt requirements-serve.txt
+	rm -rf $(VENV)/fuzz
+	$(PYTHON) -m venv $(VENV)/fuzz
+	$(VENV)/fuzz/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-fuzz.txt
 	touch $@
 
 $(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements-test.txt
@@ -86,6 +93,13 @@ test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp
 
 bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving speed against baselines
 	$(SERVE_PY) -m bench $(BENCH_ARGS)
+
+# The corpus grows across runs in $(BUILD)/fuzz/corpus; an input that breaks the check is saved as
+# $(BUILD)/fuzz/crash-* and the run stops with an error.
+fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECONDS (default 60) with atheris
+	mkdir -p $(BUILD)/fuzz/corpus
+	$(VENV)/fuzz/bin/python -m fuzz $(BUILD)/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+	    -rss_limit_mb=2048 -max_len=65536 -artifact_prefix=$(BUILD)/fuzz/ -print_final_stats=1
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
 	rm -rf $(VENV) $(BUILD) .pytest_cache
