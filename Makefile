@@ -14,6 +14,7 @@ PORT     ?=
 TRAIN_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_SECONDS ?= 60
+SOAK_REQUESTS ?= 10000
 
 SERVE_PY := $(VENV)/serve/bin/python
 TRAIN_PY := $(VENV)/train/bin/python
@@ -22,7 +23,7 @@ BUILD    := build
 
 .DEFAULT_GOAL := help
 .PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env \
-        client-env fuzz
+        client-env fuzz soak
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -100,6 +101,10 @@ fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECOND
 	mkdir -p $(BUILD)/fuzz/corpus
 	$(VENV)/fuzz/bin/python -m fuzz $(BUILD)/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
 	    -rss_limit_mb=2048 -max_len=65536 -artifact_prefix=$(BUILD)/fuzz/ -print_final_stats=1
+
+# A real server on 127.0.0.1 under good and malformed uploads; prints failures, RSS and open fds.
+soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 10000) mixed good and bad uploads
+	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(OUT)
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
 	rm -rf $(VENV) $(BUILD) .pytest_cache
