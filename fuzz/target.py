@@ -35,10 +35,12 @@ CARS = Path(__file__).resolve().parent.parent / "tests" / "data" / "cars"
 def check(data: bytes, steps_choice: int | None = None) -> str:
     """Decode and preprocess `data`; return "rejected" or "scored", raise on anything else.
 
-    `steps_choice` picks one of STEP_SETS (all of them when None), which keeps a fuzzing run fast.
+    `steps_choice` picks one of STEP_SETS (all of them when None), which keeps a fuzzing run fast;
+    odd choices also decode JPEGs in draft mode (scaled inside the decoder), as the server may.
     """
+    draft = (2 * SIZE, 2 * SIZE) if steps_choice is not None and steps_choice % 2 else None
     try:
-        image = decode(data, MAX_PIXELS)
+        image = decode(data, MAX_PIXELS, draft_size=draft)
     except ImageRejected:
         return "rejected"
     assert isinstance(image, Image.Image) and image.mode == "RGB", image
