@@ -31,6 +31,9 @@ MULTIPART_SLACK = 64 * 1024
 # How often the loop wakes up by itself: the longest SIGTERM waits, and the granularity of the
 # slow-request check.
 TICK_SECONDS = 0.2
+# While draining, how long a connection without a request is left open in case its request is
+# still on the way (sent just before the signal), before it is closed as idle.
+DRAIN_GRACE_SECONDS = 0.5
 
 
 def build_scorer(config: Config) -> Scorer:
@@ -143,15 +146,23 @@ def serve_until(server, stopping: threading.Event, drain_seconds: float = 10.0, 
 
     while not stopping.is_set():
         tick(TICK_SECONDS)
+    # Connections the kernel completed before the signal belong to clients that are already
+    # waiting: take them in, since closing the socket would reset them.
+    for _ in range(adj.backlog):
+        known = len(server._map)
+        server.handle_accept()
+        if len(server._map) == known:
+            break
     wasyncore.dispatcher.close(server)  # stop listening, keep the trigger the workers use
-    tick(0)  # read whatever already arrived, so a request sent just before the signal counts as inside
-    deadline = time.monotonic() + drain_seconds
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while time.monotonic() - started < drain_seconds:
+        tick(0.05)
+        if time.monotonic() - started < DRAIN_GRACE_SECONDS:
+            continue
         channels = list(server.active_channels.values())
         for channel in channels:
             if not busy(channel):
                 channel.handle_close()  # idle: no task uses it, so closing here is safe
         if not any(busy(channel) for channel in channels):
             break
-        tick(0.05)
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=2)
