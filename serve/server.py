@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -11,6 +12,7 @@ import warnings
 
 import torch
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
 from .app import State, create_app
@@ -25,9 +27,13 @@ log = logging.getLogger("whatcar")
 # the app, which applies the exact limit, while Waitress itself refuses anything far larger.
 # Waitress buffers a whole body before the app sees it, so only its own check avoids reading a
 # huge one: it answers 413 straight from the headers (Content-Length) or as soon as a chunked body
-# passes the limit, and closes the connection. That 413 is plain text, not our JSON; the status is
-# what clients act on, and the page shows a plain message for any answer that is not JSON.
+# passes the limit, and closes the connection (lingering first, see LingeringChannel). That 413 is
+# plain text, not our JSON; the status is what clients act on, and the page shows a plain message
+# for any answer that is not JSON.
 MULTIPART_SLACK = 64 * 1024
+# How long, after an error answer that ends a connection, what the client still sends is read
+# and dropped before the socket is closed.
+LINGER_SECONDS = 2.0
 # How often the loop wakes up by itself: the longest SIGTERM waits, and the granularity of the
 # slow-request check.
 TICK_SECONDS = 0.2
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             max_request_body_size=config.max_upload_bytes + MULTIPART_SLACK,
             ident="whatcar", clear_untrusted_proxy_headers=True,
         )
+        server.channel_class = LingeringChannel
     except OSError as exc:
         print(f"whatcar: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -97,6 +104,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class LingeringChannel(HTTPChannel):
+    """Waitress's connection, closed gently after an error answer such as its own 413.
+
+    Waitress answers a body over the limit from its headers and closes the connection while the
+    client is still uploading. Closing a socket with unread data makes the kernel send a reset,
+    which usually destroys the 413 before the client reads it: a browser or curl reports a broken
+    connection instead of "too large". So after such an answer the channel only half-closes (no
+    more sending), reads and drops the rest of the upload for up to LINGER_SECONDS, then closes.
+    """
+
+    error_answered = False
+    lingering_until: float | None = None
+
+    def service(self):
+        if self.requests and self.requests[0].error is not None:
+            self.error_answered = True
+        super().service()
+
+    def handle_close(self):
+        if self.error_answered and self.lingering_until is None and self.connected:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.lingering_until = time.monotonic() + LINGER_SECONDS
+                self.will_close = False
+                return
+        self.close_now()
+
+    def close_now(self):
+        super().handle_close()
+
+    def handle_read(self):
+        if self.lingering_until is None:
+            super().handle_read()
+            return
+        try:
+            data = self.socket.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data or time.monotonic() > self.lingering_until:
+            self.close_now()
+
+
 class SlowRequests:
     """Closes connections whose current request has been arriving for longer than `timeout` seconds.
 
@@ -111,6 +163,11 @@ class SlowRequests:
     def sweep(self, server, now: float) -> None:
         seen = {}
         for channel in list(server.active_channels.values()):
+            lingering_until = getattr(channel, "lingering_until", None)
+            if lingering_until is not None:
+                if now > lingering_until:
+                    channel.close_now()  # the client went quiet without closing
+                continue
             partial = channel.request
             if partial is None or channel.requests:
                 continue  # nothing arriving, or a request already being answered

@@ -234,6 +234,15 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(server):
     assert status == 413 and b"Request Entity Too Large" in response
 
 
+def test_oversize_upload_sent_whole_still_gets_its_413(server):
+    # Browsers and curl send the whole body before reading; without a lingering close the
+    # server's reset destroys the 413 and the client sees a broken connection instead.
+    for _ in range(3):
+        status, _, body = request(server.port, "POST", "/predict", b"\xff" * (16 * MAX_UPLOAD),
+                                  {"Content-Type": "image/jpeg"})
+        assert status == 413, body
+
+
 def test_body_just_over_the_limit_gets_a_json_413(server):
     status, headers, body = request(server.port, "POST", "/predict", b"\xff" * (MAX_UPLOAD + 1),
                                     {"Content-Type": "image/jpeg"})
