@@ -318,7 +318,7 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny, tmp_path
                 refused_at = time.monotonic()
         for t in threads:
             t.join(timeout=30)
-        returncode = server.proc.wait(timeout=10)
+        returncode = server.proc.wait(timeout=30)
         exited = time.monotonic()
     finally:
         server.stop()
@@ -326,7 +326,9 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny, tmp_path
     assert max(done for _, done in results) > signalled, "no request was still in flight at SIGTERM"
     assert refused_at is not None, "new connections were still accepted 5 s after SIGTERM"
     assert returncode == 0, server.log()
-    assert exited - signalled < 5
+    # Once the last in-flight answer is out, nothing should hold the process up. (Counted from
+    # then, not from the signal: on a loaded machine the slow model alone can take seconds.)
+    assert exited - max(done for _, done in results) < 5
     assert "draining" in server.log() and "stopped" in server.log()
 
 
