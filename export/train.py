@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
     p.add_argument("--valid-pct", type=float, default=DEFAULTS["valid_pct"], help="validation share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split and training seed (default: %(default)s)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue training this exported learner (from an earlier run on the same DATA, "
+                        "split and size) instead of starting from ImageNet weights; skips the head-only epochs")
     p.add_argument("--no-augment", action="store_true", help="train without flips, affine and lighting augmentation")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -109,6 +112,20 @@ def build_learner(dls, args: argparse.Namespace):
     return learn
 
 
+def resume_learner(dls, args: argparse.Namespace):
+    """An exported learner, given back its training data and splitter to train on."""
+    import torch
+
+    learn = learner_io.load(args.resume)
+    if list(learn.dls.vocab) != list(dls.vocab):
+        raise SystemExit(f"--resume {args.resume}: its classes differ from those in {args.data}")
+    learn.dls = dls
+    if args.arch == "lite0":
+        learn.splitter, learn.train_bn = lite0_splitter(args.frozen_blocks), False
+    learn.model.to(memory_format=torch.channels_last)
+    return learn
+
+
 def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict:
     """What `python -m export` needs to know about this run, stored beside the learner."""
     data = args.data.resolve()
@@ -121,6 +138,8 @@ def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict
         "validation": {"accuracy": round(float(acc), 4), "loss": round(float(loss), 4), "images": len(valid),
                        "split": f"random {args.valid_pct:.0%} of the data, seed {args.seed}"},
         "training": training,
+        # A resumed run's recipe is the whole chain: this run on top of the one it resumed.
+        "resumed_from": learner_io.read_sidecar(args.resume).get("training") if args.resume else None,
     }
 
 
@@ -133,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     dls = build_dataloaders(args)
     print(f"{len(dls.vocab)} classes, {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, "
           f"{args.size} px {args.resize}, torch threads {torch.get_num_threads()}", file=sys.stderr)
-    learn = build_learner(dls, args)
+    learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
     if args.quiet:
         from fastai.callback.progress import ProgressCallback
         learn.remove_cb(ProgressCallback)
     started = time.perf_counter()
-    if args.freeze_epochs:
+    if args.freeze_epochs and not args.resume:
         learn.freeze()
         learn.fit_one_cycle(args.freeze_epochs, args.lr)
     if args.arch == "lite0":

@@ -47,6 +47,15 @@ def test_training_records_its_run(learner):
     assert 0.0 <= info["validation"]["accuracy"] <= 1.0
 
 
+def test_resume_continues_on_the_same_split(learner, tmp_path):
+    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), "--size", str(SIZE),
+                    "--epochs", "1", "--batch-size", "8", "--quiet", "--resume", str(learner)], check=True, cwd=ROOT)
+    before = json.loads(learner.with_name("export.pkl.json").read_text())
+    after = json.loads((tmp_path / "export.pkl.json").read_text())
+    assert after["valid_files"] == before["valid_files"]
+    assert after["resumed_from"] == before["training"]
+
+
 def test_manifest_describes_the_artifact(artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["format_version"] == 1
