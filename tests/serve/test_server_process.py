@@ -125,7 +125,7 @@ def test_real_photo_raw_and_multipart(server, photo):
 
 
 def test_fifty_concurrent_clients(server, small_jpeg):
-    clients, per_client = 50, 4
+    clients, per_client = 50, 2
     form, form_type = multipart([("file", "car.jpg", small_jpeg, "image/jpeg")])
     start = threading.Barrier(clients)
     statuses, errors = [], []
