@@ -23,7 +23,7 @@ BUILD    := build
 
 .DEFAULT_GOAL := help
 .PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env \
-        client-env fuzz soak
+        client-env fuzz soak chromium
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -89,8 +89,20 @@ test-cross: $(VENV)/serve/.stamp-test test-export
 
 # A real server from the serve venv, driven from outside by tritonclient and by Debian's Chromium
 # through Playwright (apt-get install -y chromium); screenshots land in $(BUILD)/screenshots.
-test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp
+test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp chromium
 	WHATCAR_SERVE_PYTHON=$(SERVE_PY) WHATCAR_SCREENSHOTS=$(BUILD)/screenshots $(CLIENT_PY) -m pytest tests/client
+
+# pip cannot provide a browser and Playwright's own download needs the open internet, so the browser
+# test uses Debian's Chromium, installed here when missing (as root, or ask for it by name).
+chromium:
+	@[ -n "$$WHATCAR_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "the browser test needs Chromium: sudo apt-get install chromium (or set WHATCAR_CHROMIUM)"; exit 1; \
+	  fi; }
 
 bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving speed against baselines
 	$(SERVE_PY) -m bench $(BENCH_ARGS)
