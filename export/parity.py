@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from serve.decode import decode
-from serve.preprocess import preprocess
+from serve.preprocess import draft_size, preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TOLERANCE = 1e-3
@@ -45,7 +45,8 @@ def pick_images(files: list[Path], count: int) -> list[Path]:
 
 
 def server_input(path: Path, steps: list[dict]) -> tuple:
-    image = decode(path.read_bytes(), MAX_PIXELS)
+    # Decoded exactly as the server decodes uploads, draft mode for large JPEGs included.
+    image = decode(path.read_bytes(), MAX_PIXELS, draft_size=draft_size(steps))
     return image, preprocess(image, steps)
 
 

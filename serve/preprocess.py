@@ -131,6 +131,24 @@ def validate_steps(steps: list[dict]) -> tuple[int, int]:
     return steps[-1]["height"], steps[-1]["width"]
 
 
+# How much larger than the first resize's output a JPEG must stay when decoded in draft mode.
+# Draft mode has the JPEG decoder scale by 1/2, 1/4 or 1/8 inside the DCT, much faster than
+# decoding every pixel of a phone photo and resizing it; the pixels differ slightly from a full
+# decode followed by the same resize, less the more margin is kept (docs/benchmark.md has the
+# measured effect on the model's answers).
+DRAFT_MARGIN = 2
+
+
+def draft_size(steps: list[dict], margin: int = DRAFT_MARGIN) -> tuple[int, int] | None:
+    """The smallest (width, height) a JPEG may be decoded at for these steps, or None for a full
+    decode. Only a leading resize allows it: crops and pads work on exact pixels. The size is a
+    square so that it also holds after EXIF orientation swaps width and height."""
+    if not steps or steps[0]["op"] != "resize":
+        return None
+    side = margin * max(steps[0]["height"], steps[0]["width"])
+    return side, side
+
+
 def apply_steps(image: Image.Image, steps: list[dict], max_pixels: int | None = None) -> Image.Image:
     """Run the steps; `max_pixels` bounds the canvas a padding resize may build on the way."""
     for step in steps:

@@ -10,7 +10,7 @@ from .artifact import Artifact
 from .decode import decode
 from .inference import Model
 from .postprocess import top_k
-from .preprocess import apply_steps, image_to_tensor
+from .preprocess import apply_steps, draft_size, image_to_tensor
 
 
 class Scorer:
@@ -18,10 +18,11 @@ class Scorer:
         self.artifact = artifact
         self.model = model
         self.max_image_pixels = max_image_pixels
+        self.draft_size = draft_size(artifact.steps)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Image bytes to the model's uint8 [3, H, W] input; raises ImageRejected for bad input."""
-        image = decode(data, self.max_image_pixels)
+        image = decode(data, self.max_image_pixels, draft_size=self.draft_size)
         return image_to_tensor(apply_steps(image, self.artifact.steps, self.max_image_pixels))
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
