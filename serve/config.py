@@ -28,6 +28,8 @@ class Config:
     max_image_pixels: int = 50_000_000
     top_k: int = 5
     max_batch: int = 32
+    micro_batch: int = 2
+    batch_wait_ms: float = 0.0
     channel_timeout: int = 30
     log_level: str = "INFO"
 
@@ -51,6 +53,8 @@ OPTIONS = [
     ("--max-image-pixels", "max_image_pixels", int, "largest width*height decoded (422 above)"),
     ("--top-k", "top_k", int, "predictions returned when the request has no ?top_k"),
     ("--max-batch", "max_batch", int, "most images in one /v2 inference request (400 above)"),
+    ("--micro-batch", "micro_batch", int, "most waiting images an inference worker scores as one batch"),
+    ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
     ("--channel-timeout", "channel_timeout", int, "seconds an idle or slow connection is kept"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -100,11 +104,14 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
 
 def validate(config: Config) -> None:
     positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
-                "max_batch", "channel_timeout")
+                "max_batch", "micro_batch", "channel_timeout")
     for field in positive:
         if getattr(config, field) < 1:
             raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "
                               f"set --{field.replace('_', '-')} or {env_name(field)}")
+    if not 0 <= config.batch_wait_ms <= 1000:
+        raise ConfigError(f"batch_wait_ms must be 0-1000 (got {config.batch_wait_ms}); "
+                          "set --batch-wait-ms or WHATCAR_BATCH_WAIT_MS")
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port must be 0-65535 (got {config.port})")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

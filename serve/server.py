@@ -46,12 +46,14 @@ def build_scorer(config: Config) -> Scorer:
     """Verify, load and warm the model; raises ArtifactError with a one-line reason."""
     torch.set_num_threads(config.torch_threads)
     artifact: Artifact = load_artifact(config.model_dir)
-    model = Model(artifact.module, workers=config.inference_workers)
+    model = Model(artifact.module, workers=config.inference_workers, torch_threads=config.torch_threads,
+                  max_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000)
     started = time.perf_counter()
     model.warm_up(*artifact.input_size)
-    log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; torch threads %d, "
-             "inference workers %d", artifact.name, len(artifact.labels), artifact.sha256[:12],
-             artifact.load_seconds, time.perf_counter() - started, config.torch_threads, config.inference_workers)
+    log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; %d inference workers of %d torch "
+             "threads, batches of up to %d", artifact.name, len(artifact.labels), artifact.sha256[:12],
+             artifact.load_seconds, time.perf_counter() - started, config.inference_workers, config.torch_threads,
+             config.micro_batch)
     return Scorer(artifact, model, config.max_image_pixels)
 
 

@@ -1,0 +1,210 @@
+"""The inference threads: batching callers together must never mix up whose row is whose."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from serve.inference import Model, ModelClosed
+
+
+class Recorder:
+    """Stands in for the TorchScript module: row i is [mean of image i, -mean], and every call is
+    recorded with its batch size, thread and torch thread count."""
+
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None):
+        self.delay = delay
+        self.fail_on = fail_on
+        self.calls: list[tuple[int, str, int]] = []
+        self.active = 0
+        self.most_active = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.calls.append((batch.shape[0], threading.current_thread().name, torch.get_num_threads()))
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            time.sleep(self.delay)
+            means = batch.float().mean(dim=(1, 2, 3))
+            if self.fail_on is not None and bool((means == self.fail_on).any()):
+                raise RuntimeError("bad batch")
+            return torch.stack([means, -means], dim=1)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def image(value: int) -> torch.Tensor:
+    return torch.full((1, 3, 4, 4), value, dtype=torch.uint8)
+
+
+def call_all(model: Model, values: list[int]) -> dict:
+    results, errors = {}, {}
+    start = threading.Barrier(len(values))
+
+    def one(v):
+        start.wait()
+        try:
+            results[v] = model(image(v))
+        except Exception as exc:  # noqa: BLE001
+            errors[v] = exc
+
+    threads = [threading.Thread(target=one, args=(v,)) for v in values]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return {"results": results, "errors": errors}
+
+
+def test_concurrent_callers_get_their_own_rows_from_shared_batches():
+    module = Recorder(delay=0.05)
+    model = Model(module, workers=1, max_batch=8)
+    try:
+        out = call_all(model, list(range(1, 13)))
+    finally:
+        model.close()
+    assert not out["errors"]
+    for v, row in out["results"].items():
+        assert row.shape == (1, 2) and row.tolist() == [[float(v), -float(v)]]
+    sizes = [size for size, _, _ in module.calls]
+    assert sum(sizes) == 12
+    assert max(sizes) > 1, "callers that waited together were not batched"
+    assert max(sizes) <= 8
+
+
+def test_a_lone_request_is_not_held_back_for_a_batch():
+    module = Recorder()
+    model = Model(module, workers=1, max_batch=8)
+    try:
+        for v in (3, 4, 5):
+            assert model(image(v)).tolist() == [[float(v), -float(v)]]
+    finally:
+        model.close()
+    assert [size for size, _, _ in module.calls] == [1, 1, 1]
+
+
+def test_a_multi_image_job_keeps_its_order_and_is_never_split():
+    module = Recorder()
+    model = Model(module, workers=1, max_batch=2)
+    batch = torch.cat([image(v) for v in (9, 1, 7, 3, 5)])
+    try:
+        rows = model(batch)
+    finally:
+        model.close()
+    assert rows[:, 0].tolist() == [9.0, 1.0, 7.0, 3.0, 5.0]
+    assert [size for size, _, _ in module.calls] == [5]
+
+
+def test_workers_share_the_queue_and_set_their_torch_threads():
+    module = Recorder(delay=0.05)
+    model = Model(module, workers=2, torch_threads=1, max_batch=4)
+    try:
+        out = call_all(model, list(range(1, 9)))
+    finally:
+        model.close()
+    assert not out["errors"] and len(out["results"]) == 8
+    assert module.most_active == 2, "the two inference threads did not run at the same time"
+    assert {threads for _, _, threads in module.calls} == {1}
+    assert len({name for _, name, _ in module.calls}) == 2
+
+
+def test_an_error_reaches_every_caller_in_the_batch_and_the_model_carries_on():
+    module = Recorder(delay=0.05, fail_on=2)
+    model = Model(module, workers=1, max_batch=8)
+    try:
+        out = call_all(model, [1, 2, 3, 4])
+        assert 2 in out["errors"] and isinstance(out["errors"][2], RuntimeError)
+        # Whoever shared a batch with the bad image failed with it; nobody got someone else's row.
+        for v, row in out["results"].items():
+            assert row.tolist() == [[float(v), -float(v)]]
+        assert model(image(6)).tolist() == [[6.0, -6.0]]
+    finally:
+        model.close()
+
+
+def test_batch_wait_holds_a_short_batch_open():
+    module = Recorder()
+    model = Model(module, workers=1, max_batch=4, batch_wait=0.3)
+    results = {}
+
+    def one(v, delay):
+        time.sleep(delay)
+        results[v] = model(image(v))
+
+    threads = [threading.Thread(target=one, args=(v, d)) for v, d in ((1, 0.0), (2, 0.05))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+    finally:
+        model.close()
+    assert [size for size, _, _ in module.calls] == [2]
+    assert results[2].tolist() == [[2.0, -2.0]]
+
+
+def test_warm_up_runs_on_every_inference_thread_at_each_batch_size():
+    module = Recorder()
+    model = Model(module, workers=2, torch_threads=1, max_batch=4)
+    try:
+        model.warm_up(4, 4, rounds=1)
+    finally:
+        model.close()
+    names = {name for _, name, _ in module.calls}
+    assert len(names) == 2 and all(name.startswith("whatcar-inference") for name in names)
+    for name in names:
+        assert sorted(size for size, who, _ in module.calls if who == name) == [1, 2, 4]
+
+
+def test_closed_model_refuses_new_work():
+    model = Model(Recorder(), workers=1)
+    model.close()
+    with pytest.raises(ModelClosed):
+        model(image(1))
+
+
+def test_photos_scored_together_get_the_answers_they_get_alone(scorer):
+    """The real model through the app's Scorer: shared batches change nothing a client sees."""
+    from serve.scoring import Scorer
+    from tests.conftest import car_photos
+
+    photos = car_photos()[::3]
+    alone = {}
+    for path in photos:
+        with torch.inference_mode():
+            alone[path] = scorer.artifact.module(scorer.preprocess(path.read_bytes()).unsqueeze(0))[0]
+    sizes = []
+
+    def module(batch):
+        sizes.append(batch.shape[0])
+        return scorer.artifact.module(batch)
+
+    model = Model(module, workers=1, torch_threads=1, max_batch=4)
+    batched = Scorer(scorer.artifact, model, scorer.max_image_pixels)
+    answers = {}
+    start = threading.Barrier(len(photos))
+
+    def one(path):
+        start.wait()
+        answers[path] = batched.score(path.read_bytes(), k=len(scorer.artifact.labels))
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in photos]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        model.close()
+    assert len(answers) == len(photos)
+    assert max(sizes) > 1 and sum(sizes) == len(photos)
+    for path, answer in answers.items():
+        expected = alone[path]
+        labels = scorer.artifact.labels
+        assert answer["predictions"][0]["label"] == labels[int(expected.argmax())]
+        for p in answer["predictions"]:
+            assert abs(p["probability"] - float(expected[labels.index(p["label"])])) < 1e-4
