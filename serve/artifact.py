@@ -138,16 +138,17 @@ def load_artifact(folder: str | Path, optimize: bool = True) -> Artifact:
     probe = torch.zeros((1, 3, height, width), dtype=torch.uint8)
     with torch.inference_mode():
         try:
+            if optimize:
+                # Only in memory: a saved optimize_for_inference module does not load again. Done
+                # before the probe, so the probe is also the optimised graph's first (slowest) pass.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    module = torch.jit.optimize_for_inference(module)
             out = module(probe)
         except Exception as exc:
             raise ArtifactError(f"{model_path} fails on a 1x3x{height}x{width} uint8 input: "
                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
     if out.ndim != 2 or out.shape[1] != len(labels):
         raise ArtifactError(f"model outputs shape {tuple(out.shape)} but there are {len(labels)} labels")
-    if optimize:
-        # Only in memory: a saved optimize_for_inference module does not load again.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.optimize_for_inference(module)
     return Artifact(folder=folder, manifest=manifest, labels=labels, module=module,
                     load_seconds=time.perf_counter() - started)
