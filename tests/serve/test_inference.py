@@ -208,3 +208,17 @@ def test_photos_scored_together_get_the_answers_they_get_alone(scorer):
         assert answer["predictions"][0]["label"] == labels[int(expected.argmax())]
         for p in answer["predictions"]:
             assert abs(p["probability"] - float(expected[labels.index(p["label"])])) < 1e-4
+
+
+def test_batching_settings_come_from_flags_and_environment():
+    from serve.config import ConfigError, load_config
+    from tests.conftest import ARTIFACTS
+
+    env = {"WHATCAR_MICRO_BATCH": "4", "WHATCAR_BATCH_WAIT_MS": "2.5"}
+    config = load_config(["--model-dir", str(ARTIFACTS)], environ=env)
+    assert config.micro_batch == 4 and config.batch_wait_ms == 2.5
+    assert load_config(["--model-dir", str(ARTIFACTS), "--micro-batch", "1"], environ=env).micro_batch == 1
+    with pytest.raises(ConfigError, match="micro_batch must be at least 1"):
+        load_config(["--model-dir", str(ARTIFACTS), "--micro-batch", "0"], environ={})
+    with pytest.raises(ConfigError, match="WHATCAR_BATCH_WAIT_MS"):
+        load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_BATCH_WAIT_MS": "-1"})
