@@ -22,7 +22,7 @@ CLIENT_PY := $(VENV)/client/bin/python
 BUILD    := build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env \
+.PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env torchserve-env \
         client-env fuzz soak chromium
 
 help: ## list the targets
@@ -104,8 +104,18 @@ chromium:
 	    echo "the browser test needs Chromium: sudo apt-get install chromium (or set WHATCAR_CHROMIUM)"; exit 1; \
 	  fi; }
 
-bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving speed against baselines
-	$(SERVE_PY) -m bench $(BENCH_ARGS)
+# The benchmark's peer server. Optional: if it cannot be built, `make bench` says so and skips it.
+$(VENV)/torchserve/.stamp: requirements-torchserve.txt
+	rm -rf $(VENV)/torchserve
+	$(PYTHON) -m venv $(VENV)/torchserve
+	$(VENV)/torchserve/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-torchserve.txt
+	touch $@
+
+torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmark's peer server (needs Java)
+
+bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, learn.predict and TorchServe
+	$(MAKE) --no-print-directory torchserve-env || echo "bench: no TorchServe environment; the peer comparison is skipped"
+	$(SERVE_PY) -m bench --model-dir $(OUT) --learner $(LEARNER) $(BENCH_ARGS)
 
 # The corpus grows across runs in $(BUILD)/fuzz/corpus; an input that breaks the check is saved as
 # $(BUILD)/fuzz/crash-* and the run stops with an error.
