@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from serve.artifact import FORMAT_VERSION, MANIFEST, load_artifact, sha256_file
 
 from . import learner as learner_io
 from . import parity, torchscript, triton
+from .folders import replace_folder
 from .transforms import read_pipeline
 
 PARITY_IMAGES = 24
@@ -113,14 +113,7 @@ def write_atomically(out: Path, fill) -> None:
     try:
         fill(staging)
         load_artifact(staging)  # the server's own check, before anything is replaced
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(staging, out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_folder(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 from serve.artifact import MANIFEST, sha256_file
+
+from .folders import replace_folder
 
 REPOSITORY = "triton"
 # The PyTorch backend binds tensors by position: TorchScript keeps no output names, so the
@@ -126,15 +127,7 @@ def write_model_repository(folder: Path, manifest: dict, max_batch_size: int = D
         (staging / name / "config.pbtxt").write_text(config, encoding="utf-8")
         if sha256_file(version_dir / "model.pt") != manifest["files"]["model"]["sha256"]:
             raise TritonError("the copied model.pt differs from the artifact's; is the disk full?")
-        target = folder / REPOSITORY
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{REPOSITORY}.old-", dir=folder))
-            os.rmdir(old)
-            os.rename(target, old)
-        os.rename(staging, target)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_folder(staging, folder / REPOSITORY)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

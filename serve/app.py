@@ -13,17 +13,16 @@ from prometheus_client import CollectorRegistry
 from . import v2
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
-from .errors import BodyTooLarge, EmptyBody, ImageRejected, UnsupportedImageType
+from .errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
 from .scoring import Scorer
+from .upload import read_upload
 
 log = logging.getLogger("whatcar")
 access_log = logging.getLogger("whatcar.access")
 
 STATIC = Path(__file__).parent / "static"
-# Raw bodies may also be untyped or generic bytes: the decoder, not the header, decides.
-RAW_TYPES = frozenset(ACCEPTED_MEDIA_TYPES) | {"application/octet-stream", ""}
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
             "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
@@ -50,50 +49,6 @@ def reject(exc: ImageRejected) -> falcon.HTTPError:
         headers = {"Accept-Post": ", ".join(ACCEPTED_MEDIA_TYPES)}
     return falcon.HTTPError(exc.status, title=exc.status.split(" ", 1)[1], description=exc.description,
                             code=exc.reason, headers=headers)
-
-
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The request body, refusing anything over `limit` bytes without reading it all."""
-    if req.content_length is not None and req.content_length > limit:
-        raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
-    data = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
-        raise BodyTooLarge(f"body is over the limit of {limit} bytes")
-    return data
-
-
-def read_upload(req: falcon.Request, limit: int) -> bytes:
-    """Image bytes from a raw body or from the multipart field `file`."""
-    media_type = (req.content_type or "").split(";", 1)[0].strip().lower()
-    if media_type == "multipart/form-data":
-        if not req.content_length:
-            # Falcon's form parser asserts on a missing length; Waitress sets one for every body it passes on.
-            raise EmptyBody("the multipart body is empty; send the image as the field 'file'")
-        if req.content_length > limit:
-            raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
-        files = []
-        for part in req.get_media():
-            try:
-                name = part.name
-            except UnicodeDecodeError:
-                # Falcon decodes part headers as UTF-8 and lets the error escape as a 500.
-                raise falcon.MultipartParseError(description="a part's headers are not valid UTF-8") from None
-            if name == "file":
-                files.append(part.stream.read(limit + 1))
-                if len(files[-1]) > limit:
-                    raise BodyTooLarge(f"file is over the limit of {limit} bytes")
-            else:
-                part.stream.read()  # drain fields we do not use
-        if len(files) != 1:
-            raise falcon.HTTPBadRequest(
-                title="Bad Request", code="multipart_file",
-                description=f"multipart upload needs exactly one field named 'file' (got {len(files)})")
-        return files[0]
-    if media_type not in RAW_TYPES:
-        raise UnsupportedImageType(
-            f"Content-Type {media_type!r} is not accepted; send the image as {', '.join(ACCEPTED_MEDIA_TYPES)} "
-            "or application/octet-stream, or as multipart/form-data field 'file'")
-    return read_body(req, limit)
 
 
 class PredictResource:

@@ -39,9 +39,10 @@ import falcon
 import torch
 
 from .config import Config
-from .errors import BodyTooLarge, ImageRejected
+from .errors import ImageRejected
 from .metrics import Metrics
 from .scoring import Scorer
+from .upload import read_body
 
 SERVER_NAME = "whatcar"
 # Version of this V2 front end; changes when its inputs or outputs change.
@@ -90,15 +91,6 @@ class Tensor:
 
 def is_int(value) -> bool:
     return type(value) is int  # bool is an int subclass, and never a count
-
-
-def read_limited(req: falcon.Request, limit: int) -> bytes:
-    if req.content_length is not None and req.content_length > limit:
-        raise BodyTooLarge(f"body is {req.content_length} bytes; the limit is {limit}")
-    data = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
-        raise BodyTooLarge(f"body is over the limit of {limit} bytes")
-    return data
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -426,7 +418,7 @@ class InferResource:
             raise V2Error(falcon.HTTP_415, f"Content-Encoding {encoding!r} is not supported; send the body as is")
         scorer = self.scope.scorer
         try:
-            body = read_limited(req, self.config.max_upload_bytes)
+            body = read_body(req, self.config.max_upload_bytes)
         except ImageRejected as exc:
             self.metrics.observe_rejection(exc)
             raise V2Error(exc.status, exc.description) from None
