@@ -19,6 +19,7 @@ from .app import State, create_app
 from .artifact import Artifact, ArtifactError, load_artifact
 from .config import Config, ConfigError, load_config
 from .inference import Model
+from .malloc import limit_arenas
 from .scoring import Scorer
 
 log = logging.getLogger("whatcar")
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whatcar: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    # Before any worker thread exists: threads that start later share the one arena.
+    limit_arenas(1)
     try:
         scorer = build_scorer(config)
     except ArtifactError as exc:

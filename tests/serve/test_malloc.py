@@ -1,0 +1,21 @@
+"""The malloc arena limit: applied on glibc, and never over an operator's own setting."""
+
+import subprocess
+import sys
+
+import pytest
+
+from serve.malloc import limit_arenas
+
+
+@pytest.mark.parametrize("environ", [{"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}])
+def test_operator_setting_wins(environ):
+    assert limit_arenas(1, environ=environ) is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_applied_on_glibc():
+    # In a child process, so this test run keeps its own allocator settings.
+    code = "from serve.malloc import limit_arenas; print(limit_arenas(1, environ={}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
