@@ -106,6 +106,21 @@ def serve_command(args, port: int) -> list[str]:
     return [sys.executable, "-m", "serve", "--model-dir", str(args.model_dir), "--port", str(port)]
 
 
+def import_torch_seconds(rounds: int) -> list[float]:
+    """How long a bare `import torch` takes here: the part of any cold start no server code controls."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True, capture_output=True, timeout=120)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def server_settings() -> dict:
+    """WHATCAR_* variables in effect for the measured server (the rest are its defaults)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("WHATCAR_")}
+
+
 def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
     """Start the server `rounds` times, timing process start to /readyz 200; keep the last one."""
     times, process, port = [], None, None
@@ -147,6 +162,8 @@ def measure_whatcar(args, items: dict, budget: Budget) -> dict:
     out: dict = {"runs": {}}
     starts, process, port = cold_starts(args, 3 if not args.quick else 1)
     out["cold_start_s"] = starts
+    out["import_torch_s"] = import_torch_seconds(3 if not args.quick else 1)
+    out["settings"] = server_settings()
     log(f"whatcar cold starts: {', '.join(f'{s:.2f}s' for s in starts)}")
     counter = Counter()
     try:
@@ -162,10 +179,10 @@ def measure_whatcar(args, items: dict, budget: Budget) -> dict:
             key = f"{name}_c{concurrency}"
             out["runs"][key] = load(port, "/predict", items[name], concurrency, budget.n(requests),
                                     budget.s(seconds), counter)
-        # The rest of the 2,000 requests: big uploads at full concurrency (the likeliest to grow
-        # memory), then web photos.
+        # Big uploads at full concurrency (the likeliest to grow memory), then web photos until
+        # at least 2,000 requests have been served.
         target = 2000 if not args.quick else 100
-        load(port, "/predict", items["jpeg12mp"], 8, min(100, max(0, target - counter.total - 1)), 60, counter, 0)
+        load(port, "/predict", items["jpeg12mp"], 8, budget.n(100), 60, counter, 0)
         while counter.total < target:
             result = load(port, "/predict", items["jpeg400"], 8, target - counter.total, 60, counter, 0)
             if result["requests"] == 0:
@@ -256,7 +273,8 @@ def evaluate(results: dict) -> list[dict]:
     starts = sorted(http["cold_start_s"])
     median_start = starts[len(starts) // 2]
     out.append(target("cold start, process start to /readyz 200 (s, median)", median_start, 2.0, False,
-                      "runs: " + ", ".join(f"{s:.2f}" for s in http["cold_start_s"])))
+                      "runs: " + ", ".join(f"{s:.2f}" for s in http["cold_start_s"])
+                      + "; a bare `import torch` took " + ", ".join(f"{s:.2f}" for s in http["import_torch_s"])))
     after = http["rss_after_mib"] * (1 << 20) / MB
     warm = http["rss_warm_mib"] * (1 << 20) / MB
     out.append(target(f"RSS after {http['requests_total']} requests (MB)", after, 300, False,
@@ -280,6 +298,8 @@ def table(results: dict) -> str:
     lines.append(f"machine: {m['cpu']}, {m['cpus_available']} CPUs available, {m['date']}, "
                  f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f}")
     lines.append("inputs: " + "; ".join(results["inputs"].values()))
+    lines.append("whatcar settings: " + (", ".join(f"{k}={v}" for k, v in results["whatcar"]["settings"].items())
+                                         or "the defaults"))
     lines.append("")
     lines.append("| measurement | p50 ms | p95 ms | p99 ms | images/s |")
     lines.append("|---|---:|---:|---:|---:|")
