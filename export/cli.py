@@ -110,6 +110,7 @@ def write_atomically(out: Path, fill) -> None:
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
         fill(staging)
         load_artifact(staging)  # the server's own check, before anything is replaced

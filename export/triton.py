@@ -119,6 +119,7 @@ def write_model_repository(folder: Path, manifest: dict, max_batch_size: int = D
     name = model_name(manifest)
     model_file, labels_file = verified(folder, manifest, "model"), verified(folder, manifest, "labels")
     staging = Path(tempfile.mkdtemp(prefix=f".{REPOSITORY}.new-", dir=folder))
+    staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
         version_dir = staging / name / VERSION
         version_dir.mkdir(parents=True)
