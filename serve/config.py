@@ -55,7 +55,7 @@ OPTIONS = [
     ("--max-batch", "max_batch", int, "most images in one /v2 inference request (400 above)"),
     ("--micro-batch", "micro_batch", int, "most waiting images an inference worker scores as one batch"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
-    ("--channel-timeout", "channel_timeout", int, "seconds an idle or slow connection is kept"),
+    ("--channel-timeout", "channel_timeout", int, "seconds a connection may idle, and a request may take to arrive whole"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 
