@@ -29,6 +29,7 @@ class Config:
     top_k: int = 5
     max_batch: int = 32
     micro_batch: int = 2
+    solo_threads: int = 1
     batch_wait_ms: float = 0.0
     channel_timeout: int = 30
     log_level: str = "INFO"
@@ -38,7 +39,8 @@ def _defaults() -> dict:
     cpus = available_cpus()
     # One single-threaded forward pass per CPU, and enough Waitress threads to decode the next
     # uploads while those run.
-    return dict(inference_workers=cpus, threads=max(4, 2 * cpus))
+    # A request that finds the server idle gets every CPU for its one pass instead.
+    return dict(inference_workers=cpus, threads=max(4, 2 * cpus), solo_threads=cpus)
 
 
 # (flag, field, type, help). The variable is WHATCAR_ + the field in capitals.
@@ -55,6 +57,7 @@ OPTIONS = [
     ("--max-batch", "max_batch", int, "most images in one /v2 inference request (400 above)"),
     ("--micro-batch", "micro_batch", int, "most waiting images an inference worker scores as one batch"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
+    ("--solo-threads", "solo_threads", int, "intra-op threads for a request that finds the server idle (1: none)"),
     ("--channel-timeout", "channel_timeout", int, "seconds a connection may idle, and a request may take to arrive whole"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -104,7 +107,7 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
 
 def validate(config: Config) -> None:
     positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
-                "max_batch", "micro_batch", "channel_timeout")
+                "max_batch", "micro_batch", "solo_threads", "channel_timeout")
     for field in positive:
         if getattr(config, field) < 1:
             raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "

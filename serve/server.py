@@ -48,13 +48,15 @@ def build_scorer(config: Config) -> Scorer:
     torch.set_num_threads(config.torch_threads)
     artifact: Artifact = load_artifact(config.model_dir)
     model = Model(artifact.module, workers=config.inference_workers, torch_threads=config.torch_threads,
-                  max_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000)
+                  max_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
+                  solo_threads=config.solo_threads)
     started = time.perf_counter()
     model.warm_up(*artifact.input_size)
     log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; %d inference workers of %d torch "
-             "threads, batches of up to %d", artifact.name, len(artifact.labels), artifact.sha256[:12],
+             "threads, batches of up to %d, %s", artifact.name, len(artifact.labels), artifact.sha256[:12],
              artifact.load_seconds, time.perf_counter() - started, config.inference_workers, config.torch_threads,
-             config.micro_batch)
+             config.micro_batch,
+             f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
     return Scorer(artifact, model, config.max_image_pixels)
 
 

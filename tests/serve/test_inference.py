@@ -19,6 +19,7 @@ class Recorder:
         self.calls: list[tuple[int, str, int]] = []
         self.active = 0
         self.most_active = 0
+        self.intervals: list[tuple[float, float, str]] = []
         self.lock = threading.Lock()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,7 @@ class Recorder:
             self.calls.append((batch.shape[0], threading.current_thread().name, torch.get_num_threads()))
             self.active += 1
             self.most_active = max(self.most_active, self.active)
+        started = time.monotonic()
         try:
             time.sleep(self.delay)
             means = batch.float().mean(dim=(1, 2, 3))
@@ -35,6 +37,7 @@ class Recorder:
         finally:
             with self.lock:
                 self.active -= 1
+                self.intervals.append((started, time.monotonic(), threading.current_thread().name))
 
 
 def image(value: int) -> torch.Tensor:
@@ -222,3 +225,53 @@ def test_batching_settings_come_from_flags_and_environment():
         load_config(["--model-dir", str(ARTIFACTS), "--micro-batch", "0"], environ={})
     with pytest.raises(ConfigError, match="WHATCAR_BATCH_WAIT_MS"):
         load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_BATCH_WAIT_MS": "-1"})
+
+
+SOLO = "whatcar-inference-solo"
+
+
+def test_a_request_that_finds_the_server_idle_gets_every_core():
+    module = Recorder()
+    model = Model(module, workers=2, torch_threads=1, max_batch=2, solo_threads=2)
+    try:
+        for v in (1, 2, 3):
+            assert model(image(v)).tolist() == [[float(v), -float(v)]]
+    finally:
+        model.close()
+    assert [(size, name, threads) for size, name, threads in module.calls] == [(1, SOLO, 2)] * 3
+
+
+def test_concurrent_requests_share_the_cores_and_never_overlap_a_solo_pass():
+    module = Recorder(delay=0.03)
+    model = Model(module, workers=2, torch_threads=1, max_batch=2, solo_threads=2)
+    try:
+        out = call_all(model, list(range(1, 17)))
+    finally:
+        model.close()
+    assert not out["errors"]
+    for v, row in out["results"].items():
+        assert row.tolist() == [[float(v), -float(v)]]
+    shared = [(size, threads) for size, name, threads in module.calls if name != SOLO]
+    assert shared and {threads for _, threads in shared} == {1}
+    assert module.most_active == 2, "the shared threads did not run side by side"
+    for start, end, name in module.intervals:
+        if name == SOLO:
+            others = [(s, e) for s, e, n in module.intervals if (s, e, n) != (start, end, name)]
+            assert all(e <= start or s >= end for s, e in others), "a pass ran during a solo pass"
+
+
+def test_solo_thread_is_warmed_up_and_stops_on_close():
+    module = Recorder()
+    model = Model(module, workers=2, torch_threads=1, max_batch=2, solo_threads=2)
+    model.warm_up(4, 4, rounds=1)
+    model.close(timeout=5)
+    assert (1, SOLO, 2) in module.calls
+    assert not any(thread.is_alive() for thread in model._threads)
+
+
+def test_no_solo_thread_when_it_would_not_have_more_threads():
+    model = Model(Recorder(), workers=2, torch_threads=2, solo_threads=2)
+    try:
+        assert model.workers == 2 and model.solo_threads == 0
+    finally:
+        model.close()
