@@ -2,17 +2,20 @@
 and against other ways of serving the same model, with each target's ratio from this one run.
 
     python -m bench [--model-dir artifacts] [--learner models/export.pkl] [--out build/bench.json]
-                    [--quick] [--skip-fastai] [--skip-torchserve]
+                    [--rounds 3] [--quick] [--skip-fastai] [--skip-torchserve]
 
-Measured, in this order:
+What is measured:
   floor       decode + preprocess + forward in one process, no HTTP (bench/floor.py)
   fastai      learn.predict on the same learner and photo, in the training virtualenv
   whatcar     `python -m serve` under load from keep-alive clients on 127.0.0.1
   torchserve  TorchServe 0.12 with the same model.pt (bench/peer.py), if it can start
 
-Every figure is compared only with figures from the same run, so a slower or busier machine
-moves both sides of each ratio. Load stays on 127.0.0.1 and every run is bounded in requests
-and seconds.
+All four stay up for the whole run and are measured in alternation, round after round: a
+floor figure and the server figure it is compared with are taken a few seconds apart, so
+whatever else the machine is doing weighs on both. Each target's ratio is computed per round;
+the report gives the median over the rounds and their range, and says how much CPU other
+processes used meanwhile. Load stays on 127.0.0.1 and every step is bounded in requests and
+seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import datetime as dt
 import json
 import os
 import platform
+import select
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +37,7 @@ from serve.cpus import available_cpus
 
 from . import inputs as inputs_mod
 from . import peer
-from .load import Process, free_port, get_status, rss_mib, run_load, tree_rss_mib
+from .load import Process, free_port, get_status, percentile, rss_mib, run_load, tree_cpu_seconds, tree_rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -39,6 +45,9 @@ MB = 1_000_000
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the machine
 
 
 def machine() -> dict:
@@ -56,21 +65,81 @@ def machine() -> dict:
             "loadavg_before": list(os.getloadavg())}
 
 
-def run_json(cmd: list[str], timeout: float) -> dict:
-    """Run a measuring subprocess and read the JSON object it prints last."""
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {' | '.join(tail)}")
-    return json.loads(lines[-1])
+def cpu_seconds_busy() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot, from /proc/stat (Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and every child it has waited for."""
+    import resource
+    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Worker:
+    """A measuring process that loads once, then answers one JSON line per JSON command."""
+
+    def __init__(self, name: str, cmd: list[str], log_path: Path, timeout: float):
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, start_new_session=True)
+        self.hello = self._read(timeout)
+
+    def _read(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-2:]
+            raise RuntimeError(f"{self.name} gave no answer ({'exited' if ready else 'timed out'}): "
+                               + " | ".join(tail))
+        return json.loads(line)
+
+    def ask(self, command: dict, timeout: float = 600) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(15)
+        except (OSError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.log.close()
+
+
+def start_worker(name: str, cmd: list[str], log_path: Path, timeout: float) -> Worker | str:
+    """A Worker, or the reason it is unavailable (its first line may say it skipped)."""
+    try:
+        worker = Worker(name, cmd, log_path, timeout)
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    if "skipped" in worker.hello:
+        worker.close()
+        return worker.hello["skipped"]
+    return worker
 
 
 class Budget:
-    """Request counts and seconds for each phase; --quick shrinks them for trying the code out."""
+    """Request counts and seconds for each step; --quick shrinks them for trying the code out."""
 
     def __init__(self, quick: bool):
-        self.scale = 0.05 if quick else 1.0
+        self.scale = 0.1 if quick else 1.0
 
     def n(self, count: int) -> int:
         return max(3, int(count * self.scale))
@@ -79,27 +148,50 @@ class Budget:
         return max(1.0, seconds * self.scale)
 
 
-def measure_floor(args, files: dict, budget: Budget) -> dict:
-    cmd = [sys.executable, "-m", "bench.floor", "--model-dir", str(args.model_dir),
-           "--count", str(budget.n(80)), "--seconds", str(budget.s(10))]
-    for name, path in files.items():
-        cmd += ["--image", f"{name}={path}"]
-    return run_json(cmd, timeout=600)
+class Series:
+    """One measured thing, round after round: latencies pooled, throughput kept per round."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.rounds: list[dict] = []
+
+    def add(self, latencies: list[float], throughput: float | None = None, **extra) -> dict:
+        self.latencies.extend(latencies)
+        entry = {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+                 "count": len(latencies), "throughput": throughput, **extra}
+        self.rounds.append(entry)
+        return entry
+
+    def summary(self) -> dict:
+        throughputs = [r["throughput"] for r in self.rounds if r["throughput"] is not None]
+        return {"count": len(self.latencies), "p50_ms": percentile(self.latencies, 50),
+                "p95_ms": percentile(self.latencies, 95), "p99_ms": percentile(self.latencies, 99),
+                "throughput": statistics.median(throughputs) if throughputs else None, "rounds": self.rounds}
 
 
-def measure_fastai(args, files: dict, budget: Budget) -> dict:
-    if args.skip_fastai:
-        return {"skipped": "--skip-fastai"}
-    if not args.learner.is_file():
-        return {"skipped": f"learner {args.learner} not found (make train, or pass --learner)"}
-    if not Path(args.train_python).is_file():
-        return {"skipped": f"no training virtualenv at {args.train_python} (make train-env)"}
-    cmd = [str(args.train_python), "-m", "bench.fastai_baseline", "--learner", str(args.learner),
-           "--count", str(budget.n(30)), "--seconds", str(budget.s(60)), str(files["jpeg400"])]
-    try:
-        return run_json(cmd, timeout=900)
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        return {"skipped": f"learn.predict baseline failed: {exc}"}
+class Counter:
+    """Requests sent to one server, warm-up ones included, for the memory checkpoint."""
+
+    def __init__(self):
+        self.total = 0
+
+    def add(self, result, warmup: int = 0) -> None:
+        self.total += result.ok + sum(result.errors.values()) + warmup * result.concurrency
+
+
+def http(port: int, path: str, item, concurrency: int, requests: int, seconds: float, counter: Counter,
+         series: Series | None = None, warmup: int = 1, label: str = "") -> dict:
+    result = run_load(port, path, item.data, item.content_type, concurrency, requests, seconds, warmup=warmup)
+    counter.add(result, warmup)
+    summary = result.summary()
+    if result.errors:
+        log(f"  {label} {item.name} c={concurrency}: errors {result.errors}")
+    if series is not None:
+        series.add(result.latencies_ms, summary["throughput_rps"], errors=sum(result.errors.values()))
+    return summary
+
+
+# ---------------------------------------------------------------- whatcar start-up
 
 
 def serve_command(args, port: int) -> list[str]:
@@ -124,7 +216,7 @@ def server_settings() -> dict:
 def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
     """Start the server `rounds` times, timing process start to /readyz 200; keep the last one."""
     times, process, port = [], None, None
-    for i in range(rounds):
+    for _ in range(rounds):
         if process is not None:
             process.stop()
         port = free_port()
@@ -138,148 +230,213 @@ def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
     return times, process, port
 
 
-class Counter:
-    """Requests sent to one server, warm-up ones included, for the memory checkpoint."""
-
-    def __init__(self):
-        self.total = 0
-
-    def add(self, result, concurrency_warmup: int = 0) -> None:
-        self.total += result.ok + sum(result.errors.values()) + concurrency_warmup * result.concurrency
+# ---------------------------------------------------------------- the run
 
 
-def load(port: int, path: str, item, concurrency: int, requests: int, seconds: float, counter: Counter,
-         warmup: int = 1) -> dict:
-    result = run_load(port, path, item.data, item.content_type, concurrency, requests, seconds, warmup=warmup)
-    counter.add(result, warmup)
-    summary = result.summary()
-    log(f"  {item.name} c={concurrency}: {summary['requests']} ok, {sum(result.errors.values())} errors, "
-        f"{summary['throughput_rps']:.1f} req/s, p50 {summary['p50_ms']:.1f} ms, p99 {summary['p99_ms']:.1f} ms")
-    return summary
-
-
-def measure_whatcar(args, items: dict, budget: Budget) -> dict:
-    out: dict = {"runs": {}}
-    starts, process, port = cold_starts(args, 3 if not args.quick else 1)
-    out["cold_start_s"] = starts
-    out["import_torch_s"] = import_torch_seconds(3 if not args.quick else 1)
-    out["settings"] = server_settings()
-    log(f"whatcar cold starts: {', '.join(f'{s:.2f}s' for s in starts)}")
-    counter = Counter()
+def run(args, items: dict, files: dict, budget: Budget) -> dict:
+    out: dict = {"floor": {}, "fastai": {}, "whatcar": {}, "torchserve": {}}
+    workers: list = []
+    peer_server = None
+    whatcar = None
     try:
-        # Warm-up: every input kind once per client, then a burst at the highest concurrency.
+        log("whatcar: cold starts")
+        starts, whatcar, port = cold_starts(args, 3 if not args.quick else 1)
+        out["whatcar"].update(cold_start_s=starts, import_torch_s=import_torch_seconds(3 if not args.quick else 1),
+                              settings=server_settings())
+        log(f"  ready after {', '.join(f'{s:.2f}' for s in starts)} s")
+        counter = Counter()
         for name in ("jpeg400", "jpeg12mp", "png"):
-            load(port, "/predict", items[name], 2, budget.n(10), budget.s(20), counter)
-        load(port, "/predict", items["jpeg400"], 8, budget.n(80), budget.s(10), counter)
-        out["rss_warm_mib"] = rss_mib(process.pid)
-        out["requests_at_warm"] = counter.total
-        plan = [("jpeg400", 1, 400, 20), ("jpeg12mp", 1, 60, 20), ("png", 1, 150, 10),
-                ("jpeg400", 4, 800, 15), ("jpeg400", 8, 1200, 20)]
-        for name, concurrency, requests, seconds in plan:
-            key = f"{name}_c{concurrency}"
-            out["runs"][key] = load(port, "/predict", items[name], concurrency, budget.n(requests),
-                                    budget.s(seconds), counter)
-        # Big uploads at full concurrency (the likeliest to grow memory), then web photos until
-        # at least 2,000 requests have been served.
+            http(port, "/predict", items[name], 2, budget.n(10), budget.s(20), counter)
+        http(port, "/predict", items["jpeg400"], 8, budget.n(80), budget.s(10), counter)
+        out["whatcar"]["rss_warm_mib"] = rss_mib(whatcar.pid)
+        out["whatcar"]["requests_at_warm"] = counter.total
+
+        log("floor: loading the artifact in a measuring process")
+        floor_cmd = [sys.executable, "-m", "bench.floor", "--model-dir", str(args.model_dir)]
+        for name, path in files.items():
+            floor_cmd += ["--image", f"{name}={path}"]
+        floor = start_worker("floor", floor_cmd, args.out.parent / "bench-floor.log", 300)
+        if isinstance(floor, str):
+            raise RuntimeError(f"the floor could not run: {floor}")
+        workers.append(floor)
+
+        fastai = None
+        if args.skip_fastai:
+            out["fastai"] = {"skipped": "--skip-fastai"}
+        elif not Path(args.train_python).is_file():
+            out["fastai"] = {"skipped": f"no training virtualenv at {args.train_python} (make train-env)"}
+        else:
+            log("fastai: loading the learner in the training virtualenv")
+            fastai = start_worker("fastai", [str(args.train_python), "-m", "bench.fastai_baseline", "--learner",
+                                             str(args.learner)], args.out.parent / "bench-fastai.log", 600)
+            if isinstance(fastai, str):
+                out["fastai"] = {"skipped": fastai}
+                fastai = None
+            else:
+                workers.append(fastai)
+                out["fastai"]["torch_threads"] = fastai.hello["torch_threads"]
+                out["fastai"]["torch"] = fastai.hello["torch"]
+
+        ts_port = None
+        if args.skip_torchserve:
+            out["torchserve"] = {"skipped": "--skip-torchserve"}
+        else:
+            log("torchserve: starting it with the same model.pt")
+            jpeg = items["jpeg400"]
+
+            def ts_ready(p: int) -> bool:
+                return run_load(p, "/predictions/whatcar", jpeg.data, jpeg.content_type, 1, 1, 5, timeout=5).ok == 1
+
+            started = peer.start(Path(args.torchserve_venv), args.model_dir.resolve(),
+                                 (args.out.parent / "torchserve").resolve(), ts_ready, workers=args.ts_workers,
+                                 torch_threads=args.ts_threads, batch_size=args.ts_batch,
+                                 max_batch_delay_ms=args.ts_batch_delay)
+            if isinstance(started, str):
+                log(f"  skipped: {started}")
+                out["torchserve"] = {"skipped": started}
+            else:
+                peer_server, ts_port = started, started.port
+                out["torchserve"].update(settings=started.settings, ready_s=started.started_seconds)
+                http(ts_port, "/predictions/whatcar", jpeg, 8, budget.n(80), budget.s(10), Counter())
+
+        series: dict[str, Series] = {}
+
+        def s(key: str) -> Series:
+            return series.setdefault(key, Series())
+
+        layouts = [tuple(layout) for layout in floor.hello["layouts"]]
+        for r in range(args.rounds):
+            log(f"round {r + 1} of {args.rounds}")
+            jpeg = items["jpeg400"]
+            for threads in sorted({1, floor.hello["cpus"]}):
+                a = floor.ask({"op": "single", "input": "jpeg400", "threads": threads, "count": budget.n(25),
+                               "seconds": budget.s(6)})
+                s(f"floor_single_t{threads}").add(a["latencies_ms"], forward_ms=percentile(a["forward_ms"], 50),
+                                                  preprocess_ms=percentile(a["preprocess_ms"], 50))
+            http(port, "/predict", jpeg, 1, budget.n(80), budget.s(6), counter, s("whatcar_jpeg400_c1"))
+            if fastai is not None:
+                a = fastai.ask({"image": str(files["jpeg400"]), "count": budget.n(10), "seconds": budget.s(10)})
+                s("fastai_jpeg400").add(a["latencies_ms"])
+                out["fastai"]["top1"] = a["top1"]
+            http(port, "/predict", items["jpeg12mp"], 1, budget.n(20), budget.s(5), counter, s("whatcar_jpeg12mp_c1"))
+            http(port, "/predict", items["png"], 1, budget.n(40), budget.s(4), counter, s("whatcar_png_c1"))
+            if r == 0:
+                for threads in sorted({1, floor.hello["cpus"]}):
+                    a = floor.ask({"op": "single", "input": "jpeg12mp", "threads": threads, "count": budget.n(10),
+                                   "seconds": budget.s(4)})
+                    s(f"floor_single_jpeg12mp_t{threads}").add(a["latencies_ms"])
+            for layout in layouts:
+                a = floor.ask({"op": "streams", "input": "jpeg400", "streams": layout[0], "threads": layout[1],
+                               "batch": layout[2], "seconds": budget.s(4)})
+                s("floor_streams_{}x{}_b{}".format(*layout)).add([], a["images_per_s"])
+            http(port, "/predict", jpeg, 4, budget.n(400), budget.s(6), counter, s("whatcar_jpeg400_c4"))
+            http(port, "/predict", jpeg, 8, budget.n(600), budget.s(8), counter, s("whatcar_jpeg400_c8"))
+            if ts_port is not None:
+                http(ts_port, "/predictions/whatcar", jpeg, 8, budget.n(600), budget.s(8), Counter(),
+                     s("torchserve_jpeg400_c8"))
+                http(ts_port, "/predictions/whatcar", jpeg, 1, budget.n(80), budget.s(4), Counter(),
+                     s("torchserve_jpeg400_c1"))
+            c1, c8 = s("whatcar_jpeg400_c1").rounds[-1], s("whatcar_jpeg400_c8").rounds[-1]
+            log(f"  whatcar c=1 p50 {c1['p50_ms']:.1f} ms, c=8 {c8['throughput']:.1f} req/s")
+
+        log("whatcar: phone photos at full concurrency, then up to 2,000 requests, for memory")
+        http(port, "/predict", items["jpeg12mp"], 8, budget.n(100), 60, counter, warmup=0)
         target = 2000 if not args.quick else 100
-        load(port, "/predict", items["jpeg12mp"], 8, budget.n(100), 60, counter, 0)
         while counter.total < target:
-            result = load(port, "/predict", items["jpeg400"], 8, target - counter.total, 60, counter, 0)
-            if result["requests"] == 0:
+            before = counter.total
+            http(port, "/predict", items["jpeg400"], 8, target - counter.total, 60, counter, warmup=0)
+            if counter.total == before:
                 break
-        out["requests_total"] = counter.total
-        out["rss_after_mib"] = rss_mib(process.pid)
-        log(f"whatcar RSS {out['rss_warm_mib']:.0f} MiB after warm-up, {out['rss_after_mib']:.0f} MiB after "
-            f"{counter.total} requests")
+        out["whatcar"]["requests_total"] = counter.total
+        out["whatcar"]["rss_after_mib"] = rss_mib(whatcar.pid)
+        if peer_server is not None:
+            out["torchserve"]["rss_mib"] = tree_rss_mib(peer_server.process.pid)
+            # Its Java front end is not our child once stopped, so its CPU time is taken here.
+            out["torchserve"]["cpu_seconds"] = tree_cpu_seconds(peer_server.process.pid)
+        out["series"] = {key: value.summary() for key, value in series.items()}
+        return out
     finally:
-        process.stop()
-    return out
+        for worker in workers:
+            worker.close()
+        if peer_server is not None:
+            peer_server.process.stop()
+        if whatcar is not None:
+            whatcar.stop()
 
 
-def measure_torchserve(args, items: dict, budget: Budget) -> dict:
-    if args.skip_torchserve:
-        return {"skipped": "--skip-torchserve"}
-    item = items["jpeg400"]
-
-    def ready(port: int) -> bool:
-        result = run_load(port, "/predictions/whatcar", item.data, item.content_type, 1, 1, 5, timeout=5)
-        return result.ok == 1
-
-    workdir = args.out.parent / "torchserve"
-    started = peer.start(Path(args.torchserve_venv), args.model_dir.resolve(), workdir.resolve(), ready,
-                         workers=args.ts_workers, torch_threads=args.ts_threads, batch_size=args.ts_batch,
-                         max_batch_delay_ms=args.ts_batch_delay)
-    if isinstance(started, str):
-        log(f"torchserve skipped: {started}")
-        return {"skipped": started}
-    out = {"settings": started.settings, "ready_s": started.started_seconds, "runs": {}}
-    counter = Counter()
-    try:
-        load(started.port, "/predictions/whatcar", item, 8, budget.n(80), budget.s(10), counter)
-        out["runs"]["jpeg400_c1"] = load(started.port, "/predictions/whatcar", item, 1, budget.n(400),
-                                         budget.s(20), counter)
-        out["runs"]["jpeg400_c8"] = load(started.port, "/predictions/whatcar", item, 8, budget.n(1200),
-                                         budget.s(20), counter)
-        out["rss_mib"] = tree_rss_mib(started.process.pid)
-    finally:
-        started.process.stop()
-    return out
+# ---------------------------------------------------------------- targets and report
 
 
-# ---------------------------------------------------------------- report
-
-
-def target(name: str, ratio: float | None, limit: float, higher_is_better: bool, detail: str) -> dict:
-    if ratio is None:
+def target(name: str, per_round: list[float] | None, limit: float, higher_is_better: bool, detail: str) -> dict:
+    if not per_round:
         return {"target": name, "ratio": None, "limit": limit, "met": None, "detail": detail}
+    ratio = statistics.median(per_round)
     met = ratio >= limit if higher_is_better else ratio <= limit
-    return {"target": name, "ratio": ratio, "limit": limit, "met": met, "detail": detail,
-            "direction": ">=" if higher_is_better else "<="}
+    return {"target": name, "ratio": ratio, "range": [min(per_round), max(per_round)], "limit": limit,
+            "met": met, "detail": detail, "direction": ">=" if higher_is_better else "<="}
 
 
 def evaluate(results: dict) -> list[dict]:
-    floor, http = results["floor"], results["whatcar"]
-    runs = http["runs"]
-    single = floor["single"]["jpeg400"]
-    best_single = min(v["p50_ms"] for v in single.values())
-    best_tp = max(v["images_per_s"] for v in floor["throughput"])
-    c1, c8 = runs["jpeg400_c1"], runs["jpeg400_c8"]
+    series = results["series"]
+
+    def rounds(key: str) -> list[dict]:
+        return series[key]["rounds"] if key in series else []
+
+    def per_round(fn, *keys) -> list[float]:
+        columns = [rounds(k) for k in keys]
+        if not all(columns):
+            return []
+        return [fn(*row) for row in zip(*columns)]
+
+    singles = sorted(k for k in series if k.startswith("floor_single_t"))
+    layouts = sorted(k for k in series if k.startswith("floor_streams_"))
+    best_single = [min(row[k]["p50_ms"] for k in singles) for row in
+                   [{k: rounds(k)[i] for k in singles} for i in range(len(rounds(singles[0])))]]
+    best_tp = [max(row[k]["throughput"] for k in layouts) for row in
+               [{k: rounds(k)[i] for k in layouts} for i in range(len(rounds(layouts[0])))]]
+    c1, c8 = rounds("whatcar_jpeg400_c1"), rounds("whatcar_jpeg400_c8")
     out = [
-        target("HTTP p50 at c=1 / floor single stream (400 px JPEG)", c1["p50_ms"] / best_single, 1.15, False,
-               f"{c1['p50_ms']:.1f} ms vs {best_single:.1f} ms"),
-        target("HTTP throughput at c=8 / best floor throughput (both cores)", c8["throughput_rps"] / best_tp, 0.9,
-               True, f"{c8['throughput_rps']:.1f} vs {best_tp:.1f} images/s"),
+        target("HTTP p50 at c=1 / floor single stream, best thread count (400 px JPEG)",
+               [a["p50_ms"] / b for a, b in zip(c1, best_single)], 1.15, False,
+               f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms vs {statistics.median(best_single):.1f} ms"),
+        target("HTTP throughput at c=8 / best floor throughput on all cores",
+               [a["throughput"] / b for a, b in zip(c8, best_tp)], 0.9, True,
+               f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {statistics.median(best_tp):.1f} images/s"),
     ]
-    fastai = results["fastai"]
-    if "skipped" in fastai:
-        out.append(target("learn.predict time per image / HTTP p50 at c=1", None, 5, True, fastai["skipped"]))
+    if "fastai_jpeg400" in series:
+        out.append(target("learn.predict p50 per image / HTTP p50 at c=1",
+                          per_round(lambda f, w: f["p50_ms"] / w["p50_ms"], "fastai_jpeg400", "whatcar_jpeg400_c1"),
+                          5, True, f"{series['fastai_jpeg400']['p50_ms']:.1f} ms vs "
+                                   f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms"))
     else:
-        predict = next(iter(fastai["images"].values()))["p50_ms"]
-        out.append(target("learn.predict time per image / HTTP p50 at c=1", predict / c1["p50_ms"], 5, True,
-                          f"{predict:.1f} ms vs {c1['p50_ms']:.1f} ms"))
-    ts = results["torchserve"]
-    if "skipped" in ts:
-        out.append(target("HTTP throughput at c=8 / TorchServe's", None, 1.5, True, ts["skipped"]))
-        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8", None, 1.0, True, ts["skipped"]))
+        out.append(target("learn.predict p50 per image / HTTP p50 at c=1", None, 5, True,
+                          results["fastai"].get("skipped", "not measured")))
+    if "torchserve_jpeg400_c8" in series:
+        ts = series["torchserve_jpeg400_c8"]
+        out.append(target("HTTP throughput at c=8 / TorchServe's",
+                          per_round(lambda w, t: w["throughput"] / t["throughput"], "whatcar_jpeg400_c8",
+                                    "torchserve_jpeg400_c8"), 1.5, True,
+                          f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {ts['throughput']:.1f} req/s"))
+        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8",
+                          per_round(lambda w, t: t["p99_ms"] / w["p99_ms"], "whatcar_jpeg400_c8",
+                                    "torchserve_jpeg400_c8"), 1.0, True,
+                          f"{ts['p99_ms']:.1f} ms vs {series['whatcar_jpeg400_c8']['p99_ms']:.1f} ms"))
     else:
-        tc8 = ts["runs"]["jpeg400_c8"]
-        out.append(target("HTTP throughput at c=8 / TorchServe's", c8["throughput_rps"] / tc8["throughput_rps"],
-                          1.5, True, f"{c8['throughput_rps']:.1f} vs {tc8['throughput_rps']:.1f} req/s"))
-        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8", tc8["p99_ms"] / c8["p99_ms"], 1.0, True,
-                          f"{tc8['p99_ms']:.1f} ms vs {c8['p99_ms']:.1f} ms"))
-    big = runs["jpeg12mp_c1"]
-    out.append(target("12 MP JPEG p50 / 400 px JPEG p50 (HTTP, c=1)", big["p50_ms"] / c1["p50_ms"], 3.0, False,
-                      f"{big['p50_ms']:.1f} ms vs {c1['p50_ms']:.1f} ms"))
-    starts = sorted(http["cold_start_s"])
-    median_start = starts[len(starts) // 2]
-    out.append(target("cold start, process start to /readyz 200 (s, median)", median_start, 2.0, False,
-                      "runs: " + ", ".join(f"{s:.2f}" for s in http["cold_start_s"])
-                      + "; a bare `import torch` took " + ", ".join(f"{s:.2f}" for s in http["import_torch_s"])))
-    after = http["rss_after_mib"] * (1 << 20) / MB
-    warm = http["rss_warm_mib"] * (1 << 20) / MB
-    out.append(target(f"RSS after {http['requests_total']} requests (MB)", after, 300, False,
-                      f"{after:.0f} MB"))
-    out.append(target("RSS after those requests / after warm-up", after / warm, 1.10, False,
+        reason = results["torchserve"].get("skipped", "not measured")
+        out.append(target("HTTP throughput at c=8 / TorchServe's", None, 1.5, True, reason))
+        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8", None, 1.0, True, reason))
+    out.append(target("12 MP JPEG p50 / 400 px JPEG p50 (HTTP, c=1)",
+                      per_round(lambda b, w: b["p50_ms"] / w["p50_ms"], "whatcar_jpeg12mp_c1", "whatcar_jpeg400_c1"),
+                      3.0, False, f"{series['whatcar_jpeg12mp_c1']['p50_ms']:.1f} ms vs "
+                                  f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms"))
+    http_ = results["whatcar"]
+    out.append(target("cold start, process start to /readyz 200 (s)", http_["cold_start_s"], 2.0, False,
+                      "runs: " + ", ".join(f"{v:.2f}" for v in http_["cold_start_s"])
+                      + "; a bare `import torch` took " + ", ".join(f"{v:.2f}" for v in http_["import_torch_s"])))
+    after = http_["rss_after_mib"] * (1 << 20) / MB
+    warm = http_["rss_warm_mib"] * (1 << 20) / MB
+    out.append(target(f"RSS after {http_['requests_total']} requests (MB)", [after], 300, False, f"{after:.0f} MB"))
+    out.append(target("RSS after those requests / after warm-up", [after / warm], 1.10, False,
                       f"{after:.0f} MB vs {warm:.0f} MB"))
     return out
 
@@ -292,54 +449,71 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+ROWS = [
+    ("floor_single_t1", "floor, 400 px JPEG, single stream, 1 thread"),
+    ("floor_single_t2", "floor, 400 px JPEG, single stream, 2 threads"),
+    ("floor_single_jpeg12mp_t1", "floor, 12 MP JPEG, single stream, 1 thread"),
+    ("floor_single_jpeg12mp_t2", "floor, 12 MP JPEG, single stream, 2 threads"),
+    ("floor_streams_2x1_b1", "floor, 400 px JPEG, 2 streams x 1 thread, batch 1"),
+    ("floor_streams_2x1_b2", "floor, 400 px JPEG, 2 streams x 1 thread, batch 2"),
+    ("floor_streams_1x2_b1", "floor, 400 px JPEG, 1 stream x 2 threads, batch 1"),
+    ("floor_streams_1x2_b4", "floor, 400 px JPEG, 1 stream x 2 threads, batch 4"),
+    ("fastai_jpeg400", "fastai learn.predict, 400 px JPEG"),
+    ("whatcar_jpeg400_c1", "whatcar HTTP, 400 px JPEG, c=1"),
+    ("whatcar_jpeg12mp_c1", "whatcar HTTP, 12 MP JPEG, c=1"),
+    ("whatcar_png_c1", "whatcar HTTP, PNG, c=1"),
+    ("whatcar_jpeg400_c4", "whatcar HTTP, 400 px JPEG, c=4"),
+    ("whatcar_jpeg400_c8", "whatcar HTTP, 400 px JPEG, c=8"),
+    ("torchserve_jpeg400_c1", "TorchServe HTTP, 400 px JPEG, c=1"),
+    ("torchserve_jpeg400_c8", "TorchServe HTTP, 400 px JPEG, c=8"),
+]
+
+
 def table(results: dict) -> str:
     lines = []
     m = results["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus_available']} CPUs available, {m['date']}, "
                  f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f}")
+    if "other_cpu_share" in m:
+        lines.append(f"other processes used {100 * m['other_cpu_share']:.0f}% of the CPUs during the "
+                     f"{m['seconds']:.0f} s run (0% is a quiet machine); {results['rounds']} rounds")
     lines.append("inputs: " + "; ".join(results["inputs"].values()))
     lines.append("whatcar settings: " + (", ".join(f"{k}={v}" for k, v in results["whatcar"]["settings"].items())
                                          or "the defaults"))
-    lines.append("")
-    lines.append("| measurement | p50 ms | p95 ms | p99 ms | images/s |")
-    lines.append("|---|---:|---:|---:|---:|")
-    floor = results["floor"]
-    for name, by_threads in floor["single"].items():
-        for threads, r in by_threads.items():
-            lines.append(f"| floor {name}, single stream, {threads.replace('threads', '')} thread(s) "
-                         f"(preprocess {r['preprocess_p50_ms']:.1f} + forward {r['forward_p50_ms']:.1f}) "
-                         f"| {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | - | {1000 / r['mean_ms']:.1f} |")
-    for r in floor["throughput"]:
-        lines.append(f"| floor jpeg400, {r['streams']} stream(s) x {r['torch_threads']} thread(s), batch {r['batch']} "
-                     f"| - | - | - | {r['images_per_s']:.1f} |")
-    fastai = results["fastai"]
-    if "skipped" in fastai:
-        lines.append(f"| fastai learn.predict: skipped ({fastai['skipped']}) | - | - | - | - |")
-    else:
-        for name, r in fastai["images"].items():
-            lines.append(f"| fastai learn.predict {name} ({fastai['torch_threads']} threads) | {fmt(r['p50_ms'])} "
-                         f"| - | - | {1000 / r['mean_ms']:.1f} |")
-    for key, r in results["whatcar"]["runs"].items():
-        name, conc = key.rsplit("_c", 1)
-        lines.append(f"| whatcar HTTP {name}, c={conc} ({r['requests']} requests) | {fmt(r['p50_ms'])} "
-                     f"| {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['throughput_rps']:.1f} |")
     ts = results["torchserve"]
-    if "skipped" in ts:
-        lines.append(f"| TorchServe: skipped ({ts['skipped']}) | - | - | - | - |")
-    else:
-        s = ts["settings"]
-        for key, r in ts["runs"].items():
-            name, conc = key.rsplit("_c", 1)
-            lines.append(f"| TorchServe {name}, c={conc} ({s['workers']} workers x {s['torch_threads']} thread(s), "
-                         f"batch {s['batch_size']}) | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} "
-                         f"| {r['throughput_rps']:.1f} |")
+    if "settings" in ts:
+        st = ts["settings"]
+        lines.append(f"TorchServe: {st['workers']} workers x {st['torch_threads']} thread(s), batch size "
+                     f"{st['batch_size']}")
+    for name in ("fastai", "torchserve"):
+        if "skipped" in results[name]:
+            lines.append(f"{name}: skipped ({results[name]['skipped']})")
     lines.append("")
-    lines.append("| target | limit | measured | met | detail |")
-    lines.append("|---|---:|---:|:---:|---|")
+    lines.append("| measurement | n | p50 ms | p95 ms | p99 ms | per second (median round) |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    series = results["series"]
+    for key, label in ROWS:
+        if key not in series:
+            continue
+        r = series[key]
+        if key.startswith("floor_single"):
+            fwd = statistics.median(x["forward_ms"] for x in r["rounds"] if "forward_ms" in x) \
+                if any("forward_ms" in x for x in r["rounds"]) else None
+            if fwd is not None:
+                label += f" (forward {fwd:.1f} ms)"
+        latency = r["count"] > 0
+        per_second = r["throughput"] if r["throughput"] is not None else (1000 / r["p50_ms"] if latency else None)
+        lines.append(f"| {label} | {r['count'] or '-'} | {fmt(r['p50_ms']) if latency else '-'} | "
+                     f"{fmt(r['p95_ms']) if latency else '-'} | {fmt(r['p99_ms']) if latency else '-'} | "
+                     f"{fmt(per_second)} |")
+    lines.append("")
+    lines.append("| target | limit | measured (median) | rounds' range | met | detail |")
+    lines.append("|---|---:|---:|---:|:---:|---|")
     for t in results["targets"]:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
         limit = f"{t.get('direction', '')} {t['limit']:g}".strip()
-        lines.append(f"| {t['target']} | {limit} | {fmt(t['ratio'], 2)} | {met} | {t['detail']} |")
+        spread = f"{t['range'][0]:.2f}-{t['range'][1]:.2f}" if t.get("range") and len(set(t["range"])) > 1 else "-"
+        lines.append(f"| {t['target']} | {limit} | {fmt(t['ratio'], 2)} | {spread} | {met} | {t['detail']} |")
     return "\n".join(lines)
 
 
@@ -350,6 +524,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--learner", type=Path, default=Path("models/export.pkl"),
                    help="fastai learner for the learn.predict baseline (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("build/bench.json"), help="results file (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="measurement rounds (default: %(default)s)")
     p.add_argument("--photo", type=Path, default=inputs_mod.DEFAULT_PHOTO, help="the web photo the inputs come from")
     p.add_argument("--train-python", default=str(ROOT / ".venv" / "train" / "bin" / "python"))
     p.add_argument("--torchserve-venv", default=str(ROOT / ".venv" / "torchserve"))
@@ -357,38 +532,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ts-threads", type=int, default=1)
     p.add_argument("--ts-batch", type=int, default=1)
     p.add_argument("--ts-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms")
-    p.add_argument("--quick", action="store_true", help="tiny counts, to check the benchmark itself runs")
+    p.add_argument("--quick", action="store_true", help="tiny counts and one round, to check the benchmark runs")
     p.add_argument("--skip-fastai", action="store_true")
     p.add_argument("--skip-torchserve", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.quick)
-    results: dict = {"machine": machine()}
+    results: dict = {"machine": machine(), "rounds": args.rounds}
     if results["machine"]["loadavg_before"][0] > 0.5:
         log(f"warning: load average is {results['machine']['loadavg_before'][0]:.2f} before starting; "
-            "other work on this machine will move the figures (the ratios less so)")
+            "other work on this machine moves the figures (the ratios less so)")
+    started, busy_before, own_before = time.perf_counter(), cpu_seconds_busy(), own_cpu_seconds()
     items = inputs_mod.build(args.photo)
     results["inputs"] = {name: item.describe() for name, item in items.items()}
     folder = args.out.parent / "bench-inputs"
     folder.mkdir(exist_ok=True)
     files = {}
     for name, item in items.items():
-        files[name] = folder / f"{name}.{'png' if item.content_type == 'image/png' else 'jpg'}"
+        files[name] = (folder / f"{name}.{'png' if item.content_type == 'image/png' else 'jpg'}").resolve()
         files[name].write_bytes(item.data)
 
-    log("floor: in-process decode + preprocess + forward")
-    results["floor"] = measure_floor(args, files, budget)
-    log("fastai: learn.predict")
-    results["fastai"] = measure_fastai(args, files, budget)
-    log("whatcar: python -m serve over HTTP")
-    results["whatcar"] = measure_whatcar(args, items, budget)
-    log("torchserve: the same model.pt")
-    results["torchserve"] = measure_torchserve(args, items, budget)
+    results.update(run(args, items, files, budget))
     results["machine"]["loadavg_after"] = list(os.getloadavg())
+    busy_after = cpu_seconds_busy()
+    if busy_before is not None and busy_after is not None:
+        # Whatever the machine did besides this benchmark and its children moves every figure.
+        elapsed = time.perf_counter() - started
+        ours = own_cpu_seconds() - own_before + results["torchserve"].get("cpu_seconds", 0.0)
+        others = max(0.0, (busy_after - busy_before) - ours)
+        results["machine"]["other_cpu_share"] = others / (elapsed * results["machine"]["cpus_available"])
+        results["machine"]["seconds"] = elapsed
     results["targets"] = evaluate(results)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     report = table(results)

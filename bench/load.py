@@ -150,6 +150,33 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (Linux)."""
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        found.append(current)
+        try:
+            stack.extend(int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by a process tree, its reaped children included."""
+    total = 0.0
+    for current in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def tree_rss_mib(pid: int) -> float | None:
     """Resident memory of a process and all its descendants (TorchServe is Java plus Python workers)."""
     total, stack, seen = 0.0, [pid], set()
