@@ -275,3 +275,42 @@ def test_no_solo_thread_when_it_would_not_have_more_threads():
         assert model.workers == 2 and model.solo_threads == 0
     finally:
         model.close()
+
+
+def test_uploads_are_prepared_on_the_inference_thread_and_fail_alone():
+    module = Recorder(delay=0.05)
+    model = Model(module, workers=1, torch_threads=1, max_batch=8)
+    prepared_on = []
+
+    def prepare(v):
+        def make():
+            prepared_on.append(threading.current_thread().name)
+            if v == 3:
+                raise ValueError("undecodable upload")
+            return image(v)
+        return make
+
+    results, errors = {}, {}
+    start = threading.Barrier(6)
+
+    def one(v):
+        start.wait()
+        try:
+            results[v] = model.run(prepare(v))
+        except ValueError as exc:
+            errors[v] = exc
+
+    threads = [threading.Thread(target=one, args=(v,)) for v in range(1, 7)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        model.close()
+    assert set(errors) == {3} and str(errors[3]) == "undecodable upload"
+    for v, row in results.items():
+        assert row.tolist() == [[float(v), -float(v)]]
+    assert set(prepared_on) == {"whatcar-inference-0"}
+    assert sum(size for size, _, _ in module.calls) == 5, "the failed upload reached the model"
+    assert max(size for size, _, _ in module.calls) > 1
