@@ -30,6 +30,7 @@ class Config:
     max_batch: int = 32
     micro_batch: int = 2
     solo_threads: int = 1
+    malloc_arenas: int = 0
     batch_wait_ms: float = 0.0
     channel_timeout: int = 30
     log_level: str = "INFO"
@@ -37,10 +38,11 @@ class Config:
 
 def _defaults() -> dict:
     cpus = available_cpus()
-    # One single-threaded forward pass per CPU, and enough Waitress threads to decode the next
-    # uploads while those run.
-    # A request that finds the server idle gets every CPU for its one pass instead.
-    return dict(inference_workers=cpus, threads=max(4, 2 * cpus), solo_threads=cpus)
+    # One single-threaded forward pass per CPU; a request that finds the server idle gets every
+    # CPU for its one pass instead. Uploads are decoded on the inference threads, so a Waitress
+    # thread mostly waits: enough of them keep the queue from running dry between passes, which
+    # would hand the next lone request to a solo pass while others are a moment away.
+    return dict(inference_workers=cpus, threads=max(8, 4 * cpus), solo_threads=cpus)
 
 
 # (flag, field, type, help). The variable is WHATCAR_ + the field in capitals.
@@ -58,6 +60,7 @@ OPTIONS = [
     ("--micro-batch", "micro_batch", int, "most waiting images an inference worker scores as one batch"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
     ("--solo-threads", "solo_threads", int, "intra-op threads for a request that finds the server idle (1: none)"),
+    ("--malloc-arenas", "malloc_arenas", int, "cap on glibc malloc arenas: less memory, less throughput (0: glibc's)"),
     ("--channel-timeout", "channel_timeout", int, "seconds a connection may idle, and a request may take to arrive whole"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
@@ -112,6 +115,9 @@ def validate(config: Config) -> None:
         if getattr(config, field) < 1:
             raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "
                               f"set --{field.replace('_', '-')} or {env_name(field)}")
+    if config.malloc_arenas < 0:
+        raise ConfigError(f"malloc_arenas must be 0 or more (got {config.malloc_arenas}); "
+                          "set --malloc-arenas or WHATCAR_MALLOC_ARENAS")
     if not 0 <= config.batch_wait_ms <= 1000:
         raise ConfigError(f"batch_wait_ms must be 0-1000 (got {config.batch_wait_ms}); "
                           "set --batch-wait-ms or WHATCAR_BATCH_WAIT_MS")

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whatcar: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    # Before any worker thread exists: threads that start later share the one arena.
-    limit_arenas(1)
+    if config.malloc_arenas:
+        # Before any worker thread exists, so that threads starting later share the arenas.
+        limit_arenas(config.malloc_arenas)
     try:
         scorer = build_scorer(config)
     except ArtifactError as exc:

@@ -19,3 +19,14 @@ def test_applied_on_glibc():
     code = "from serve.malloc import limit_arenas; print(limit_arenas(1, environ={}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_arena_cap_is_a_setting_off_by_default():
+    from serve.config import ConfigError, load_config
+    from tests.conftest import ARTIFACTS
+
+    assert load_config(["--model-dir", str(ARTIFACTS)], environ={}).malloc_arenas == 0
+    config = load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_MALLOC_ARENAS": "1"})
+    assert config.malloc_arenas == 1
+    with pytest.raises(ConfigError, match="malloc_arenas"):
+        load_config(["--model-dir", str(ARTIFACTS), "--malloc-arenas", "-1"], environ={})
