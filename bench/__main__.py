@@ -233,6 +233,24 @@ def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
 # ---------------------------------------------------------------- the run
 
 
+def bracketed(before: Series, after: Series) -> Series:
+    """One throughput per round: the mean of the figures taken before and after that round."""
+    merged = Series()
+    for b, a in zip(before.rounds, after.rounds):
+        merged.add([], (b["throughput"] + a["throughput"]) / 2, before=b["throughput"], after=a["throughput"])
+    return merged
+
+
+def floor_streams(floor: Worker, layouts: list[tuple], budget: Budget, s, when: str) -> None:
+    """Every two-core layout of the floor once. Taken before and after each round's loads on the
+    servers: this machine's speed drifts by 10-20% within a minute, and the mean of the two is
+    what the server figures measured between them are compared with."""
+    for layout in layouts:
+        a = floor.ask({"op": "streams", "input": "jpeg400", "streams": layout[0], "threads": layout[1],
+                       "batch": layout[2], "seconds": budget.s(4)})
+        s("floor_streams_{}x{}_b{}_".format(*layout) + when).add([], a["images_per_s"])
+
+
 def run(args, items: dict, files: dict, budget: Budget) -> dict:
     out: dict = {"floor": {}, "fastai": {}, "whatcar": {}, "torchserve": {}}
     workers: list = []
@@ -325,10 +343,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
                     a = floor.ask({"op": "single", "input": "jpeg12mp", "threads": threads, "count": budget.n(10),
                                    "seconds": budget.s(4)})
                     s(f"floor_single_jpeg12mp_t{threads}").add(a["latencies_ms"])
-            for layout in layouts:
-                a = floor.ask({"op": "streams", "input": "jpeg400", "streams": layout[0], "threads": layout[1],
-                               "batch": layout[2], "seconds": budget.s(4)})
-                s("floor_streams_{}x{}_b{}".format(*layout)).add([], a["images_per_s"])
+            floor_streams(floor, layouts, budget, s, "before")
             http(port, "/predict", jpeg, 4, budget.n(400), budget.s(6), counter, s("whatcar_jpeg400_c4"))
             http(port, "/predict", jpeg, 8, budget.n(600), budget.s(8), counter, s("whatcar_jpeg400_c8"))
             if ts_port is not None:
@@ -336,6 +351,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
                      s("torchserve_jpeg400_c8"))
                 http(ts_port, "/predictions/whatcar", jpeg, 1, budget.n(80), budget.s(4), Counter(),
                      s("torchserve_jpeg400_c1"))
+            floor_streams(floor, layouts, budget, s, "after")
             c1, c8 = s("whatcar_jpeg400_c1").rounds[-1], s("whatcar_jpeg400_c8").rounds[-1]
             log(f"  whatcar c=1 p50 {c1['p50_ms']:.1f} ms, c=8 {c8['throughput']:.1f} req/s")
 
@@ -353,6 +369,9 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
             out["torchserve"]["rss_mib"] = tree_rss_mib(peer_server.process.pid)
             # Its Java front end is not our child once stopped, so its CPU time is taken here.
             out["torchserve"]["cpu_seconds"] = tree_cpu_seconds(peer_server.process.pid)
+        for layout in layouts:
+            key = "floor_streams_{}x{}_b{}".format(*layout)
+            series[key] = bracketed(series.pop(key + "_before"), series.pop(key + "_after"))
         out["series"] = {key: value.summary() for key, value in series.items()}
         return out
     finally:
@@ -524,7 +543,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--learner", type=Path, default=Path("models/export.pkl"),
                    help="fastai learner for the learn.predict baseline (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("build/bench.json"), help="results file (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="measurement rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="measurement rounds (default: %(default)s)")
     p.add_argument("--photo", type=Path, default=inputs_mod.DEFAULT_PHOTO, help="the web photo the inputs come from")
     p.add_argument("--train-python", default=str(ROOT / ".venv" / "train" / "bin" / "python"))
     p.add_argument("--torchserve-venv", default=str(ROOT / ".venv" / "torchserve"))
