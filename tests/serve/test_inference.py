@@ -44,6 +44,15 @@ def image(value: int) -> torch.Tensor:
     return torch.full((1, 3, 4, 4), value, dtype=torch.uint8)
 
 
+def run_concurrently(fn, args: list[tuple], timeout: float = 10) -> None:
+    """fn(*a) for every a in args, each on its own thread; returns when all have finished."""
+    threads = [threading.Thread(target=fn, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def call_all(model: Model, values: list[int]) -> dict:
     results, errors = {}, {}
     start = threading.Barrier(len(values))
@@ -55,11 +64,7 @@ def call_all(model: Model, values: list[int]) -> dict:
         except Exception as exc:  # noqa: BLE001
             errors[v] = exc
 
-    threads = [threading.Thread(target=one, args=(v,)) for v in values]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_concurrently(one, [(v,) for v in values])
     return {"results": results, "errors": errors}
 
 
@@ -138,12 +143,8 @@ def test_batch_wait_holds_a_short_batch_open():
         time.sleep(delay)
         results[v] = model(image(v))
 
-    threads = [threading.Thread(target=one, args=(v, d)) for v, d in ((1, 0.0), (2, 0.05))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(5)
+        run_concurrently(one, [(1, 0.0), (2, 0.05)], timeout=5)
     finally:
         model.close()
     assert [size for size, _, _ in module.calls] == [2]
@@ -195,12 +196,8 @@ def test_photos_scored_together_get_the_answers_they_get_alone(scorer):
         start.wait()
         answers[path] = batched.score(path.read_bytes(), k=len(scorer.artifact.labels))
 
-    threads = [threading.Thread(target=one, args=(p,)) for p in photos]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_concurrently(one, [(p,) for p in photos], timeout=60)
     finally:
         model.close()
     assert len(answers) == len(photos)
@@ -300,12 +297,8 @@ def test_uploads_are_prepared_on_the_inference_thread_and_fail_alone():
         except ValueError as exc:
             errors[v] = exc
 
-    threads = [threading.Thread(target=one, args=(v,)) for v in range(1, 7)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
+        run_concurrently(one, [(v,) for v in range(1, 7)])
     finally:
         model.close()
     assert set(errors) == {3} and str(errors[3]) == "undecodable upload"
