@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -40,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "by `python -m export.train`)")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
                    help="how many images the parity check uses (default: %(default)s, at least 20 for a release)")
-    p.add_argument("--name", default=None, help="model name in the manifest (default: the output folder's name)")
+    p.add_argument("--name", default=None,
+                   help="model name in the manifest (default: whatcar-<training data folder><classes>, e.g. "
+                        "whatcar-cars30, or the output folder's name when the learner has no training record)")
     p.add_argument("--triton", action="store_true",
                    help="also write a Triton model repository (triton/<name>/) for the pytorch_libtorch backend; "
                         "`python -m export.triton` adds one to an existing artifact with more options")
@@ -73,12 +76,22 @@ def describe_arch(model) -> str:
     return f"{type(body).__name__} + fastai head"
 
 
+def model_name(args: argparse.Namespace, info: dict, classes: int) -> str:
+    """--name, else one that says what the model was trained on and how many classes it knows."""
+    if args.name:
+        return args.name
+    if info.get("data"):
+        data = re.sub(r"[^a-z0-9_.-]+", "-", Path(info["data"]).name.lower()).strip("-.") or "model"
+        return f"whatcar-{data}{classes}"
+    return args.out.resolve().name
+
+
 def build_manifest(args, learn, pipe, info, parity_report, model_file: Path, labels_file: Path) -> dict:
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
     labels = [str(v) for v in learn.dls.vocab]
     return {
         "format_version": FORMAT_VERSION,
-        "name": args.name or args.out.resolve().name,
+        "name": model_name(args, info, len(labels)),
         "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "files": {
             "model": {"file": model_file.name, "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
@@ -130,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.triton:
-        triton.model_name({"name": args.name or args.out.resolve().name})  # refuse a bad name before the work
     learn = learner_io.load(args.learner)
     info = learner_io.read_sidecar(args.learner)
+    if args.triton:
+        # Refuse a bad name before the work.
+        triton.model_name({"name": model_name(args, info, len(learn.dls.vocab))})
     pipe = read_pipeline(learn.dls)
     activation = getattr(learn.loss_func, "activation", None)
     probe = torch.randn(4, max(2, len(learn.dls.vocab)))

@@ -60,6 +60,7 @@ def test_manifest_describes_the_artifact(artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["num_classes"] == 3
+    assert manifest["name"] == "whatcar-cars3"  # from the training data's folder and class count
     assert manifest["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
                                  "height": SIZE, "width": SIZE, "batch": "any"}
     assert manifest["preprocessing"]["steps"][0]["op"] == "resize"
@@ -73,6 +74,16 @@ def test_manifest_describes_the_artifact(artifact):
     assert parity["max_abs_diff"] <= 1e-3
     labels = (artifact / "labels.txt").read_text().splitlines()
     assert labels == sorted(p.name for p in CARS.iterdir())
+
+
+@pytest.mark.parametrize("argv, info, expected", [
+    (["--name", "my-model"], {"data": "/photos/cars"}, "my-model"),
+    ([], {"data": "/data/Stanford Cars!"}, "whatcar-stanford-cars30"),
+    ([], {}, "out-folder"),
+])
+def test_model_name_comes_from_the_flag_the_training_data_or_the_folder(tmp_path, argv, info, expected):
+    args = cli.parse_args(["learner.pkl", "--out", str(tmp_path / "out-folder"), *argv])
+    assert cli.model_name(args, info, 30) == expected
 
 
 def test_module_batches_any_size_and_matches_single_images(artifact):
