@@ -387,12 +387,13 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
 
 
 def target(name: str, per_round: list[float] | None, limit: float, higher_is_better: bool, detail: str) -> dict:
+    direction = ">=" if higher_is_better else "<="
     if not per_round:
-        return {"target": name, "ratio": None, "limit": limit, "met": None, "detail": detail}
+        return {"target": name, "ratio": None, "limit": limit, "met": None, "detail": detail, "direction": direction}
     ratio = statistics.median(per_round)
     met = ratio >= limit if higher_is_better else ratio <= limit
     return {"target": name, "ratio": ratio, "range": [min(per_round), max(per_round)], "limit": limit,
-            "met": met, "detail": detail, "direction": ">=" if higher_is_better else "<="}
+            "met": met, "detail": detail, "direction": direction}
 
 
 def evaluate(results: dict) -> list[dict]:
