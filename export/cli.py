@@ -2,8 +2,9 @@
 
     python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--triton]
 
-Writes model.pt (traced, frozen TorchScript), labels.txt and manifest.json, and with --triton
-a Triton model repository in triton/ too. The parity check runs first; if it fails nothing is
+Writes model.pt (traced, frozen TorchScript), labels.txt, manifest.json and checks/ (a few
+parity photos with the top-1 the module gave them), and with --triton a Triton model
+repository in triton/ too. The parity check runs first; if it fails nothing is
 written and the previous artifact stays as it was.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import re
 import shutil
 import sys
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from serve.artifact import FORMAT_VERSION, MANIFEST, load_artifact, sha256_file
+from serve.artifact import ArtifactError, load_artifact
+from serve.manifest import MANIFEST, Manifest, sha256_file
 
+from . import checks, parity, torchscript, triton
 from . import learner as learner_io
-from . import parity, torchscript, triton
 from .folders import replace_folder
 from .transforms import read_pipeline
 
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "by `python -m export.train`)")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
                    help="how many images the parity check uses (default: %(default)s, at least 20 for a release)")
+    p.add_argument("--checks", type=int, default=checks.COUNT,
+                   help="how many parity photos to keep in the artifact as check photos, with the top-1 the "
+                        "exported module gave each (default: %(default)s)")
     p.add_argument("--name", default=None,
                    help="model name in the manifest (default: whatcar-<training data folder><classes>, e.g. "
                         "whatcar-cars30, or the output folder's name when the learner has no training record)")
@@ -86,36 +90,25 @@ def model_name(args: argparse.Namespace, info: dict, classes: int) -> str:
     return args.out.resolve().name
 
 
-def build_manifest(args, learn, pipe, info, parity_report, model_file: Path, labels_file: Path) -> dict:
-    height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
-    labels = [str(v) for v in learn.dls.vocab]
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": model_name(args, info, len(labels)),
-        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "files": {
-            "model": {"file": model_file.name, "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size},
-            "labels": {"file": labels_file.name, "sha256": sha256_file(labels_file)},
-        },
-        "num_classes": len(labels),
-        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
-                  "height": height, "width": width, "batch": "any"},
-        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(labels)], "activation": "softmax"},
-        "preprocessing": {
+def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list) -> Manifest:
+    return Manifest.create(
+        folder, name=model_name(args, info, len(learn.dls.vocab)), model_file="model.pt", labels_file="labels.txt",
+        num_classes=len(learn.dls.vocab), steps=pipe.steps, checks=check_photos,
+        preprocessing={
             "decode": "Pillow; first frame; EXIF orientation applied; converted to 8-bit RGB (alpha dropped, "
                       "16-bit scaled)",
-            "steps": pipe.steps,
             "in_model": {"divide_by": pipe.div, "mean": pipe.mean, "std": pipe.std},
             "skipped_training_only": pipe.skipped,
             "identity_at_validation": pipe.identity,
         },
-        "architecture": describe_arch(learn.model),
-        "versions": learner_io.installed_versions(),
-        "source": {"learner_file": args.learner.name, "learner_sha256": sha256_file(args.learner),
-                   "trained_with": info.get("versions"), "training": info.get("training")},
-        "validation": info.get("validation"),
-        "parity": parity_report.as_dict(),
-    }
+        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        architecture=describe_arch(learn.model),
+        versions=learner_io.installed_versions(),
+        source={"learner_file": args.learner.name, "learner_sha256": sha256_file(args.learner),
+                "trained_with": info.get("versions"), "training": info.get("training")},
+        validation=info.get("validation"),
+        parity=parity_report.as_dict(),
+    )
 
 
 def write_atomically(out: Path, fill) -> None:
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (learner_io.LearnerError, triton.TritonError) as exc:
+    except (learner_io.LearnerError, triton.TritonError, ArtifactError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
 
@@ -147,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     info = learner_io.read_sidecar(args.learner)
     if args.triton:
         # Refuse a bad name before the work.
-        triton.model_name({"name": model_name(args, info, len(learn.dls.vocab))})
+        triton.check_name(model_name(args, info, len(learn.dls.vocab)))
     pipe = read_pipeline(learn.dls)
     activation = getattr(learn.loss_func, "activation", None)
     probe = torch.randn(4, max(2, len(learn.dls.vocab)))
@@ -169,18 +162,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     def fill(folder: Path) -> None:
-        model_file, labels_file = folder / "model.pt", folder / "labels.txt"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(module, str(model_file))
-        labels_file.write_text("".join(f"{label}\n" for label in learn.dls.vocab), encoding="utf-8")
-        manifest = build_manifest(args, learn, pipe, info, report, model_file, labels_file)
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            torch.jit.save(module, str(folder / "model.pt"))
+        labels = [str(label) for label in learn.dls.vocab]
+        (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
+        found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
+        manifest = build_manifest(args, learn, pipe, info, report, folder, found)
+        manifest.write(folder)
         if args.triton:
             triton.write_model_repository(folder, manifest)
 
     write_atomically(args.out, fill)
-    size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
-    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}"
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}, {checks.FOLDER}/"
           + (f", {triton.REPOSITORY}/" if args.triton else ""))
     return 0

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from serve.decode import decode
-from serve.preprocess import draft_size, preprocess
+from serve.preprocess import Preprocessor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TOLERANCE = 1e-3
@@ -44,18 +43,16 @@ def pick_images(files: list[Path], count: int) -> list[Path]:
     return [files[int(i * step)] for i in range(count)]
 
 
-def server_input(path: Path, steps: list[dict]) -> tuple:
-    # Decoded exactly as the server decodes uploads, draft mode for large JPEGs included.
-    image = decode(path.read_bytes(), MAX_PIXELS, draft_size=draft_size(steps))
-    return image, preprocess(image, steps)
-
-
 def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[Path]) -> ParityReport:
+    """Feed each file to the module through the server's own Preprocessor (draft decoding of large
+    JPEGs included) and to learn.predict as the image the server decoded, and compare."""
     from fastai.vision.core import PILImage
 
+    preprocessor = Preprocessor(steps, MAX_PIXELS)
     agree, max_diff, same_decode = 0, 0.0, 0
     for path in files:
-        image, pixels = server_input(path, steps)
+        data = path.read_bytes()
+        image, pixels = preprocessor.decode(data), preprocessor(data)
         with torch.no_grad():
             ours = module(pixels.unsqueeze(0))[0]
         with warnings.catch_warnings(), learn.no_bar():

@@ -17,14 +17,14 @@ Only files are read and written here, so no fastai is needed.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from serve.artifact import MANIFEST, sha256_file
+from serve.errors import ArtifactError
+from serve.manifest import Manifest, sha256_file
 
 from .folders import replace_folder
 
@@ -43,27 +43,27 @@ class TritonError(Exception):
     """The artifact cannot become a Triton repository; the message says why."""
 
 
-def model_name(manifest: dict) -> str:
-    name = manifest.get("name")
+def check_name(name) -> str:
+    """`name` if Triton can use it as a model name (a folder and a URL path segment)."""
     if not isinstance(name, str) or not VALID_NAME.match(name):
         raise TritonError(f"model name {name!r} cannot name a Triton model; use letters, digits, '_', '.', '-' "
                           "(python -m export --name)")
     return name
 
 
-def render_config(manifest: dict, max_batch_size: int = DEFAULT_MAX_BATCH, instances: int = 1) -> str:
+def render_config(manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH, instances: int = 1) -> str:
     """config.pbtxt (protobuf text format) for the artifact described by `manifest`."""
-    spec = manifest["input"]
+    spec = manifest.data["input"]
     if spec.get("dtype") != "uint8" or spec.get("layout") != "NCHW" or spec.get("channels") != "RGB":
         raise TritonError(f"the manifest's input is {spec.get('dtype')} {spec.get('layout')} {spec.get('channels')}; "
                           "this writer knows uint8 NCHW RGB")
-    output = manifest.get("output") or {}
+    output = manifest.data.get("output") or {}
     if output.get("dtype", "float32") != "float32":
         raise TritonError(f"the manifest's output is {output.get('dtype')}; this writer knows float32")
     if max_batch_size < 1 or instances < 1:
         raise TritonError("max batch size and instance count must be at least 1")
-    name = model_name(manifest)
-    sha = manifest["files"]["model"]["sha256"]
+    name = check_name(manifest.name)
+    sha = manifest.model_sha256
     return f"""\
 # Written by `python -m export.triton` from whatcar artifact '{name}', model sha256 {sha}.
 # uint8 RGB pixels, already preprocessed to {spec['height']}x{spec['width']} as the manifest says, in;
@@ -82,7 +82,7 @@ output [
   {{
     name: "{OUTPUT_NAME}"
     data_type: TYPE_FP32
-    dims: [ {manifest['num_classes']} ]
+    dims: [ {manifest.num_classes} ]
     label_filename: "labels.txt"
   }}
 ]
@@ -98,17 +98,7 @@ instance_group [
 """
 
 
-def verified(folder: Path, manifest: dict, role: str) -> Path:
-    entry = manifest.get("files", {}).get(role) or {}
-    path = folder / str(entry.get("file", ""))
-    if not entry.get("file") or not path.is_file():
-        raise TritonError(f"{folder / MANIFEST} lists no {role} file that exists")
-    if sha256_file(path) != entry.get("sha256"):
-        raise TritonError(f"{path} does not match the sha256 in {folder / MANIFEST}; re-export the artifact")
-    return path
-
-
-def write_model_repository(folder: Path, manifest: dict, max_batch_size: int = DEFAULT_MAX_BATCH,
+def write_model_repository(folder: Path, manifest: Manifest, max_batch_size: int = DEFAULT_MAX_BATCH,
                            instances: int = 1) -> Path:
     """Write `folder`/triton for the artifact in `folder`; returns the model's own folder.
 
@@ -116,8 +106,8 @@ def write_model_repository(folder: Path, manifest: dict, max_batch_size: int = D
     """
     folder = Path(folder)
     config = render_config(manifest, max_batch_size, instances)
-    name = model_name(manifest)
-    model_file, labels_file = verified(folder, manifest, "model"), verified(folder, manifest, "labels")
+    name = check_name(manifest.name)
+    model_file, labels_file = manifest.verified_file(folder, "model"), manifest.verified_file(folder, "labels")
     staging = Path(tempfile.mkdtemp(prefix=f".{REPOSITORY}.new-", dir=folder))
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
@@ -126,23 +116,13 @@ def write_model_repository(folder: Path, manifest: dict, max_batch_size: int = D
         shutil.copyfile(model_file, version_dir / "model.pt")
         shutil.copyfile(labels_file, staging / name / "labels.txt")
         (staging / name / "config.pbtxt").write_text(config, encoding="utf-8")
-        if sha256_file(version_dir / "model.pt") != manifest["files"]["model"]["sha256"]:
+        if sha256_file(version_dir / "model.pt") != manifest.model_sha256:
             raise TritonError("the copied model.pt differs from the artifact's; is the disk full?")
         replace_folder(staging, folder / REPOSITORY)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return folder / REPOSITORY / name
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TritonError(f"{path} not found; point at an artifact folder written by `python -m export`") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TritonError(f"{path} is not valid JSON: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="model instances per Triton server (default: 1)")
     args = parser.parse_args(argv)
     try:
-        model_dir = write_model_repository(args.artifact, read_manifest(args.artifact), args.max_batch_size,
+        model_dir = write_model_repository(args.artifact, Manifest.read(args.artifact), args.max_batch_size,
                                            args.instances)
-    except (TritonError, KeyError) as exc:
-        print(f"export.triton: {exc if isinstance(exc, TritonError) else f'manifest lacks {exc}'}", file=sys.stderr)
+    except (TritonError, ArtifactError) as exc:
+        print(f"export.triton: {exc}", file=sys.stderr)
         return 1
     print(f"wrote Triton model repository {model_dir.parent}/ (model {model_dir.name}, version {VERSION})")
     return 0

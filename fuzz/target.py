@@ -12,9 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from serve.decode import decode
 from serve.errors import ImageRejected
-from serve.preprocess import preprocess
+from serve.preprocess import Preprocessor
 
 SIZE = 32
 # Small enough that every input runs in milliseconds, large enough for real photos' headers.
@@ -30,6 +29,9 @@ STEP_SETS = [
     [{"op": "crop_pad", "height": SIZE, "width": SIZE, "pad_mode": "zeros"}],
 ]
 CARS = Path(__file__).resolve().parent.parent / "tests" / "data" / "cars"
+# The server's own preprocessing for each step set: decoding every pixel, or JPEGs in draft mode.
+IN_FULL = [Preprocessor(steps, MAX_PIXELS, draft_margin=None) for steps in STEP_SETS]
+IN_DRAFT = [Preprocessor(steps, MAX_PIXELS, draft_margin=2) for steps in STEP_SETS]
 
 
 def check(data: bytes, steps_choice: int | None = None) -> str:
@@ -38,17 +40,19 @@ def check(data: bytes, steps_choice: int | None = None) -> str:
     `steps_choice` picks one of STEP_SETS (all of them when None), which keeps a fuzzing run fast;
     odd choices also decode JPEGs in draft mode (scaled inside the decoder), as the server may.
     """
-    draft = (2 * SIZE, 2 * SIZE) if steps_choice is not None and steps_choice % 2 else None
+    if steps_choice is None:
+        chosen = IN_FULL
+    else:
+        chosen = [(IN_DRAFT if steps_choice % 2 else IN_FULL)[steps_choice % len(STEP_SETS)]]
     try:
-        image = decode(data, MAX_PIXELS, draft_size=draft)
+        image = chosen[0].decode(data)
     except ImageRejected:
         return "rejected"
     assert isinstance(image, Image.Image) and image.mode == "RGB", image
     assert image.size[0] >= 1 and image.size[1] >= 1 and image.size[0] * image.size[1] <= MAX_PIXELS
-    chosen = STEP_SETS if steps_choice is None else [STEP_SETS[steps_choice % len(STEP_SETS)]]
-    for steps in chosen:
+    for preprocessor in chosen:
         try:
-            pixels = preprocess(image, steps, MAX_PIXELS)
+            pixels = preprocessor(data)
         except ImageRejected:
             continue
         assert tuple(pixels.shape) == (3, SIZE, SIZE) and str(pixels.dtype) == "torch.uint8", pixels.shape

@@ -1,4 +1,5 @@
-"""The HTTP face of whatcar: `create_app(config, scorer, state, registry)` builds the Falcon app."""
+"""The HTTP face of whatcar: `create_app(config, scorer, state, metrics)` builds the Falcon app;
+`get_app()` builds one from WHATCAR_* variables for any WSGI server."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import falcon
 from prometheus_client import CollectorRegistry
 
 from . import v2
-from .config import Config
+from .config import Config, configure_logging, load_config
 from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
-from .scoring import Scorer
+from .postprocess import clamp_k, predictions
+from .scoring import Scorer, build_scorer
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")
@@ -58,18 +60,36 @@ class PredictResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if not self.state.ready:
             raise falcon.HTTPServiceUnavailable(description="model is not ready", retry_after=1)
-        k = req.get_param_as_int("top_k", min_value=1, max_value=len(self.scorer.artifact.labels),
-                                 default=min(self.config.top_k, len(self.scorer.artifact.labels)))
+        scorer = self.scorer
+        classes = len(scorer.labels)
+        k = req.get_param_as_int("top_k", min_value=1, max_value=classes, default=clamp_k(self.config.top_k, classes))
         started = time.perf_counter()
         try:
-            data = read_upload(req, self.config.max_upload_bytes)
-            result = self.scorer.score(data, k)
+            scored = scorer.score([read_upload(req, self.config.max_upload_bytes)])
+            if scored.rejected is not None:
+                raise scored.rejected
         except ImageRejected as exc:
             self.metrics.observe_rejection(exc)
             raise reject(exc) from None
-        self.metrics.observe_inference(result["timings_ms"]["inference"] / 1000, 1)
-        result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
-        resp.media = result
+        self.metrics.observe_queue(scored.queue)
+        ranked_at = time.perf_counter()
+        answer = predictions(scored.rows[0], scorer.labels, k)
+        finished = time.perf_counter()
+        resp.media = {
+            "predictions": answer,
+            "model": {"name": scorer.name, "sha256": scorer.sha256},
+            "timings_ms": {
+                "preprocess": ms(scored.preprocess),
+                "queue": ms(scored.queue),
+                "inference": ms(scored.forward),
+                "postprocess": ms(finished - ranked_at),
+                "total": ms(finished - started),
+            },
+        }
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
 
 
 class HealthResource:
@@ -91,23 +111,12 @@ class ReadyResource:
 
 class MetadataResource:
     def __init__(self, scorer: Scorer):
-        artifact = scorer.artifact
-        manifest = artifact.manifest
-        self.body = {
-            "name": artifact.name,
-            "sha256": artifact.sha256,
-            "classes": artifact.labels,
-            "num_classes": len(artifact.labels),
-            "input": manifest["input"],
-            "preprocessing": manifest["preprocessing"],
-            "output": manifest.get("output"),
-            "architecture": manifest.get("architecture"),
-            "versions": manifest.get("versions"),
-            "validation": manifest.get("validation"),
-        }
+        self.scorer = scorer
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.body
+        scorer = self.scorer
+        resp.media = {"name": scorer.name, "sha256": scorer.sha256, "classes": scorer.labels,
+                      "num_classes": len(scorer.labels), **scorer.manifest.describe()}
 
 
 class StaticResource:
@@ -144,9 +153,12 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
 
 
-def create_app(config: Config, scorer: Scorer, state: State, registry: CollectorRegistry | None = None) -> falcon.App:
-    """The app, with its metrics in `registry` (a fresh one when not given, never the global one)."""
-    metrics = Metrics(registry if registry is not None else CollectorRegistry(), scorer.artifact)
+def create_app(config: Config, scorer: Scorer, state: State, metrics: Metrics | None = None) -> falcon.App:
+    """The app, counting in `metrics` (fresh ones, in a registry of their own, when not given; never
+    prometheus_client's global registry). Forward passes are counted by whoever built the scorer's
+    model with `metrics.observe_pass` as its observer."""
+    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+    metrics.serving(scorer.name, scorer.sha256, len(scorer.labels))
     app = falcon.App(middleware=[AccessLog(), RequestMetrics(metrics)])
     app.add_error_handler(Exception, handle_unexpected)
     multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
@@ -162,6 +174,20 @@ def create_app(config: Config, scorer: Scorer, state: State, registry: Collector
     app.add_route("/static/app.js", StaticResource("app.js", falcon.MEDIA_JS))
     app.add_route("/static/app.css", StaticResource("app.css", "text/css; charset=utf-8"))
     app.add_route("/metrics", MetricsResource(metrics.registry))
-    app.add_route("/openapi.json", OpenApiResource(config, scorer.artifact))
+    app.add_route("/openapi.json", OpenApiResource(config, scorer))
     v2.register(app, config, scorer, state, metrics)
     return app
+
+
+def get_app(environ: dict | None = None) -> falcon.App:
+    """The app for any WSGI server, configured from WHATCAR_* variables alone, e.g.
+    `gunicorn 'serve.app:get_app()'`. The model is loaded and warmed up before it returns.
+
+    Only `python -m serve` adds what Waitress is set up for there: the request body cut-off
+    before reading, slow-client timeouts and the SIGTERM drain (see serve/server.py)."""
+    # Flags are not read: under another server, sys.argv holds that server's own arguments.
+    config = load_config([], environ)
+    configure_logging(config.log_level)
+    metrics = Metrics(CollectorRegistry())
+    scorer = build_scorer(config, observer=metrics.observe_pass)
+    return create_app(config, scorer, State(ready=True), metrics)

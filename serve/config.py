@@ -7,7 +7,9 @@ loads, so a bad setting stops the server with one clear line.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +129,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {config.log_level!r})")
     if not config.model_dir.is_dir():
         raise ConfigError(f"model folder {config.model_dir} does not exist; set --model-dir or WHATCAR_MODEL_DIR")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -1,4 +1,5 @@
-"""Errors raised while reading a client's image, each mapped to one HTTP status."""
+"""Typed errors: an upload that cannot be scored (each mapped to one HTTP status), and an
+artifact that cannot be served."""
 
 from __future__ import annotations
 
@@ -37,3 +38,7 @@ class BodyTooLarge(ImageRejected):
 class EmptyBody(ImageRejected):
     status = "400 Bad Request"
     reason = "empty"
+
+
+class ArtifactError(Exception):
+    """The artifact folder cannot be served; the message says what is wrong in one line."""

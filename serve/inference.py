@@ -1,31 +1,38 @@
-"""Where the model runs: a batch of uint8 images in, probabilities out.
+"""Where the model runs: requests' images in, one probability row (or rejection) per image out.
 
-Forward passes run on inference threads of their own, fed by one queue. A request can hand
-over its undecoded upload with a function that prepares it (`run`), and the inference thread
-decodes it right before the forward pass: then no more compute-heavy threads run than the
-cores they were sized for, and a pass is not slowed by decodes preempting it. Measured on two
-cores at eight concurrent clients, decoding on the HTTP threads instead cost a quarter of the
-throughput.
+A request hands over its images as they came, encoded files or pixels already at the model's
+input size, and waits. Inference threads take waiting requests from one queue, decode them
+right before the forward pass, and score them together. Decoding on the inference thread keeps
+the compute-heavy threads to the number of cores they were sized for, so a pass is not slowed
+by decodes preempting it: measured on two cores at eight concurrent clients, decoding on the
+HTTP threads instead cost a quarter of the throughput.
 
 Under load, `workers` shared threads of `torch_threads` intra-op threads each take the images
-waiting (up to `max_batch`, split fairly between idle threads) and score them as one batch, so
-requests that arrived during a pass share the next one and every core stays busy. `batch_wait`
-can hold a short batch open a little longer.
+waiting (up to `micro_batch`, split fairly between idle threads) and score them as one batch,
+so requests that arrived during a pass share the next one and every core stays busy.
+`batch_wait` can hold a short batch open a little longer.
 
 A request that finds the server idle goes instead to a solo thread with `solo_threads`
-intra-op threads, which has the machine to itself for that pass: on two cores one 288 px
-image took 31 ms on two threads against 44 ms on one, while two single-threaded passes side by
-side score 35% more images per second than two-threaded passes one after another. So a lone
-request gets the low latency, and concurrent requests the throughput. Shared threads wait while a solo pass
-runs, and a solo pass starts only when no other pass is running.
+intra-op threads, which has the machine to itself for that pass: on two cores the 352 px
+model's forward pass took 44 ms on two threads against 63 ms on one, while two single-threaded
+streams side by side scored 30 images/s against 22 for one two-threaded stream
+(docs/benchmark.md). So a lone request gets the low latency, and concurrent requests the
+throughput. Shared threads wait while
+a solo pass runs, and a solo pass starts only when no other pass is running.
+
+Who runs next, and how many requests it takes, is decided by `plan_pass` and `hold_open`: pure
+functions of the queue and the threads' state, tested without threads. The threads only keep
+that state and follow the decisions.
 
 Each inference thread keeps one intra-op thread count for its whole life. Torch's count is per
 calling thread, and oneDNN caches its convolution kernels per thread along with the thread
-count they were built for, so a thread that kept switching would rebuild them every time.
+count they were built for, so a thread that kept switching would rebuild them every time. For
+the same reason each thread warms itself up, at every batch size it will see, before the model
+counts as ready.
 
-Big batches do not pay on a small CPU: with EfficientNet-Lite0 at 288 px on two cores, a batch
-of 4 or 8 costs more per image than a batch of 1 or 2 (its activations no longer fit in cache),
-so the default stays small; it is the queue that keeps every core busy.
+Big batches do not pay on a small CPU: with EfficientNet-Lite0 on two cores, a batch of 4 or 8
+costs more per image than a batch of 1 or 2 (its activations no longer fit in cache), so the
+default stays small; it is the queue that keeps every core busy.
 """
 
 from __future__ import annotations
@@ -33,50 +40,138 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
 
 import torch
 
+from .errors import ImageRejected
+
+# An encoded image file, or uint8 [3, H, W] pixels at the model's input size.
+Item = Union[bytes, torch.Tensor]
+# Told the seconds and the number of images of every forward pass, from the thread that ran it.
+PassObserver = Callable[[float, int], None]
+
 
 class ModelClosed(RuntimeError):
-    """The model was shut down before the job could run."""
+    """The model was shut down before the request could run."""
 
 
-class _Job:
-    __slots__ = ("batch", "prepare", "images", "result", "error", "done")
+# ---------------------------------------------------------------------- the policy
 
-    def __init__(self, batch: torch.Tensor | None = None, prepare=None):
-        self.batch = batch
-        self.prepare = prepare  # called on the inference thread to make `batch`
-        self.images = 1 if batch is None else batch.shape[0]
-        self.result: torch.Tensor | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
+
+def plan_pass(waiting: Sequence[int], *, solo: bool, solo_enabled: bool, running: int, solo_running: bool,
+              idle_shared: int, micro_batch: int) -> int:
+    """How many waiting requests, from the front of the queue, the asking thread takes for its
+    next pass; 0 means it waits.
+
+    `waiting` holds each waiting request's image count, oldest first; `solo` says whether the
+    asker is the solo thread; `running` counts passes in progress; `idle_shared` counts the
+    other shared threads waiting for work.
+    """
+    if not waiting:
+        return 0
+    solo_turn = solo_enabled and running == 0 and len(waiting) == 1
+    if solo:
+        return 1 if solo_turn else 0
+    if solo_running or solo_turn:
+        return 0
+    # Leave a fair share for threads that are idle right now, so the cores split the work.
+    share = -(-sum(waiting) // (1 + idle_shared))
+    limit = max(1, min(micro_batch, share))
+    taken = images = 0
+    for size in waiting:
+        # A request is never split, so one larger than the limit goes alone.
+        if taken and images + size > limit:
+            break
+        taken += 1
+        images += size
+    return taken
+
+
+def hold_open(images_waiting: int, micro_batch: int, waited: float, batch_wait: float) -> float:
+    """Seconds a shared thread should still wait for more images before scoring a batch short of
+    `micro_batch`, having waited `waited` already; 0 means go now."""
+    if batch_wait <= 0 or images_waiting >= micro_batch:
+        return 0.0
+    return max(0.0, batch_wait - waited)
+
+
+def warm_up_sizes(micro_batch: int) -> list[int]:
+    """Batch sizes a shared thread sees: 1, the powers of two below micro_batch, and micro_batch."""
+    return sorted({1, micro_batch} | {2 ** i for i in range(1, micro_batch.bit_length()) if 2 ** i < micro_batch})
+
+
+# ---------------------------------------------------------------------- requests
+
+
+@dataclass
+class Scored:
+    """One request's outcome and where its time went, in seconds."""
+
+    rows: list  # per image: float [classes] probabilities, or the ImageRejected that stopped it
+    queue: float = 0.0       # from hand-over until an inference thread took it
+    preprocess: float = 0.0  # decoding and preprocessing its images, on the inference thread
+    forward: float = 0.0     # the forward pass it was part of
+    batch_size: int = 0      # images in that forward pass (other requests' included)
+
+    @property
+    def rejected(self) -> ImageRejected | None:
+        """The first rejected image's error, if any."""
+        return next((row for row in self.rows if isinstance(row, ImageRejected)), None)
+
+
+@dataclass
+class _Request:
+    items: list
+    all_or_nothing: bool
+    handed_over: float = field(default_factory=time.perf_counter)
+    scored: Scored = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.scored = Scored(rows=[None] * len(self.items))
+
+
+# ---------------------------------------------------------------------- the threads
 
 
 class Model:
-    def __init__(self, module: torch.jit.ScriptModule, workers: int = 1, torch_threads: int = 1,
-                 max_batch: int = 1, batch_wait: float = 0.0, solo_threads: int = 1):
-        self.module = module
+    """Inference threads around one loaded model.
+
+    `runner` maps uint8 [N, 3, H, W] to float [N, classes]; `preprocess` maps an encoded image
+    to uint8 [3, H, W] or raises ImageRejected. The threads start and warm up at once;
+    `wait_ready` returns when all of them have.
+    """
+
+    def __init__(self, runner, preprocess, input_size: tuple[int, int], workers: int = 1, torch_threads: int = 1,
+                 micro_batch: int = 1, batch_wait: float = 0.0, solo_threads: int = 1,
+                 observer: PassObserver | None = None, warm_up_rounds: int = 2):
+        self.runner = runner
+        self.preprocess = preprocess
+        self.input_size = input_size
         self.torch_threads = max(1, torch_threads)
-        self.max_batch = max(1, max_batch)
+        self.micro_batch = max(1, micro_batch)
         self.batch_wait = max(0.0, batch_wait)
         # A solo thread with no more intra-op threads than the shared ones would gain nothing.
         self.solo_threads = solo_threads if solo_threads > self.torch_threads else 0
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._queued_images = 0
-        self._idle = 0          # shared threads waiting for work
-        self._running = 0       # passes in progress
+        self.observer = observer
+        self.warm_up_rounds = warm_up_rounds
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._idle_shared = 0
+        self._running = 0
         self._solo_running = False
         self._closed = False
-        self._lock = threading.Lock()
-        self._shared = threading.Condition(self._lock)
-        self._solo = threading.Condition(self._lock)
-        self._control: dict[int, tuple] = {}  # thread index -> (function, finished event, errors)
-        self._threads = [threading.Thread(target=self._run_shared, args=(i,), name=f"whatcar-inference-{i}",
+        self._changed = threading.Condition()
+        self._warming = max(1, workers) + (1 if self.solo_threads else 0)
+        self._warm_up_errors: list[BaseException] = []
+        self._ready = threading.Event()
+        self._threads = [threading.Thread(target=self._serve, args=(False,), name=f"whatcar-inference-{i}",
                                           daemon=True) for i in range(max(1, workers))]
         if self.solo_threads:
-            self._threads.append(threading.Thread(target=self._run_solo, args=(len(self._threads),),
-                                                  name="whatcar-inference-solo", daemon=True))
+            self._threads.append(threading.Thread(target=self._serve, args=(True,), name="whatcar-inference-solo",
+                                                  daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -84,193 +179,154 @@ class Model:
     def workers(self) -> int:
         return len(self._threads)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] to float [N, classes] probabilities, scored on an inference thread
-        (possibly together with other callers' images)."""
-        return self._submit(_Job(batch))
-
-    def run(self, prepare) -> torch.Tensor:
-        """Probabilities [1, classes] for the uint8 [1, 3, H, W] image that `prepare()` returns,
-        calling it on the inference thread; whatever it raises is raised here."""
-        return self._submit(_Job(prepare=prepare))
-
-    def _submit(self, job: _Job) -> torch.Tensor:
-        with self._lock:
+    def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
+        """Score one request's images together, on an inference thread, possibly in one pass with
+        other requests. With `all_or_nothing`, a rejected image keeps the others out of the
+        forward pass (the request will fail as a whole anyway)."""
+        request = _Request(list(items), all_or_nothing)
+        with self._changed:
             if self._closed:
                 raise ModelClosed("the model is shut down")
-            self._queue.append(job)
-            self._queued_images += job.images
-            if self._solo_turn():
-                self._solo.notify()
-            else:
-                self._shared.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+            self._queue.append(request)
+            self._changed.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.scored
 
-    def warm_up(self, height: int, width: int, rounds: int = 2) -> None:
-        """Run the first passes now, on every inference thread and at every batch size it will
-        see: TorchScript profiles and optimises during the first runs of each shape, and oneDNN
-        builds its kernels per thread."""
-        sizes = sorted({1, self.max_batch} | {2 ** i for i in range(1, self.max_batch.bit_length())
-                                              if 2 ** i < self.max_batch})
-
-        def warm(solo: bool):
-            for size in [1] if solo else sizes:
-                probe = torch.zeros((size, 3, height, width), dtype=torch.uint8)
-                for _ in range(rounds):
-                    self.module(probe)
-
-        self._on_every_thread(warm)
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every thread has warmed up; raise what a warm-up raised."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the inference threads did not warm up within {timeout} s")
+        if self._warm_up_errors:
+            raise self._warm_up_errors[0]
 
     def close(self, timeout: float = 5.0) -> None:
-        """Finish the jobs already queued, then stop the inference threads."""
-        with self._lock:
+        """Finish the requests already handed over, then stop the inference threads."""
+        with self._changed:
             self._closed = True
-            self._shared.notify_all()
-            self._solo.notify_all()
+            self._changed.notify_all()
         for thread in self._threads:
             thread.join(timeout)
 
-    # ------------------------------------------------------------------ inference threads
+    # ------------------------------------------------------------------ on an inference thread
 
-    def _solo_turn(self) -> bool:
-        """Whether the next pass belongs to the solo thread: it is enabled, nothing is running,
-        and a single request is waiting. Called with the lock held."""
-        return bool(self.solo_threads) and self._running == 0 and len(self._queue) == 1
-
-    def _on_every_thread(self, fn) -> None:
-        """Run fn(solo) once on each inference thread, all at the same time, and wait for them."""
-        done = threading.Barrier(len(self._threads) + 1)
-        errors: list[BaseException] = []
-        with self._lock:
-            for i in range(len(self._threads)):
-                self._control[i] = (fn, done, errors)
-            self._shared.notify_all()
-            self._solo.notify_all()
-        done.wait()
-        if errors:
-            raise errors[0]
-
-    def _run_control(self, index: int, solo: bool) -> None:
-        """Called with the lock held; runs this thread's control function without it."""
-        fn, done, errors = self._control.pop(index)
-        self._lock.release()
-        try:
-            with torch.inference_mode():
-                fn(solo)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
-            errors.append(exc)
-        finally:
-            done.wait()
-            self._lock.acquire()
-
-    def _take_shared(self, index: int) -> list[_Job] | None:
-        """The next jobs for a shared thread, or None once closed and drained. Lock held."""
-        while True:
-            if index in self._control:
-                self._run_control(index, solo=False)
-                continue
-            if self._queue and not self._solo_running and not self._solo_turn():
-                break
-            if self._closed and not self._queue:
-                return None
-            self._idle += 1
-            self._shared.wait()
-            self._idle -= 1
-        if self.batch_wait and self._queued_images < self.max_batch and not self._closed:
-            deadline = time.monotonic() + self.batch_wait
-            while self._queued_images < self.max_batch and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._shared.wait(remaining)
-        # Leave a fair share for threads that are idle right now, so the cores split the work.
-        share = -(-self._queued_images // (1 + self._idle))
-        limit = max(1, min(self.max_batch, share))
-        jobs, images = [], 0
-        while self._queue:
-            size = self._queue[0].images
-            if jobs and images + size > limit:
-                break
-            jobs.append(self._queue.popleft())
-            images += size
-        self._queued_images -= images
-        self._running += 1
-        if self._queue and self._idle:
-            self._shared.notify()
-        return jobs
-
-    def _take_solo(self, index: int) -> list[_Job] | None:
-        while True:
-            if index in self._control:
-                self._run_control(index, solo=True)
-                continue
-            if self._solo_turn():
-                break
-            if self._closed and not self._queue:
-                return None
-            self._solo.wait()
-        job = self._queue.popleft()
-        self._queued_images -= job.images
-        self._running += 1
-        self._solo_running = True
-        return [job]
-
-    def _finish(self, solo: bool) -> None:
-        """A pass ended: hand the machine to whoever should run next. Lock held."""
-        self._running -= 1
-        if solo:
-            self._solo_running = False
-        if self._closed:
-            self._shared.notify_all()
-            self._solo.notify_all()
-        elif self._solo_turn():
-            self._solo.notify()
-        elif self._queue:
-            self._shared.notify_all()
-
-    def _run_shared(self, index: int) -> None:
-        self._run(index, self.torch_threads, self._take_shared, solo=False)
-
-    def _run_solo(self, index: int) -> None:
-        self._run(index, self.solo_threads, self._take_solo, solo=True)
-
-    def _run(self, index: int, threads: int, take, solo: bool) -> None:
+    def _serve(self, solo: bool) -> None:
         # A thread's first torch call adopts the count last set by any thread; make that happen
         # now, so the setting below is the one this thread keeps.
         torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.solo_threads if solo else self.torch_threads)
+        try:
+            self._warm_up([1] if solo else warm_up_sizes(self.micro_batch))
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready
+            self._warm_up_errors.append(exc)
+        finally:
+            with self._changed:
+                self._warming -= 1
+                if self._warming == 0:
+                    self._ready.set()
         while True:
-            with self._lock:
-                jobs = take(index)
-            if jobs is None:
+            requests = self._take(solo)
+            if requests is None:
                 return
-            ready = []
             try:
-                for job in jobs:
-                    if job.prepare is not None:
-                        try:
-                            job.batch = job.prepare()
-                        except Exception as exc:  # noqa: BLE001 - this caller's own error, raised there
-                            job.error = exc
-                            continue
-                    ready.append(job)
-                if ready:
-                    with torch.inference_mode():
-                        batch = ready[0].batch if len(ready) == 1 else torch.cat([job.batch for job in ready])
-                        probabilities = self.module(batch)
-                    start = 0
-                    for job in ready:
-                        n = job.batch.shape[0]
-                        job.result = probabilities[start:start + n]
-                        start += n
-            except BaseException as exc:  # noqa: BLE001 - every caller in the pass gets the error
-                for job in ready:
-                    job.error = exc
+                self._run_pass(requests)
             finally:
-                with self._lock:
-                    self._finish(solo)
-                for job in jobs:
-                    job.done.set()
+                with self._changed:
+                    self._running -= 1
+                    if solo:
+                        self._solo_running = False
+                    self._changed.notify_all()
+                for request in requests:
+                    request.done.set()
+
+    def _warm_up(self, sizes: list[int]) -> None:
+        """The first passes, on this thread, at each batch size it will see: TorchScript profiles
+        and optimises during the first runs of each shape, and oneDNN builds kernels per thread."""
+        height, width = self.input_size
+        with torch.inference_mode():
+            for size in sizes:
+                probe = torch.zeros((size, 3, height, width), dtype=torch.uint8)
+                for _ in range(self.warm_up_rounds):
+                    self.runner(probe)
+
+    def _take(self, solo: bool) -> list[_Request] | None:
+        """The requests for this thread's next pass, or None once closed and drained."""
+        with self._changed:
+            found_work = None
+            while True:
+                waiting = [len(request.items) for request in self._queue]
+                take = plan_pass(waiting, solo=solo, solo_enabled=bool(self.solo_threads), running=self._running,
+                                 solo_running=self._solo_running, idle_shared=self._idle_shared,
+                                 micro_batch=self.micro_batch)
+                if take and not solo and not self._closed:
+                    found_work = found_work if found_work is not None else time.monotonic()
+                    wait = hold_open(sum(waiting), self.micro_batch, time.monotonic() - found_work, self.batch_wait)
+                    if wait > 0:
+                        self._changed.wait(wait)
+                        continue
+                if take:
+                    break
+                if self._closed and not self._queue:
+                    return None
+                found_work = None
+                if not solo:
+                    self._idle_shared += 1
+                self._changed.wait()
+                if not solo:
+                    self._idle_shared -= 1
+            requests = [self._queue.popleft() for _ in range(take)]
+            self._running += 1
+            if solo:
+                self._solo_running = True
+            self._changed.notify_all()
+            return requests
+
+    def _run_pass(self, requests: list[_Request]) -> None:
+        started = time.perf_counter()
+        pixels, owners = [], []
+        for request in requests:
+            scored = request.scored
+            scored.queue = started - request.handed_over
+            t0 = time.perf_counter()
+            try:
+                mine = self._prepare(request)
+            except Exception as exc:  # noqa: BLE001 - not a bad image but a fault: that caller raises it
+                request.error = exc
+                mine = []
+            scored.preprocess = time.perf_counter() - t0
+            for index, tensor in mine:
+                pixels.append(tensor)
+                owners.append((scored, index))
+        if not pixels:
+            return
+        try:
+            with torch.inference_mode():
+                batch = pixels[0].unsqueeze(0) if len(pixels) == 1 else torch.stack(pixels)
+                t0 = time.perf_counter()
+                probabilities = self.runner(batch)
+                forward = time.perf_counter() - t0
+            for (scored, index), row in zip(owners, probabilities):
+                scored.rows[index] = row
+                scored.forward, scored.batch_size = forward, len(pixels)
+            if self.observer is not None:
+                self.observer(forward, len(pixels))
+        except BaseException as exc:  # noqa: BLE001 - every caller in the pass gets the error
+            for request in requests:
+                request.error = request.error or exc
+
+    def _prepare(self, request: _Request) -> list[tuple[int, torch.Tensor]]:
+        """(index, pixels) of each of the request's images that can be scored; rejections go in
+        its rows."""
+        ready = []
+        for index, item in enumerate(request.items):
+            if isinstance(item, torch.Tensor):
+                ready.append((index, item))
+                continue
+            try:
+                ready.append((index, self.preprocess(item)))
+            except ImageRejected as exc:
+                request.scored.rows[index] = exc
+                if request.all_or_nothing:
+                    return []
+        return ready

@@ -1,4 +1,5 @@
-"""Prometheus metrics for one app: requests, latencies, batch sizes, rejected images, model info.
+"""Prometheus metrics for one app: requests, latencies, forward passes and their batch sizes,
+queue waits, rejected images, model info.
 
 Every collector lives in the registry the app is given, never in prometheus_client's global
 one, so several apps (tests, or two models in one process) keep separate counts.
@@ -11,7 +12,6 @@ import time
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 
-from .artifact import Artifact
 from .errors import ImageRejected
 
 # Whole requests include upload and decode, so they reach further than a forward pass alone.
@@ -34,7 +34,7 @@ def rejection_reasons() -> list[str]:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, artifact: Artifact):
+    def __init__(self, registry: CollectorRegistry):
         self.registry = registry
         self.requests = Counter("whatcar_http_requests", "HTTP requests answered, by route and status",
                                 ["method", "route", "status"], registry=registry)
@@ -46,16 +46,25 @@ class Metrics:
                                            buckets=INFERENCE_BUCKETS, registry=registry)
         self.batch_size = Histogram("whatcar_inference_batch_size", "Images in each forward pass",
                                     buckets=BATCH_BUCKETS, registry=registry)
+        self.queue_seconds = Histogram("whatcar_inference_queue_seconds",
+                                       "Time a request waited for an inference thread",
+                                       buckets=INFERENCE_BUCKETS, registry=registry)
         self.rejected = Counter("whatcar_images_rejected", "Uploads refused before scoring, by reason",
                                 ["reason"], registry=registry)
         for reason in rejection_reasons():
             self.rejected.labels(reason=reason)
-        Info("whatcar_model", "The artifact being served", registry=registry).info(
-            {"name": artifact.name, "sha256": artifact.sha256, "classes": str(len(artifact.labels))})
+        self.model = Info("whatcar_model", "The artifact being served", registry=registry)
 
-    def observe_inference(self, seconds: float, batch: int) -> None:
+    def serving(self, name: str, sha256: str, classes: int) -> None:
+        self.model.info({"name": name, "sha256": sha256, "classes": str(classes)})
+
+    def observe_pass(self, seconds: float, batch: int) -> None:
+        """Called by the inference thread that ran the pass (see serve/inference.py)."""
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(batch)
+
+    def observe_queue(self, seconds: float) -> None:
+        self.queue_seconds.observe(seconds)
 
     def observe_rejection(self, exc: ImageRejected) -> None:
         self.rejected.labels(reason=exc.reason).inc()

@@ -10,9 +10,9 @@ import json
 
 import falcon
 
-from .artifact import Artifact
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
+from .scoring import Scorer
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
@@ -64,10 +64,10 @@ def static_operation(summary: str, media_type: str) -> dict:
             "responses": {"200": {"description": summary, "content": {media_type: {"schema": {"type": "string"}}}}}}
 
 
-def build_spec(config: Config, artifact: Artifact) -> dict:
-    height, width = artifact.input_size
+def build_spec(config: Config, scorer: Scorer) -> dict:
+    height, width = scorer.manifest.input_size
     name_param = {"name": "name", "in": "path", "required": True, "description": "the model name",
-                  "schema": {"type": "string", "example": artifact.name}}
+                  "schema": {"type": "string", "example": scorer.name}}
     version_param = {"name": "version", "in": "path", "required": True, "description": "the model version",
                      "schema": {"type": "string", "enum": ["1"]}}
 
@@ -87,7 +87,7 @@ def build_spec(config: Config, artifact: Artifact) -> dict:
                 "summary": "V2 inference" + suffix, "tags": ["v2"], "parameters": params,
                 "description": (
                     "One input: 'image' (BYTES [N] or [N,1], encoded image files; base64 strings in JSON) or "
-                    f"'{artifact.manifest['input'].get('name', 'images')}' (UINT8 [N,3,{height},{width}]). "
+                    f"'{scorer.manifest.input_name}' (UINT8 [N,3,{height},{width}]). "
                     "Outputs: 'probabilities' (FP32 [N,classes]; BYTES classifications with "
                     "parameters.classification) and 'labels' (BYTES [N,k], each '<probability>:<index>:<label>', "
                     "k from parameters.top_k). With the binary tensor data extension the body is the JSON header "
@@ -154,8 +154,8 @@ def build_spec(config: Config, artifact: Artifact) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "whatcar", "version": "1",
-                 "description": f"Name the make and model of a car in a photo. Serving model '{artifact.name}' "
-                                f"({len(artifact.labels)} classes, sha256 {artifact.sha256})."},
+                 "description": f"Name the make and model of a car in a photo. Serving model '{scorer.name}' "
+                                f"({len(scorer.labels)} classes, sha256 {scorer.sha256})."},
         "paths": paths,
         "components": {"schemas": {
             "Error": {"type": "object", "properties": {"title": {"type": "string"},
@@ -186,9 +186,9 @@ def build_spec(config: Config, artifact: Artifact) -> dict:
 
 
 class OpenApiResource:
-    def __init__(self, config: Config, artifact: Artifact):
-        self.body = json.dumps(build_spec(config, artifact), indent=1).encode("utf-8")
+    def __init__(self, config: Config, scorer: Scorer):
+        self.config, self.scorer = config, scorer
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.data = self.body
+        resp.data = json.dumps(build_spec(self.config, self.scorer), indent=1).encode("utf-8")
         resp.content_type = falcon.MEDIA_JSON

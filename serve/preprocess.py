@@ -1,4 +1,8 @@
-"""Where a decoded image becomes the model's input: the manifest's preprocessing, with Pillow.
+"""Where an upload becomes the model's input: `Preprocessor`, decoding plus the manifest's steps.
+
+`Preprocessor` is the one place the bytes -> tensor chain is put together; the server, the
+exporter's parity check, the benchmark, the fuzzer and the tests all call it, so all of them
+see exactly the pixels the server scores.
 
 Each step mirrors a fastai validation-time item transform to the pixel: the exporter writes
 the steps, checks them against fastai on real photos, and the server replays them here.
@@ -18,6 +22,7 @@ import ctypes
 import torch
 from PIL import Image
 
+from .decode import decode
 from .errors import TooManyPixels
 
 RESAMPLE = {
@@ -163,6 +168,23 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
 
 
-def preprocess(image: Image.Image, steps: list[dict], max_pixels: int | None = None) -> torch.Tensor:
-    """Decoded RGB image to the model's uint8 [3, H, W] input."""
-    return image_to_tensor(apply_steps(image, steps, max_pixels))
+class Preprocessor:
+    """Image bytes to the model's uint8 [3, H, W] input, as the server scores them.
+
+    `max_pixels` bounds both the decoded image and any canvas a padding step builds. Large
+    JPEGs are decoded in draft mode (see DRAFT_MARGIN); `draft_margin=None` decodes every pixel.
+    Raises an `ImageRejected` subclass for anything that cannot be scored.
+    """
+
+    def __init__(self, steps: list[dict], max_pixels: int, draft_margin: int | None = DRAFT_MARGIN):
+        self.height, self.width = validate_steps(steps)
+        self.steps = steps
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size(steps, draft_margin) if draft_margin else None
+
+    def decode(self, data: bytes) -> Image.Image:
+        """The upright RGB image the steps start from."""
+        return decode(data, self.max_pixels, draft_size=self.draft_size)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return image_to_tensor(apply_steps(self.decode(data), self.steps, self.max_pixels))

@@ -1,63 +1,76 @@
-"""The scoring pipeline, split as model servers do: preprocess, inference, postprocess."""
+"""One loaded model with everything that scores with it, split as model servers do:
+preprocess (serve/preprocess.py), inference (serve/inference.py), postprocess
+(serve/postprocess.py). Routes hand a `Scorer` the request's images and format what comes back.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
-from .artifact import Artifact
-from .decode import decode
-from .inference import Model
-from .postprocess import top_k
-from .preprocess import apply_steps, draft_size, image_to_tensor
+from .artifact import Artifact, first_line, load_artifact
+from .errors import ArtifactError
+from .config import Config
+from .inference import Item, Model, PassObserver, Scored
+from .manifest import Manifest
+from .preprocess import Preprocessor
+
+log = logging.getLogger("whatcar")
 
 
 class Scorer:
-    def __init__(self, artifact: Artifact, model: Model, max_image_pixels: int):
+    def __init__(self, artifact: Artifact, model: Model):
         self.artifact = artifact
         self.model = model
-        self.max_image_pixels = max_image_pixels
-        self.draft_size = draft_size(artifact.steps)
 
-    def preprocess(self, data: bytes) -> torch.Tensor:
-        """Image bytes to the model's uint8 [3, H, W] input; raises ImageRejected for bad input."""
-        image = decode(data, self.max_image_pixels, draft_size=self.draft_size)
-        return image_to_tensor(apply_steps(image, self.artifact.steps, self.max_image_pixels))
+    @property
+    def name(self) -> str:
+        return self.artifact.name
 
-    def inference(self, batch) -> torch.Tensor:
-        """uint8 [N, 3, H, W] to probabilities; or, given a function that prepares one image as
-        [1, 3, H, W], the probabilities of that image, prepared on the inference thread."""
-        if callable(batch):
-            return self.model.run(batch)
-        return self.model(batch)
+    @property
+    def sha256(self) -> str:
+        return self.artifact.sha256
 
-    def postprocess(self, probabilities: torch.Tensor, k: int) -> list[list[dict]]:
-        return [top_k(row, self.artifact.labels, k) for row in probabilities]
+    @property
+    def labels(self) -> list[str]:
+        return self.artifact.labels
 
-    def score(self, data: bytes, k: int) -> dict:
-        """One image through the whole pipeline, with timings in milliseconds."""
-        spent = {}
+    @property
+    def manifest(self) -> Manifest:
+        return self.artifact.manifest
 
-        def prepare() -> torch.Tensor:
-            started = time.perf_counter()
-            pixels = self.preprocess(data).unsqueeze(0)
-            spent["preprocess"] = time.perf_counter() - started
-            return pixels
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self.model.preprocess
 
-        t0 = time.perf_counter()
-        # Decoded on the inference thread, just before its forward pass (see serve/inference.py).
-        probabilities = self.inference(prepare)
-        t2 = time.perf_counter()
-        t1 = t0 + spent["preprocess"]
-        predictions = self.postprocess(probabilities, k)[0]
-        t3 = time.perf_counter()
-        return {
-            "predictions": predictions,
-            "model": {"name": self.artifact.name, "sha256": self.artifact.sha256},
-            "timings_ms": {
-                "preprocess": round((t1 - t0) * 1000, 2),
-                "inference": round((t2 - t1) * 1000, 2),
-                "postprocess": round((t3 - t2) * 1000, 2),
-            },
-        }
+    def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
+        """Probabilities (or a rejection) for each encoded image or uint8 [3, H, W] tensor."""
+        return self.model.score(items, all_or_nothing)
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:
+    """Verify, load and warm up the model in config.model_dir; raises ArtifactError with a
+    one-line reason. `observer` hears about every forward pass."""
+    torch.set_num_threads(config.torch_threads)
+    artifact = load_artifact(config.model_dir)
+    started = time.perf_counter()
+    model = Model(artifact.module, Preprocessor(artifact.steps, config.max_image_pixels), artifact.input_size,
+                  workers=config.inference_workers, torch_threads=config.torch_threads,
+                  micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
+                  solo_threads=config.solo_threads, observer=observer)
+    try:
+        model.wait_ready()
+    except Exception as exc:
+        model.close()
+        raise ArtifactError(f"the model in {config.model_dir} fails while warming up: {first_line(exc)}") from None
+    log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; %d inference workers of %d torch "
+             "threads, batches of up to %d, %s", artifact.name, len(artifact.labels), artifact.sha256[:12],
+             artifact.load_seconds, time.perf_counter() - started, config.inference_workers, config.torch_threads,
+             config.micro_batch,
+             f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
+    return Scorer(artifact, model)

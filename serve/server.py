@@ -10,17 +10,17 @@ import threading
 import time
 import warnings
 
-import torch
+from prometheus_client import CollectorRegistry
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
 from .app import State, create_app
-from .artifact import Artifact, ArtifactError, load_artifact
-from .config import Config, ConfigError, load_config
-from .inference import Model
+from .config import ConfigError, configure_logging, load_config
+from .errors import ArtifactError
 from .malloc import limit_arenas
-from .scoring import Scorer
+from .metrics import Metrics
+from .scoring import build_scorer
 
 log = logging.getLogger("whatcar")
 
@@ -43,27 +43,6 @@ TICK_SECONDS = 0.2
 DRAIN_GRACE_SECONDS = 0.5
 
 
-def build_scorer(config: Config) -> Scorer:
-    """Verify, load and warm the model; raises ArtifactError with a one-line reason."""
-    torch.set_num_threads(config.torch_threads)
-    artifact: Artifact = load_artifact(config.model_dir)
-    model = Model(artifact.module, workers=config.inference_workers, torch_threads=config.torch_threads,
-                  max_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
-                  solo_threads=config.solo_threads)
-    started = time.perf_counter()
-    model.warm_up(*artifact.input_size)
-    log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; %d inference workers of %d torch "
-             "threads, batches of up to %d, %s", artifact.name, len(artifact.labels), artifact.sha256[:12],
-             artifact.load_seconds, time.perf_counter() - started, config.inference_workers, config.torch_threads,
-             config.micro_batch,
-             f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
-    return Scorer(artifact, model, config.max_image_pixels)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-
 def main(argv: list[str] | None = None) -> int:
     # torch mentions at import that numpy is absent; the server never needs it.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -76,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if config.malloc_arenas:
         # Before any worker thread exists, so that threads starting later share the arenas.
         limit_arenas(config.malloc_arenas)
+    metrics = Metrics(CollectorRegistry())
     try:
-        scorer = build_scorer(config)
+        scorer = build_scorer(config, observer=metrics.observe_pass)
     except ArtifactError as exc:
         print(f"whatcar: cannot serve {config.model_dir}: {exc}", file=sys.stderr)
         return 1
     state = State(ready=True)
-    app = create_app(config, scorer, state)
+    app = create_app(config, scorer, state, metrics)
     try:
         server = create_server(
             app, host=config.host, port=config.port, threads=config.threads,

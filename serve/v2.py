@@ -32,7 +32,6 @@ import base64
 import binascii
 import json
 import struct
-import time
 from dataclasses import dataclass
 
 import falcon
@@ -41,6 +40,7 @@ import torch
 from .config import Config
 from .errors import ImageRejected
 from .metrics import Metrics
+from .postprocess import clamp_k, rank
 from .scoring import Scorer
 from .upload import read_body
 
@@ -202,7 +202,7 @@ class InferRequest:
 
     @property
     def pixels_name(self) -> str:
-        return self.scorer.artifact.manifest["input"].get("name", "images")
+        return self.scorer.manifest.input_name
 
     def check_batch(self, n: int) -> None:
         if not 1 <= n <= self.config.max_batch:
@@ -232,10 +232,10 @@ class InferRequest:
                       f"got {len(elements)}")
         return elements
 
-    def pixels(self) -> torch.Tensor:
-        """The uint8 [N, 3, H, W] batch of a UINT8 input, checked against the model's input size."""
+    def pixels(self) -> list[torch.Tensor]:
+        """The uint8 [3, H, W] images of a UINT8 [N, 3, H, W] input, checked against the model's input size."""
         tensor = self.input
-        height, width = self.scorer.artifact.input_size
+        height, width = self.scorer.manifest.input_size
         if tensor.datatype != "UINT8":
             raise bad(f"input '{tensor.name}' must be UINT8 (got {tensor.datatype})")
         if len(tensor.shape) != 4 or tensor.shape[1:] != [3, height, width]:
@@ -254,7 +254,11 @@ class InferRequest:
             if not all(is_int(v) and 0 <= v <= 255 for v in values):
                 raise bad(f"input '{tensor.name}': UINT8 values must be integers from 0 to 255")
             flat = torch.tensor(values, dtype=torch.uint8)
-        return flat.view(tensor.shape)
+        return list(flat.view(tensor.shape))
+
+    def items(self) -> list:
+        """What to score: the encoded files of an 'image' input, or the pixels of a UINT8 one."""
+        return self.images() if self.input.name == IMAGE_INPUT else self.pixels()
 
     def requested_outputs(self, outputs) -> list[tuple[str, bool, int | None]]:
         """(name, binary, k) for each output to send; k is None for raw probabilities."""
@@ -289,7 +293,7 @@ class InferRequest:
     def count(self, value, what: str) -> int:
         if not is_int(value) or value < 1:
             raise bad(f"{what} must be a positive integer (got {value!r})")
-        return min(value, len(self.scorer.artifact.labels))
+        return clamp_k(value, len(self.scorer.labels))
 
     def top_k(self, params: dict, name: str) -> int | None:
         """How many classes a classification output holds, or None for the raw probabilities."""
@@ -301,13 +305,13 @@ class InferRequest:
             return self.count(params["top_k"], f"output '{name}': parameters.top_k")
         if "top_k" in self.params:
             return self.count(self.params["top_k"], "parameters.top_k")
-        return min(self.config.top_k, len(self.scorer.artifact.labels))
+        return clamp_k(self.config.top_k, len(self.scorer.labels))
 
 
 def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> list[bytes]:
-    values, indices = torch.topk(probabilities, k, dim=1)
-    return [f"{p:.6f}:{i}:{labels[i]}".encode("utf-8")
-            for row_p, row_i in zip(values.tolist(), indices.tolist()) for p, i in zip(row_p, row_i)]
+    """Triton's classification strings, "<probability>:<index>:<label>", k per image, row after row."""
+    return [f"{r.probability:.6f}:{r.index}:{r.label}".encode("utf-8") for row in probabilities
+            for r in rank(row, labels, k)]
 
 
 def response_outputs(infer: InferRequest, probabilities: torch.Tensor) -> tuple[list[dict], list[bytes]]:
@@ -321,7 +325,7 @@ def response_outputs(infer: InferRequest, probabilities: torch.Tensor) -> tuple[
             blob = struct.pack(f"<{len(values)}f", *values) if binary else None
         else:
             entry = {"name": name, "datatype": "BYTES", "shape": [n, k]}
-            strings = classifications(probabilities, infer.scorer.artifact.labels, k)
+            strings = classifications(probabilities, infer.scorer.labels, k)
             values = [s.decode("utf-8") for s in strings]
             blob = pack_bytes(strings) if binary else None
         if binary:
@@ -341,7 +345,7 @@ class ModelScope:
 
     @property
     def name(self) -> str:
-        return self.scorer.artifact.name
+        return self.scorer.name
 
     def check(self, name: str, version: str | None) -> None:
         if name != self.name:
@@ -372,26 +376,24 @@ class ReadyResource:
 class ModelMetadataResource:
     def __init__(self, scope: ModelScope):
         self.scope = scope
-        artifact = scope.scorer.artifact
-        height, width = artifact.input_size
-        self.body = {
-            "name": artifact.name,
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
+        self.scope.check(name, version)
+        scorer = self.scope.scorer
+        height, width = scorer.manifest.input_size
+        resp.media = {
+            "name": scorer.name,
             "versions": [MODEL_VERSION],
             "platform": "pytorch_torchscript",
             "inputs": [
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": artifact.manifest["input"].get("name", "images"), "datatype": "UINT8",
-                 "shape": [-1, 3, height, width]},
+                {"name": scorer.manifest.input_name, "datatype": "UINT8", "shape": [-1, 3, height, width]},
             ],
             "outputs": [
-                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(scorer.labels)]},
                 {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
             ],
         }
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        self.scope.check(name, version)
-        resp.media = self.body
 
 
 class ModelReadyResource:
@@ -425,15 +427,15 @@ class InferResource:
         header, binary = split_body(body, req.get_header(HEADER_LENGTH))
         request = parse_header(header)
         infer = InferRequest(request, parse_inputs(request, binary), scorer, self.config)
-        if infer.input.name == IMAGE_INPUT:
-            batch = torch.stack([self.preprocess(i, data) for i, data in enumerate(infer.images())])
-        else:
-            batch = infer.pixels()
-        started = time.perf_counter()
-        probabilities = scorer.inference(batch)
-        self.metrics.observe_inference(time.perf_counter() - started, batch.shape[0])
-        entries, blobs = response_outputs(infer, probabilities)
-        answer = {"model_name": scorer.artifact.name, "model_version": MODEL_VERSION, "outputs": entries}
+        # The request succeeds or fails as a whole, so one bad image keeps the rest from the model.
+        scored = scorer.score(infer.items(), all_or_nothing=True)
+        rejected = scored.rejected
+        if rejected is not None:
+            self.metrics.observe_rejection(rejected)
+            raise V2Error(rejected.status, f"image {scored.rows.index(rejected)}: {rejected.description}")
+        self.metrics.observe_queue(scored.queue)
+        entries, blobs = response_outputs(infer, torch.stack(scored.rows))
+        answer = {"model_name": scorer.name, "model_version": MODEL_VERSION, "outputs": entries}
         if infer.id is not None:
             answer["id"] = infer.id
         head = json.dumps(answer).encode("utf-8")
@@ -444,13 +446,6 @@ class InferResource:
         else:
             resp.content_type = falcon.MEDIA_JSON
             resp.data = head
-
-    def preprocess(self, index: int, data: bytes) -> torch.Tensor:
-        try:
-            return self.scope.scorer.preprocess(data)
-        except ImageRejected as exc:
-            self.metrics.observe_rejection(exc)
-            raise V2Error(exc.status, f"image {index}: {exc.description}") from None
 
 
 def register(app: falcon.App, config: Config, scorer: Scorer, state, metrics: Metrics) -> None:

@@ -17,8 +17,8 @@ import torch
 from export import cli
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
-from serve.decode import decode
-from serve.preprocess import preprocess
+from serve.manifest import Manifest
+from serve.preprocess import Preprocessor
 from tests.conftest import CARS, ROOT, car_photos
 
 SIZE = 64
@@ -76,6 +76,22 @@ def test_manifest_describes_the_artifact(artifact):
     assert labels == sorted(p.name for p in CARS.iterdir())
 
 
+def test_check_photos_are_kept_with_the_answer_the_module_gave(artifact):
+    manifest = Manifest.read(artifact)
+    checks = manifest.checks
+    assert len(checks) == 6
+    loaded = load_artifact(artifact)
+    preprocessor = Preprocessor(loaded.steps, 10**8)
+    for check in checks:
+        path = manifest.verified(artifact, check.file, check.sha256, "check")
+        assert path.parent == artifact / "checks"
+        with torch.no_grad():
+            top1 = int(loaded.module(preprocessor(path.read_bytes()).unsqueeze(0))[0].argmax())
+        assert loaded.labels[top1] == check.top1
+    # The surest answers, spread over the classes before any class repeats.
+    assert len({check.top1 for check in checks}) == min(6, manifest.num_classes)
+
+
 @pytest.mark.parametrize("argv, info, expected", [
     (["--name", "my-model"], {"data": "/photos/cars"}, "my-model"),
     ([], {"data": "/data/Stanford Cars!"}, "whatcar-stanford-cars30"),
@@ -88,8 +104,8 @@ def test_model_name_comes_from_the_flag_the_training_data_or_the_folder(tmp_path
 
 def test_module_batches_any_size_and_matches_single_images(artifact):
     loaded = load_artifact(artifact)
-    steps = loaded.steps
-    pixels = torch.stack([preprocess(decode(p.read_bytes(), 10**8), steps) for p in car_photos()[:5]])
+    preprocessor = Preprocessor(loaded.steps, 10**8)
+    pixels = torch.stack([preprocessor(p.read_bytes()) for p in car_photos()[:5]])
     together = loaded.module(pixels)
     one_by_one = torch.cat([loaded.module(pixels[i:i + 1]) for i in range(5)])
     assert together.shape == (5, 3)
@@ -98,7 +114,10 @@ def test_module_batches_any_size_and_matches_single_images(artifact):
 
 
 def test_failed_parity_leaves_previous_artifact_untouched(learner, artifact, monkeypatch, capsys):
-    before = {p.name: p.read_bytes() for p in artifact.iterdir()}
+    def contents():
+        return {str(p.relative_to(artifact)): p.read_bytes() for p in artifact.rglob("*") if p.is_file()}
+
+    before = contents()
     real_check = cli.parity.check
 
     def one_disagreement(*args, **kwargs):
@@ -109,7 +128,7 @@ def test_failed_parity_leaves_previous_artifact_untouched(learner, artifact, mon
     monkeypatch.setattr(cli.parity, "check", one_disagreement)
     assert cli.main([str(learner), "--out", str(artifact), "--images", str(CARS)]) == 1
     assert "parity check failed" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before
+    assert contents() == before
 
 
 def test_learner_from_another_fastai_names_both_versions(tmp_path):
@@ -144,9 +163,11 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(artifact, target / "artifact")
     loaded = load_artifact(target / "artifact", optimize=False)
+    # The server's own preprocessing, JPEG draft decoding included, as tests/cross uses it.
+    preprocessor = Preprocessor(loaded.steps, 10**8)
     rows = {}
     for path in car_photos():
-        pixels = preprocess(decode(path.read_bytes(), 10**8), loaded.steps)
+        pixels = preprocessor(path.read_bytes())
         with torch.no_grad():
             rows[str(path.relative_to(CARS))] = loaded.module(pixels.unsqueeze(0))[0].tolist()
     (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows}))

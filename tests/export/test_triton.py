@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from export import triton
+from serve.errors import ArtifactError
+from serve.manifest import Manifest
 from tests.conftest import ROOT
 
 HEIGHT, WIDTH, LABELS = 12, 16, ["Alfa Romeo Giulia 2017", "Citroen DS 1965", "Saab 900 1987", "Volvo 240 1993"]
@@ -95,8 +97,12 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def renamed(manifest: Manifest, **changes) -> Manifest:
+    return Manifest({**manifest.data, **changes})
+
+
 @pytest.fixture()
-def artifact(tmp_path) -> tuple[Path, dict]:
+def artifact(tmp_path) -> tuple[Path, Manifest]:
     folder = tmp_path / "toy"
     folder.mkdir()
     with warnings.catch_warnings():
@@ -104,16 +110,11 @@ def artifact(tmp_path) -> tuple[Path, dict]:
         module = torch.jit.trace(Toy().eval(), torch.zeros((2, 3, HEIGHT, WIDTH), dtype=torch.uint8))
         torch.jit.save(module, str(folder / "model.pt"))
     (folder / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
-    manifest = {
-        "format_version": 1, "name": "toy-cars.v1",
-        "files": {"model": {"file": "model.pt", "sha256": sha(folder / "model.pt")},
-                  "labels": {"file": "labels.txt", "sha256": sha(folder / "labels.txt")}},
-        "num_classes": len(LABELS),
-        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
-                  "height": HEIGHT, "width": WIDTH, "batch": "any"},
-        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(LABELS)]},
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    steps = [{"op": "resize", "method": "squish", "height": HEIGHT, "width": WIDTH, "resample": "bilinear",
+              "pad_mode": "reflection"}]
+    manifest = Manifest.create(folder, name="toy-cars.v1", model_file="model.pt", labels_file="labels.txt",
+                               num_classes=len(LABELS), steps=steps)
+    manifest.write(folder)
     return folder, manifest
 
 
@@ -129,14 +130,14 @@ def test_repository_matches_the_manifest_and_the_module(artifact):
     (answer,) = [config["output"]] if isinstance(config["output"], dict) else config["output"]
     assert given == {"name": "images__0", "data_type": "TYPE_UINT8", "dims": [3, HEIGHT, WIDTH]}
     assert answer["name"] == "probabilities__0" and answer["data_type"] == "TYPE_FP32"
-    assert answer["dims"] == [manifest["num_classes"]]
+    assert answer["dims"] == [manifest.num_classes]
     assert (model_dir / answer["label_filename"]).read_text().splitlines() == LABELS
     assert config["instance_group"][0]["kind"] == "KIND_CPU" and "dynamic_batching" in config
 
     # Triton keeps a version folder per model and loads model.pt from it.
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     copied = model_dir / "1" / "model.pt"
-    assert sha(copied) == manifest["files"]["model"]["sha256"]
+    assert sha(copied) == manifest.model_sha256 == sha(folder / "model.pt")
 
     # What Triton would send: a full batch of the declared dtype and dims.
     module = torch.jit.load(str(copied))
@@ -150,7 +151,7 @@ def test_a_changed_model_is_refused_and_the_old_repository_stays(artifact):
     model_dir = triton.write_model_repository(folder, manifest)
     before = (model_dir / "config.pbtxt").read_text()
     (folder / "model.pt").write_bytes(b"not the exported model")
-    with pytest.raises(triton.TritonError, match="sha256"):
+    with pytest.raises(ArtifactError, match="sha256"):
         triton.write_model_repository(folder, manifest, max_batch_size=4)
     assert (model_dir / "config.pbtxt").read_text() == before
     assert sorted(p.name for p in folder.iterdir()) == ["labels.txt", "manifest.json", "model.pt", "triton"]
@@ -160,8 +161,7 @@ def test_rewriting_replaces_the_whole_repository(artifact):
     folder, manifest = artifact
     triton.write_model_repository(folder, manifest)
     (folder / "triton" / "stale").mkdir()
-    renamed = {**manifest, "name": "toy2"}
-    triton.write_model_repository(folder, renamed, max_batch_size=2, instances=3)
+    triton.write_model_repository(folder, renamed(manifest, name="toy2"), max_batch_size=2, instances=3)
     assert [p.name for p in (folder / "triton").iterdir()] == ["toy2"]
     config = parse_pbtxt((folder / "triton" / "toy2" / "config.pbtxt").read_text())
     assert config["max_batch_size"] == 2 and config["instance_group"][0]["count"] == 3
@@ -171,14 +171,14 @@ def test_rewriting_replaces_the_whole_repository(artifact):
 def test_names_triton_cannot_use_are_refused(artifact, name):
     folder, manifest = artifact
     with pytest.raises(triton.TritonError, match="name"):
-        triton.write_model_repository(folder, {**manifest, "name": name})
+        triton.write_model_repository(folder, renamed(manifest, name=name))
     assert not (folder / "triton").exists()
 
 
 def test_inputs_this_writer_does_not_know_are_refused(artifact):
     folder, manifest = artifact
     with pytest.raises(triton.TritonError, match="float32"):
-        triton.render_config({**manifest, "input": {**manifest["input"], "dtype": "float32"}})
+        triton.render_config(renamed(manifest, input={**manifest.data["input"], "dtype": "float32"}))
 
 
 def test_standalone_command(artifact):
@@ -186,7 +186,7 @@ def test_standalone_command(artifact):
     run = subprocess.run([sys.executable, "-m", "export.triton", str(folder), "--max-batch-size", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    config = parse_pbtxt((folder / "triton" / manifest["name"] / "config.pbtxt").read_text())
+    config = parse_pbtxt((folder / "triton" / manifest.name / "config.pbtxt").read_text())
     assert config["max_batch_size"] == 16
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from serve.app import State, create_app
 from serve.config import Config
-from serve.server import build_scorer
+from serve.scoring import build_scorer
 from tests.conftest import ARTIFACTS, car_photos
 
 

@@ -22,7 +22,8 @@ def test_raw_body_names_the_car(client, path):
     assert probabilities == sorted(probabilities, reverse=True)
     assert len(probabilities) == 5 and 0 < sum(probabilities) <= 1.0001
     assert len(body["model"]["sha256"]) == 64
-    assert set(body["timings_ms"]) >= {"preprocess", "inference", "postprocess", "total"}
+    assert set(body["timings_ms"]) == {"preprocess", "queue", "inference", "postprocess", "total"}
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] > 0
 
 
 def test_multipart_upload_and_upload_alias(client):
@@ -123,12 +124,13 @@ def test_health_ready_and_not_ready(client, state, photo):
 
 def test_metadata_comes_from_the_manifest(client, scorer):
     body = client.simulate_get("/metadata").json
-    manifest = scorer.artifact.manifest
-    assert body["classes"] == scorer.artifact.labels
+    manifest = scorer.manifest.data
+    assert body["name"] == manifest["name"]
+    assert body["classes"] == scorer.labels and body["num_classes"] == manifest["num_classes"]
     assert body["sha256"] == manifest["files"]["model"]["sha256"]
     assert body["input"]["height"] == manifest["input"]["height"]
     assert body["preprocessing"]["steps"] == manifest["preprocessing"]["steps"]
-    assert body["versions"]["torch"]
+    assert body["versions"]["torch"] and body["validation"] == manifest["validation"]
 
 
 def test_unknown_route_and_method(client):
@@ -151,10 +153,50 @@ def test_internal_error_is_json_without_traceback(client, scorer, monkeypatch, p
     def broken(batch):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(scorer, "inference", broken)
+    monkeypatch.setattr(scorer.model, "runner", broken)
     resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
     assert resp.status_code == 500
     assert "secret" not in resp.text and "Traceback" not in resp.text
     assert json.loads(resp.text)["title"]
     monkeypatch.undo()
     assert client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(tmp_path, monkeypatch):
+    """What a WSGI server such as gunicorn does with `serve.app:get_app()`, shown with the standard
+    library's own server: the settings come from WHATCAR_* alone, never from the host's argv."""
+    import http.client
+    import io
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from serve.app import get_app
+    from serve.config import ConfigError
+    from tests.serve.tiny_artifact import write_tiny_artifact
+
+    folder = write_tiny_artifact(tmp_path / "tiny")
+    monkeypatch.setattr("sys.argv", ["gunicorn", "--workers", "3", "serve.app:get_app()"])
+    with pytest.raises(ConfigError, match="WHATCAR_TOP_K"):
+        get_app({"WHATCAR_MODEL_DIR": str(folder), "WHATCAR_TOP_K": "many"})
+
+    app = get_app({"WHATCAR_MODEL_DIR": str(folder), "WHATCAR_TOP_K": "2", "WHATCAR_INFERENCE_WORKERS": "1"})
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        red = io.BytesIO()
+        Image.new("RGB", (40, 30), (250, 60, 10)).save(red, "PNG")
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+        connection.request("POST", "/predict", body=red.getvalue(), headers={"Content-Type": "image/png"})
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+    finally:
+        server.shutdown()
+    assert answer.status == 200
+    assert body["model"]["name"] == "tiny-test"
+    assert [p["label"] for p in body["predictions"]] == ["Alpha Coupe 2001", "Beta Van 2002"]

@@ -25,7 +25,7 @@ def rewrite_manifest(folder, change):
 
 def test_committed_artifact_loads(copy):
     artifact = load_artifact(copy, optimize=False)
-    assert len(artifact.labels) == artifact.manifest["num_classes"]
+    assert len(artifact.labels) == artifact.manifest.num_classes
     assert artifact.sha256 == sha256_file(copy / "model.pt")
 
 
@@ -73,7 +73,7 @@ def test_missing_files_are_named(copy):
 def test_manifest_cannot_point_outside_its_folder(copy):
     shutil.copy(copy / "model.pt", copy.parent / "model.pt")
     rewrite_manifest(copy, lambda m: m["files"]["model"].update(file="../model.pt"))
-    with pytest.raises(ArtifactError, match="not a file name inside"):
+    with pytest.raises(ArtifactError, match="not a file inside"):
         load_artifact(copy)
 
 

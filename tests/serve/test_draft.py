@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from serve.decode import decode
-from serve.preprocess import DRAFT_MARGIN, apply_steps, draft_size, image_to_tensor
-from serve.scoring import Scorer
+from serve.preprocess import DRAFT_MARGIN, Preprocessor, draft_size
 from tests.conftest import car_photos
 
 STEPS = [{"op": "resize", "method": "squish", "height": 288, "width": 288, "resample": "bilinear",
@@ -60,14 +59,14 @@ def test_rotated_phone_photo_is_drafted_then_turned_upright():
 
 def test_drafted_phone_photos_score_like_full_decodes(scorer):
     """The model's answer on a drafted 12 MP photo against the same photo decoded in full."""
-    scorer = Scorer(scorer.artifact, scorer.model, BIG)
     steps = scorer.artifact.steps
     module = scorer.artifact.module
+    in_full, in_draft = Preprocessor(steps, BIG, draft_margin=None), Preprocessor(steps, BIG)
     worst = 0.0
     for path in car_photos()[::8]:
         data = phone_photo(path)
-        full = image_to_tensor(apply_steps(decode(data, BIG), steps))
-        drafted = scorer.preprocess(data)
+        full, drafted = in_full(data), in_draft(data)
+        assert in_draft.decode(data).size[0] < in_full.decode(data).size[0]
         assert drafted.shape == full.shape
         with torch.inference_mode():
             p_full, p_draft = module(torch.stack([full, drafted]))

@@ -1,6 +1,8 @@
 """/metrics, read back with prometheus_client's own text parser."""
 
 import base64
+import threading
+import time
 
 import falcon.testing
 import pytest
@@ -9,7 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve.app import create_app
 from serve.errors import ImageRejected
-from serve.metrics import rejection_reasons
+from serve.inference import Model
+from serve.metrics import Metrics, rejection_reasons
+from serve.scoring import Scorer
 from tests.conftest import car_photos
 
 
@@ -31,12 +35,30 @@ def value(samples: dict, metric: str, **labels) -> float:
 @pytest.fixture()
 def fresh(config, scorer, state):
     def build() -> falcon.testing.TestClient:
-        return falcon.testing.TestClient(create_app(config, scorer, state, registry=CollectorRegistry()))
+        return falcon.testing.TestClient(create_app(config, scorer, state))
     return build
 
 
-def test_requests_inference_batches_and_rejections_are_counted(fresh, scorer):
-    client = fresh()
+@pytest.fixture()
+def observed(config, scorer, state):
+    """An app whose model reports its forward passes to the app's metrics, as the server's does:
+    one shared inference thread, micro-batches of 2, and a forward pass slowed down so that
+    requests arriving during one pass share the next."""
+    metrics = Metrics(CollectorRegistry())
+
+    def slow(batch):
+        time.sleep(0.2)
+        return scorer.artifact.module(batch)
+
+    model = Model(slow, scorer.preprocessor, scorer.artifact.input_size, workers=1, micro_batch=2,
+                  observer=metrics.observe_pass, warm_up_rounds=1)
+    model.wait_ready(60)
+    yield falcon.testing.TestClient(create_app(config, Scorer(scorer.artifact, model), state, metrics))
+    model.close()
+
+
+def test_requests_inference_batches_and_rejections_are_counted(observed, scorer):
+    client = observed
     photos = car_photos()[:3]
     jpeg = {"Content-Type": "image/jpeg"}
     assert client.simulate_post("/predict", body=photos[0].read_bytes(), headers=jpeg).status_code == 200
@@ -44,7 +66,7 @@ def test_requests_inference_batches_and_rejections_are_counted(fresh, scorer):
     assert client.simulate_post("/predict", body=photos[0].read_bytes()[:500], headers=jpeg).status_code == 400
     batch = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
                          "data": [base64.b64encode(p.read_bytes()).decode() for p in photos]}]}
-    assert client.simulate_post(f"/v2/models/{scorer.artifact.name}/infer", json=batch).status_code == 200
+    assert client.simulate_post(f"/v2/models/{scorer.name}/infer", json=batch).status_code == 200
     assert client.simulate_get("/no/such/page").status_code == 404
 
     samples = scrape(client)
@@ -55,16 +77,45 @@ def test_requests_inference_batches_and_rejections_are_counted(fresh, scorer):
     assert value(samples, requests, method="POST", route="/v2/models/{name}/infer", status="200") == 1
     assert value(samples, requests, method="GET", route="unmatched", status="404") == 1
     assert value(samples, "whatcar_http_request_duration_seconds_count", method="POST", route="/predict") == 3
-    # Two forward passes: one image from /predict, three from the V2 batch.
+    # Two forward passes: one image from /predict, three from the V2 batch. The rejected uploads
+    # never reached the model.
     assert value(samples, "whatcar_inference_batch_size_count") == 2
     assert value(samples, "whatcar_inference_batch_size_sum") == 4
     assert value(samples, "whatcar_inference_batch_size_bucket", le="1.0") == 1
     assert value(samples, "whatcar_inference_batch_size_bucket", le="4.0") == 2
     assert value(samples, "whatcar_inference_duration_seconds_count") == 2
-    assert value(samples, "whatcar_inference_duration_seconds_sum") > 0
+    assert value(samples, "whatcar_inference_duration_seconds_sum") >= 0.4
+    assert value(samples, "whatcar_inference_queue_seconds_count") == 2
     assert value(samples, "whatcar_images_rejected_total", reason="unsupported_type") == 1
     assert value(samples, "whatcar_images_rejected_total", reason="undecodable") == 1
     assert value(samples, "whatcar_images_rejected_total", reason="too_many_pixels") == 0
+
+
+def test_requests_that_share_a_forward_pass_are_observed_as_one_batch_of_two(observed):
+    photo = car_photos()[0].read_bytes()
+    statuses = []
+
+    def post(delay: float) -> None:
+        time.sleep(delay)
+        resp = observed.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
+        statuses.append((resp.status_code, resp.json["timings_ms"]))
+
+    # The first request holds the only inference thread for 0.2 s; the two sent meanwhile wait
+    # in the queue and are scored together in the next pass.
+    threads = [threading.Thread(target=post, args=(delay,)) for delay in (0.0, 0.05, 0.05)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [status for status, _ in statuses] == [200, 200, 200]
+    samples = scrape(observed)
+    assert value(samples, "whatcar_inference_batch_size_count") == 2
+    assert value(samples, "whatcar_inference_batch_size_sum") == 3
+    assert value(samples, "whatcar_inference_batch_size_bucket", le="1.0") == 1
+    assert value(samples, "whatcar_inference_batch_size_bucket", le="2.0") == 2
+    # The answers keep the wait for a thread apart from the forward pass itself.
+    assert max(timings["queue"] for _, timings in statuses) >= 100
+    assert min(timings["inference"] for _, timings in statuses) >= 200
 
 
 def test_every_rejection_reason_is_exported_from_the_start(fresh):
@@ -77,9 +128,8 @@ def test_every_rejection_reason_is_exported_from_the_start(fresh):
 
 def test_model_info(fresh, scorer):
     samples = scrape(fresh())
-    artifact = scorer.artifact
-    assert value(samples, "whatcar_model_info", name=artifact.name, sha256=artifact.sha256,
-                 classes=str(len(artifact.labels))) == 1
+    assert value(samples, "whatcar_model_info", name=scorer.name, sha256=scorer.sha256,
+                 classes=str(len(scorer.labels))) == 1
 
 
 def test_each_app_counts_in_its_own_registry(fresh):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from serve.app import STATIC, State, create_app
 from serve.config import Config, load_config
-from serve.server import build_scorer
+from serve.scoring import build_scorer
 from tests.conftest import ARTIFACTS
 from tests.serve.tiny_artifact import write_tiny_artifact
 

@@ -86,7 +86,7 @@ def test_model_metadata_comes_from_the_artifact(client, scorer):
         assert body["name"] == artifact.name and body["versions"] == ["1"]
         inputs = {t["name"]: t for t in body["inputs"]}
         assert inputs["image"]["datatype"] == "BYTES"
-        assert inputs[artifact.manifest["input"]["name"]] == {"name": artifact.manifest["input"]["name"],
+        assert inputs[artifact.manifest.input_name] == {"name": artifact.manifest.input_name,
                                                             "datatype": "UINT8", "shape": [-1, 3, height, width]}
         outputs = {t["name"]: t for t in body["outputs"]}
         assert outputs["probabilities"] == {"name": "probabilities", "datatype": "FP32",
@@ -137,8 +137,8 @@ def test_json_batch_matches_predict_per_image(client, scorer, config, infer_path
 
 def test_preprocessed_uint8_input_gives_the_same_probabilities(client, scorer, infer_path):
     # One image: as a JSON list of numbers a 288 px image is already about 1 MB of the 2 MB test limit.
-    pixels = torch.stack([scorer.preprocess(p.read_bytes()) for p in PHOTOS[:1]])
-    name = scorer.artifact.manifest["input"]["name"]
+    pixels = torch.stack([scorer.preprocessor(p.read_bytes()) for p in PHOTOS[:1]])
+    name = scorer.manifest.input_name
     from_bytes = output(infer(client, infer_path, {"inputs": [image_input(PHOTOS[:1])]}).json, "probabilities")
     resp = infer(client, infer_path, {"inputs": [{"name": name, "datatype": "UINT8", "shape": list(pixels.shape),
                                                   "data": pixels.flatten().tolist()}]})
@@ -150,8 +150,8 @@ def test_binary_extension_both_ways(client, scorer, infer_path):
     photos = PHOTOS[:2]
     files = [p.read_bytes() for p in photos]
     packed = b"".join(struct.pack("<I", len(f)) + f for f in files)
-    pixels = torch.stack([scorer.preprocess(f) for f in files])
-    name = scorer.artifact.manifest["input"]["name"]
+    pixels = torch.stack([scorer.preprocessor(f) for f in files])
+    name = scorer.manifest.input_name
     body, headers = binary_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 1],
                                                 "parameters": {"binary_data_size": len(packed)}}],
                                     "parameters": {"binary_data_output": True}}, [packed])
@@ -210,7 +210,7 @@ def test_body_over_the_upload_limit(client, infer_path, config):
 def malformed_requests(scorer, max_batch: int):
     artifact = scorer.artifact
     height, width = artifact.input_size
-    pixels = artifact.manifest["input"]["name"]
+    pixels = artifact.manifest.input_name
     one = image_input(PHOTOS[:1])
     return {
         "not json": b"{oops",

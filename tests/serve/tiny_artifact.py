@@ -3,12 +3,13 @@ on purpose on an all-white image, so that server tests can reach paths a real mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
+
+from serve.manifest import MANIFEST, Manifest, sha256_file
 
 SIZE = 16
 
@@ -32,15 +33,12 @@ class TinyModel(torch.nn.Module):
         return torch.softmax(means / 64.0 + acc.mean() * 0.0, dim=1)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Refresh both checksums and write manifest.json."""
-    manifest["files"]["model"]["sha256"] = sha256(folder / "model.pt")
-    manifest["files"]["labels"]["sha256"] = sha256(folder / "labels.txt")
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    """Write a manifest as given, even one the server must refuse, with both checksums taken anew
+    (so a test breaks exactly one thing)."""
+    manifest["files"]["model"]["sha256"] = sha256_file(folder / "model.pt")
+    manifest["files"]["labels"]["sha256"] = sha256_file(folder / "labels.txt")
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0) -> Path:
@@ -51,18 +49,9 @@ def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_roun
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(TinyModel(burn_rounds).eval()), str(folder / "model.pt"))
     (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-    manifest = {
-        "format_version": 1,
-        "name": "tiny-test",
-        "files": {"model": {"file": "model.pt"}, "labels": {"file": "labels.txt"}},
-        "num_classes": len(labels),
-        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
-                  "height": SIZE, "width": SIZE, "batch": "any"},
-        "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", len(labels)], "activation": "softmax"},
-        "preprocessing": {"steps": [{"op": "resize", "method": "squish", "height": SIZE, "width": SIZE,
-                                     "resample": "bilinear", "pad_mode": "reflection"}]},
-        "architecture": "channel means (test model)",
-        "versions": {"torch": torch.__version__},
-    }
-    write_manifest(folder, manifest)
+    steps = [{"op": "resize", "method": "squish", "height": SIZE, "width": SIZE, "resample": "bilinear",
+              "pad_mode": "reflection"}]
+    Manifest.create(folder, name="tiny-test", model_file="model.pt", labels_file="labels.txt",
+                    num_classes=len(labels), steps=steps, architecture="channel means (test model)",
+                    versions={"torch": torch.__version__}).write(folder)
     return folder

@@ -1,0 +1,180 @@
+"""An artifact's manifest.json, read and written in one place.
+
+The exporter writes it, the server, the Triton writer and the tests read it, all through
+`Manifest`, so each field has one name and one meaning. It is JSON and nothing else: reading
+it never runs code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED = ("files", "input", "preprocessing", "num_classes")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Check:
+    """A photo kept in the artifact with the top-1 the exported model gave it: a loaded model
+    that names it differently is not the model that was exported."""
+
+    file: str
+    sha256: str
+    top1: str
+
+
+class Manifest:
+    """The parsed manifest, with the accessors serving needs; `data` is the JSON object."""
+
+    def __init__(self, data: dict, source: str = MANIFEST):
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source} must hold a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise ArtifactError(f"{source} has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise ArtifactError(f"{source} is format {version}, newer than this server understands "
+                                f"({FORMAT_VERSION}); upgrade whatcar's serve side")
+        for key in REQUIRED:
+            if key not in data:
+                raise ArtifactError(f"{source} lacks '{key}'")
+        if not isinstance(data["input"], dict) or not isinstance(data["preprocessing"], dict):
+            raise ArtifactError(f"{source}: 'input' and 'preprocessing' must be objects")
+        self.data = data
+        self.source = source
+
+    # ------------------------------------------------------------------ reading and writing
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found; point --model-dir (WHATCAR_MODEL_DIR) at a folder written by "
+                                "`make export`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+        return cls(data, str(path))
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST
+        path.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def create(cls, folder: Path, *, name: str, model_file: str, labels_file: str, num_classes: int,
+               steps: list[dict], preprocessing: dict | None = None, checks: list[Check] = (), **facts) -> Manifest:
+        """A manifest for the files already written in `folder`, their checksums taken now.
+
+        The input and output contract is the one every whatcar module has: uint8 RGB
+        [N, 3, H, W] in, at the size the last preprocessing step produces, and float32 softmax
+        probabilities [N, classes] out. `facts` (versions, architecture, parity, ...) are kept
+        as given.
+        """
+        folder = Path(folder)
+        height, width = steps[-1]["height"], steps[-1]["width"]
+        model = folder / model_file
+        data = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "files": {
+                "model": {"file": model_file, "sha256": sha256_file(model), "bytes": model.stat().st_size},
+                "labels": {"file": labels_file, "sha256": sha256_file(folder / labels_file)},
+            },
+            "num_classes": num_classes,
+            "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                      "height": height, "width": width, "batch": "any"},
+            "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", num_classes],
+                       "activation": "softmax"},
+            "preprocessing": {**(preprocessing or {}), "steps": steps},
+            **facts,
+        }
+        if checks:
+            data["checks"] = [{"file": c.file, "sha256": c.sha256, "top1": c.top1} for c in checks]
+        return cls(data)
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def name(self) -> str | None:
+        return self.data.get("name")
+
+    @property
+    def num_classes(self) -> int:
+        return self.data["num_classes"]
+
+    @property
+    def input_name(self) -> str:
+        return self.data["input"].get("name", "images")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the module takes."""
+        return self.data["input"].get("height"), self.data["input"].get("width")
+
+    @property
+    def steps(self) -> list[dict]:
+        return self.data["preprocessing"].get("steps", [])
+
+    @property
+    def model_sha256(self) -> str:
+        return self.entry("model")[1]
+
+    @property
+    def checks(self) -> list[Check]:
+        checks = self.data.get("checks", [])
+        try:
+            return [Check(str(c["file"]), str(c["sha256"]), str(c["top1"])) for c in checks]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{self.source}: each of 'checks' needs file, sha256 and top1") from None
+
+    def entry(self, role: str) -> tuple[str, str]:
+        """(file name, sha256) of a listed file."""
+        try:
+            entry = self.data["files"][role]
+            return entry["file"], entry["sha256"]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{self.source} has no files.{role}.file and files.{role}.sha256") from None
+
+    def describe(self) -> dict:
+        """The facts a client may read about the model (for /metadata)."""
+        return {key: copy.deepcopy(self.data.get(key)) for key in
+                ("input", "preprocessing", "output", "architecture", "versions", "validation")}
+
+    # ------------------------------------------------------------------ verification
+
+    def verified(self, folder: Path, name: str, expected: str, role: str) -> Path:
+        """The path of `name` in `folder`, checked to be inside it and to match `expected`."""
+        folder = Path(folder)
+        path = folder / name
+        # The manifest names files inside the artifact folder only.
+        if folder.resolve() not in path.resolve().parents:
+            raise ArtifactError(f"{role} file {name!r} in {folder / MANIFEST} is not a file inside {folder}")
+        if not path.is_file():
+            raise ArtifactError(f"{role} file {path} is missing (listed in {folder / MANIFEST})")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{path} sha256 is {actual[:12]}..., the manifest says {expected[:12]}...: "
+                                "the file was changed or belongs to another export")
+        return path
+
+    def verified_file(self, folder: Path, role: str) -> Path:
+        """A listed file's path, after checking it exists inside `folder` and matches its sha256."""
+        name, expected = self.entry(role)
+        return self.verified(folder, name, expected, role)
