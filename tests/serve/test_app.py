@@ -200,3 +200,12 @@ def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(t
     assert answer.status == 200
     assert body["model"]["name"] == "tiny-test"
     assert [p["label"] for p in body["predictions"]] == ["Alpha Coupe 2001", "Beta Van 2002"]
+
+
+def test_the_committed_artifacts_check_photos_get_the_top1_its_manifest_records(client, scorer):
+    checks = scorer.manifest.checks
+    assert len(checks) >= 3
+    for check in checks:
+        path = scorer.manifest.verified(scorer.artifact.folder, check.file, check.sha256, "check")
+        resp = client.simulate_post("/predict", body=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert resp.status_code == 200 and resp.json["predictions"][0]["label"] == check.top1, check.file
