@@ -25,9 +25,6 @@ import datetime as dt
 import json
 import os
 import platform
-import select
-import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -38,11 +35,10 @@ from serve.cpus import available_cpus
 from . import inputs as inputs_mod
 from . import peer
 from .load import Process, free_port, get_status, percentile, rss_mib, run_load, tree_cpu_seconds, tree_rss_mib
+from .report import Series, bracketed, evaluate, single_thread_counts, table
+from .workers import Worker, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-MB = 1_000_000
-
-
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -85,56 +81,6 @@ def own_cpu_seconds() -> float:
 # ---------------------------------------------------------------- helpers
 
 
-class Worker:
-    """A measuring process that loads once, then answers one JSON line per JSON command."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: Path, timeout: float):
-        self.name = name
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     text=True, start_new_session=True)
-        self.hello = self._read(timeout)
-
-    def _read(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-2:]
-            raise RuntimeError(f"{self.name} gave no answer ({'exited' if ready else 'timed out'}): "
-                               + " | ".join(tail))
-        return json.loads(line)
-
-    def ask(self, command: dict, timeout: float = 600) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read(timeout)
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(15)
-        except (OSError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        self.log.close()
-
-
-def start_worker(name: str, cmd: list[str], log_path: Path, timeout: float) -> Worker | str:
-    """A Worker, or the reason it is unavailable (its first line may say it skipped)."""
-    try:
-        worker = Worker(name, cmd, log_path, timeout)
-    except (OSError, RuntimeError) as exc:
-        return str(exc)
-    if "skipped" in worker.hello:
-        worker.close()
-        return worker.hello["skipped"]
-    return worker
-
-
 class Budget:
     """Request counts and seconds for each step; --quick shrinks them for trying the code out."""
 
@@ -146,27 +92,6 @@ class Budget:
 
     def s(self, seconds: float) -> float:
         return max(1.0, seconds * self.scale)
-
-
-class Series:
-    """One measured thing, round after round: latencies pooled, throughput kept per round."""
-
-    def __init__(self):
-        self.latencies: list[float] = []
-        self.rounds: list[dict] = []
-
-    def add(self, latencies: list[float], throughput: float | None = None, **extra) -> dict:
-        self.latencies.extend(latencies)
-        entry = {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-                 "count": len(latencies), "throughput": throughput, **extra}
-        self.rounds.append(entry)
-        return entry
-
-    def summary(self) -> dict:
-        throughputs = [r["throughput"] for r in self.rounds if r["throughput"] is not None]
-        return {"count": len(self.latencies), "p50_ms": percentile(self.latencies, 50),
-                "p95_ms": percentile(self.latencies, 95), "p99_ms": percentile(self.latencies, 99),
-                "throughput": statistics.median(throughputs) if throughputs else None, "rounds": self.rounds}
 
 
 class Counter:
@@ -233,16 +158,8 @@ def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
 # ---------------------------------------------------------------- the run
 
 
-def bracketed(before: Series, after: Series) -> Series:
-    """One throughput per round: the mean of the figures taken before and after that round."""
-    merged = Series()
-    for b, a in zip(before.rounds, after.rounds):
-        merged.add([], (b["throughput"] + a["throughput"]) / 2, before=b["throughput"], after=a["throughput"])
-    return merged
-
-
 def floor_streams(floor: Worker, layouts: list[tuple], budget: Budget, s, when: str) -> None:
-    """Every two-core layout of the floor once. Taken before and after each round's loads on the
+    """Every layout of the floor once. Taken before and after each round's loads on the
     servers: this machine's speed drifts by 10-20% within a minute, and the mean of the two is
     what the server figures measured between them are compared with."""
     for layout in layouts:
@@ -326,7 +243,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
         for r in range(args.rounds):
             log(f"round {r + 1} of {args.rounds}")
             jpeg = items["jpeg400"]
-            for threads in sorted({1, floor.hello["cpus"]}):
+            for threads in single_thread_counts(floor.hello["cpus"]):
                 a = floor.ask({"op": "single", "input": "jpeg400", "threads": threads, "count": budget.n(25),
                                "seconds": budget.s(6)})
                 s(f"floor_single_t{threads}").add(a["latencies_ms"], forward_ms=percentile(a["forward_ms"], 50),
@@ -339,7 +256,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
             http(port, "/predict", items["jpeg12mp"], 1, budget.n(20), budget.s(5), counter, s("whatcar_jpeg12mp_c1"))
             http(port, "/predict", items["png"], 1, budget.n(40), budget.s(4), counter, s("whatcar_png_c1"))
             if r == 0:
-                for threads in sorted({1, floor.hello["cpus"]}):
+                for threads in single_thread_counts(floor.hello["cpus"]):
                     a = floor.ask({"op": "single", "input": "jpeg12mp", "threads": threads, "count": budget.n(10),
                                    "seconds": budget.s(4)})
                     s(f"floor_single_jpeg12mp_t{threads}").add(a["latencies_ms"])
@@ -384,157 +301,6 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
 
 
 # ---------------------------------------------------------------- targets and report
-
-
-def target(name: str, per_round: list[float] | None, limit: float, higher_is_better: bool, detail: str) -> dict:
-    direction = ">=" if higher_is_better else "<="
-    if not per_round:
-        return {"target": name, "ratio": None, "limit": limit, "met": None, "detail": detail, "direction": direction}
-    ratio = statistics.median(per_round)
-    met = ratio >= limit if higher_is_better else ratio <= limit
-    return {"target": name, "ratio": ratio, "range": [min(per_round), max(per_round)], "limit": limit,
-            "met": met, "detail": detail, "direction": direction}
-
-
-def evaluate(results: dict) -> list[dict]:
-    series = results["series"]
-
-    def rounds(key: str) -> list[dict]:
-        return series[key]["rounds"] if key in series else []
-
-    def per_round(fn, *keys) -> list[float]:
-        columns = [rounds(k) for k in keys]
-        if not all(columns):
-            return []
-        return [fn(*row) for row in zip(*columns)]
-
-    singles = sorted(k for k in series if k.startswith("floor_single_t"))
-    layouts = sorted(k for k in series if k.startswith("floor_streams_"))
-    best_single = [min(row[k]["p50_ms"] for k in singles) for row in
-                   [{k: rounds(k)[i] for k in singles} for i in range(len(rounds(singles[0])))]]
-    best_tp = [max(row[k]["throughput"] for k in layouts) for row in
-               [{k: rounds(k)[i] for k in layouts} for i in range(len(rounds(layouts[0])))]]
-    c1, c8 = rounds("whatcar_jpeg400_c1"), rounds("whatcar_jpeg400_c8")
-    out = [
-        target("HTTP p50 at c=1 / floor single stream, best thread count (400 px JPEG)",
-               [a["p50_ms"] / b for a, b in zip(c1, best_single)], 1.15, False,
-               f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms vs {statistics.median(best_single):.1f} ms"),
-        target("HTTP throughput at c=8 / best floor throughput on all cores",
-               [a["throughput"] / b for a, b in zip(c8, best_tp)], 0.9, True,
-               f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {statistics.median(best_tp):.1f} images/s"),
-    ]
-    if "fastai_jpeg400" in series:
-        out.append(target("learn.predict p50 per image / HTTP p50 at c=1",
-                          per_round(lambda f, w: f["p50_ms"] / w["p50_ms"], "fastai_jpeg400", "whatcar_jpeg400_c1"),
-                          5, True, f"{series['fastai_jpeg400']['p50_ms']:.1f} ms vs "
-                                   f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms"))
-    else:
-        out.append(target("learn.predict p50 per image / HTTP p50 at c=1", None, 5, True,
-                          results["fastai"].get("skipped", "not measured")))
-    if "torchserve_jpeg400_c8" in series:
-        ts = series["torchserve_jpeg400_c8"]
-        out.append(target("HTTP throughput at c=8 / TorchServe's",
-                          per_round(lambda w, t: w["throughput"] / t["throughput"], "whatcar_jpeg400_c8",
-                                    "torchserve_jpeg400_c8"), 1.5, True,
-                          f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {ts['throughput']:.1f} req/s"))
-        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8",
-                          per_round(lambda w, t: t["p99_ms"] / w["p99_ms"], "whatcar_jpeg400_c8",
-                                    "torchserve_jpeg400_c8"), 1.0, True,
-                          f"{ts['p99_ms']:.1f} ms vs {series['whatcar_jpeg400_c8']['p99_ms']:.1f} ms"))
-    else:
-        reason = results["torchserve"].get("skipped", "not measured")
-        out.append(target("HTTP throughput at c=8 / TorchServe's", None, 1.5, True, reason))
-        out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8", None, 1.0, True, reason))
-    out.append(target("12 MP JPEG p50 / 400 px JPEG p50 (HTTP, c=1)",
-                      per_round(lambda b, w: b["p50_ms"] / w["p50_ms"], "whatcar_jpeg12mp_c1", "whatcar_jpeg400_c1"),
-                      3.0, False, f"{series['whatcar_jpeg12mp_c1']['p50_ms']:.1f} ms vs "
-                                  f"{series['whatcar_jpeg400_c1']['p50_ms']:.1f} ms"))
-    http_ = results["whatcar"]
-    out.append(target("cold start, process start to /readyz 200 (s)", http_["cold_start_s"], 2.0, False,
-                      "runs: " + ", ".join(f"{v:.2f}" for v in http_["cold_start_s"])
-                      + "; a bare `import torch` took " + ", ".join(f"{v:.2f}" for v in http_["import_torch_s"])))
-    after = http_["rss_after_mib"] * (1 << 20) / MB
-    warm = http_["rss_warm_mib"] * (1 << 20) / MB
-    out.append(target(f"RSS after {http_['requests_total']} requests (MB)", [after], 300, False, f"{after:.0f} MB"))
-    out.append(target("RSS after those requests / after warm-up", [after / warm], 1.10, False,
-                      f"{after:.0f} MB vs {warm:.0f} MB"))
-    return out
-
-
-def fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-ROWS = [
-    ("floor_single_t1", "floor, 400 px JPEG, single stream, 1 thread"),
-    ("floor_single_t2", "floor, 400 px JPEG, single stream, 2 threads"),
-    ("floor_single_jpeg12mp_t1", "floor, 12 MP JPEG, single stream, 1 thread"),
-    ("floor_single_jpeg12mp_t2", "floor, 12 MP JPEG, single stream, 2 threads"),
-    ("floor_streams_2x1_b1", "floor, 400 px JPEG, 2 streams x 1 thread, batch 1"),
-    ("floor_streams_2x1_b2", "floor, 400 px JPEG, 2 streams x 1 thread, batch 2"),
-    ("floor_streams_1x2_b1", "floor, 400 px JPEG, 1 stream x 2 threads, batch 1"),
-    ("floor_streams_1x2_b4", "floor, 400 px JPEG, 1 stream x 2 threads, batch 4"),
-    ("fastai_jpeg400", "fastai learn.predict, 400 px JPEG"),
-    ("whatcar_jpeg400_c1", "whatcar HTTP, 400 px JPEG, c=1"),
-    ("whatcar_jpeg12mp_c1", "whatcar HTTP, 12 MP JPEG, c=1"),
-    ("whatcar_png_c1", "whatcar HTTP, PNG, c=1"),
-    ("whatcar_jpeg400_c4", "whatcar HTTP, 400 px JPEG, c=4"),
-    ("whatcar_jpeg400_c8", "whatcar HTTP, 400 px JPEG, c=8"),
-    ("torchserve_jpeg400_c1", "TorchServe HTTP, 400 px JPEG, c=1"),
-    ("torchserve_jpeg400_c8", "TorchServe HTTP, 400 px JPEG, c=8"),
-]
-
-
-def table(results: dict) -> str:
-    lines = []
-    m = results["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cpus_available']} CPUs available, {m['date']}, "
-                 f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f}")
-    if "other_cpu_share" in m:
-        lines.append(f"other processes used {100 * m['other_cpu_share']:.0f}% of the CPUs during the "
-                     f"{m['seconds']:.0f} s run (0% is a quiet machine); {results['rounds']} rounds")
-    lines.append("inputs: " + "; ".join(results["inputs"].values()))
-    lines.append("whatcar settings: " + (", ".join(f"{k}={v}" for k, v in results["whatcar"]["settings"].items())
-                                         or "the defaults"))
-    ts = results["torchserve"]
-    if "settings" in ts:
-        st = ts["settings"]
-        lines.append(f"TorchServe: {st['workers']} workers x {st['torch_threads']} thread(s), batch size "
-                     f"{st['batch_size']}")
-    for name in ("fastai", "torchserve"):
-        if "skipped" in results[name]:
-            lines.append(f"{name}: skipped ({results[name]['skipped']})")
-    lines.append("")
-    lines.append("| measurement | n | p50 ms | p95 ms | p99 ms | per second (median round) |")
-    lines.append("|---|---:|---:|---:|---:|---:|")
-    series = results["series"]
-    for key, label in ROWS:
-        if key not in series:
-            continue
-        r = series[key]
-        if key.startswith("floor_single"):
-            fwd = statistics.median(x["forward_ms"] for x in r["rounds"] if "forward_ms" in x) \
-                if any("forward_ms" in x for x in r["rounds"]) else None
-            if fwd is not None:
-                label += f" (forward {fwd:.1f} ms)"
-        latency = r["count"] > 0
-        per_second = r["throughput"] if r["throughput"] is not None else (1000 / r["p50_ms"] if latency else None)
-        lines.append(f"| {label} | {r['count'] or '-'} | {fmt(r['p50_ms']) if latency else '-'} | "
-                     f"{fmt(r['p95_ms']) if latency else '-'} | {fmt(r['p99_ms']) if latency else '-'} | "
-                     f"{fmt(per_second)} |")
-    lines.append("")
-    lines.append("| target | limit | measured (median) | rounds' range | met | detail |")
-    lines.append("|---|---:|---:|---:|:---:|---|")
-    for t in results["targets"]:
-        met = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        limit = f"{t.get('direction', '')} {t['limit']:g}".strip()
-        spread = f"{t['range'][0]:.2f}-{t['range'][1]:.2f}" if t.get("range") and len(set(t["range"])) > 1 else "-"
-        lines.append(f"| {t['target']} | {limit} | {fmt(t['ratio'], 2)} | {spread} | {met} | {t['detail']} |")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

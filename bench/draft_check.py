@@ -23,20 +23,18 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 
 from serve.artifact import load_artifact  # noqa: E402
-from serve.decode import decode  # noqa: E402
-from serve.preprocess import apply_steps, draft_size, image_to_tensor  # noqa: E402
+from serve.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402
 
 from .inputs import car_photos, phone_jpeg  # noqa: E402
 
 MAX_PIXELS = 200_000_000
 
 
-def pixels(data: bytes, steps: list[dict], draft: tuple[int, int] | None) -> tuple[torch.Tensor, float, tuple]:
+def pixels(data: bytes, preprocess: Preprocessor) -> tuple[torch.Tensor, float, tuple]:
     t0 = time.perf_counter()
-    image = decode(data, MAX_PIXELS, draft_size=draft)
-    decoded = image.size
-    tensor = image_to_tensor(apply_steps(image, steps))
-    return tensor, (time.perf_counter() - t0) * 1000, decoded
+    tensor = preprocess(data)
+    elapsed = (time.perf_counter() - t0) * 1000
+    return tensor, elapsed, preprocess.decode(data).size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     for photo in photos:
         data = phone_jpeg(photo)
-        full, full_ms, _ = pixels(data, steps, None)
+        full, full_ms, _ = pixels(data, Preprocessor(steps, MAX_PIXELS, draft_margin=None))
         with torch.inference_mode():
             p_full = artifact.module(full.unsqueeze(0))[0]
         row = {"photo": f"{photo.parent.name}/{photo.name}", "full_ms": full_ms,
                "full_top1": artifact.labels[int(p_full.argmax())], "true": photo.parent.name}
         for margin in margins:
-            size = draft_size(steps, margin) if margin is not None else draft_size(steps)
-            drafted, draft_ms, decoded = pixels(data, steps, size)
+            drafted, draft_ms, decoded = pixels(data, Preprocessor(steps, MAX_PIXELS, margin or DRAFT_MARGIN))
             with torch.inference_mode():
                 p_draft = artifact.module(drafted.unsqueeze(0))[0]
             key = f"margin{margin}" if margin is not None else "server"

@@ -1,7 +1,7 @@
 """The floor: what this machine can do with the served model and no HTTP at all.
 
-Decode, preprocess and forward pass in one process, through the server's own code (the
-Scorer's preprocessing and the artifact loaded exactly as the server loads it).
+Decode, preprocess and forward pass in one process, through the server's own code (its
+Preprocessor, and the artifact loaded exactly as the server loads it).
 
 Single stream: one image after another, on 1 or more intra-op threads. Streams: several
 threads at once, each decoding `batch` images and scoring them as one batch; the best of a few
@@ -33,10 +33,9 @@ import torch  # noqa: E402
 from serve.artifact import load_artifact  # noqa: E402
 from serve.config import Config  # noqa: E402
 from serve.cpus import available_cpus  # noqa: E402
-from serve.scoring import Scorer  # noqa: E402
+from serve.preprocess import Preprocessor  # noqa: E402
 
-# (streams, intra-op threads per stream, batch) tried for the two-core figure.
-LAYOUTS = [(2, 1, 1), (2, 1, 2), (1, 2, 1), (1, 2, 4)]
+from .report import floor_layouts  # noqa: E402
 
 
 def in_fresh_thread(fn):
@@ -53,7 +52,7 @@ def in_fresh_thread(fn):
     return out["result"]
 
 
-def single_stream(scorer: Scorer, module, data: bytes, threads: int, count: int, seconds: float) -> dict:
+def single_stream(preprocess: Preprocessor, module, data: bytes, threads: int, count: int, seconds: float) -> dict:
     """Latencies of one image at a time, split into preprocessing and forward pass."""
 
     def work():
@@ -61,11 +60,11 @@ def single_stream(scorer: Scorer, module, data: bytes, threads: int, count: int,
         pre, fwd = [], []
         with torch.inference_mode():
             for _ in range(3):
-                module(scorer.preprocess(data).unsqueeze(0))
+                module(preprocess(data).unsqueeze(0))
             deadline = time.perf_counter() + seconds
             while len(pre) < count and time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                pixels = scorer.preprocess(data)
+                pixels = preprocess(data)
                 t1 = time.perf_counter()
                 module(pixels.unsqueeze(0))
                 t2 = time.perf_counter()
@@ -77,7 +76,8 @@ def single_stream(scorer: Scorer, module, data: bytes, threads: int, count: int,
     return in_fresh_thread(work)
 
 
-def streams(scorer: Scorer, module, data: bytes, count: int, threads: int, batch: int, seconds: float) -> dict:
+def streams(preprocess: Preprocessor, module, data: bytes, count: int, threads: int, batch: int,
+            seconds: float) -> dict:
     """`count` threads, each decoding `batch` images and running them as one forward pass."""
     done = [0] * count
     start = threading.Barrier(count + 1)
@@ -88,10 +88,10 @@ def streams(scorer: Scorer, module, data: bytes, count: int, threads: int, batch
         torch.set_num_threads(threads)
         with torch.inference_mode():
             for _ in range(2):
-                module(torch.stack([scorer.preprocess(data) for _ in range(batch)]))
+                module(torch.stack([preprocess(data) for _ in range(batch)]))
             start.wait()
             while not stop.is_set():
-                module(torch.stack([scorer.preprocess(data) for _ in range(batch)]))
+                module(torch.stack([preprocess(data) for _ in range(batch)]))
                 done[i] += batch
 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(count)]
@@ -118,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
     config = Config(model_dir=args.model_dir)
     artifact = load_artifact(config.model_dir)
-    scorer = Scorer(artifact, None, config.max_image_pixels)
+    preprocess = Preprocessor(artifact.steps, config.max_image_pixels)
     inputs = {}
     for item in args.image:
         name, _, path = item.partition("=")
         inputs[name] = Path(path).read_bytes()
     print(json.dumps({"ready": True, "model": artifact.name, "cpus": available_cpus(), "torch": torch.__version__,
-                      "layouts": [layout for layout in LAYOUTS if layout[0] * layout[1] <= available_cpus()]}),
+                      "layouts": floor_layouts(available_cpus())}),
           flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         command = json.loads(line)
         data = inputs[command["input"]]
         if command["op"] == "single":
-            answer = single_stream(scorer, artifact.module, data, command["threads"], command["count"],
+            answer = single_stream(preprocess, artifact.module, data, command["threads"], command["count"],
                                    command["seconds"])
         elif command["op"] == "streams":
-            answer = streams(scorer, artifact.module, data, command["streams"], command["threads"],
+            answer = streams(preprocess, artifact.module, data, command["streams"], command["threads"],
                              command["batch"], command["seconds"])
         else:
             answer = {"error": f"unknown op {command['op']!r}"}

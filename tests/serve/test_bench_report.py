@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.__main__ import Series, bracketed, evaluate, table
+from bench.report import Series, bracketed, evaluate, floor_layouts, floor_rows, table
 
 
 def rounds(**columns) -> dict:
@@ -105,3 +105,22 @@ def test_floor_throughput_is_bracketed_by_measurements_before_and_after_each_rou
     assert [r["throughput"] for r in merged["rounds"]] == [30.0, 30.0, 40.0]
     assert merged["throughput"] == 30.0
     assert merged["rounds"][0]["before"] == 40.0 and merged["rounds"][0]["after"] == 20.0
+
+
+def test_floor_layouts_keep_every_cpu_busy_on_any_machine():
+    assert floor_layouts(1) == [(1, 1, 1), (1, 1, 2)]
+    assert floor_layouts(2) == [(2, 1, 1), (2, 1, 2), (1, 2, 1), (1, 2, 4)]
+    assert (2, 2, 1) in floor_layouts(4)
+    assert {(4, 2, 1), (2, 4, 1), (8, 1, 1), (1, 8, 1)} <= set(floor_layouts(8))
+    for cpus in (1, 2, 4, 8):
+        for streams, threads, batch in floor_layouts(cpus):
+            assert streams * threads == cpus and batch >= 1
+
+
+def test_report_rows_follow_the_layouts_measured():
+    assert ("floor_streams_4x2_b1", "floor, 400 px JPEG, 4 streams x 2 threads, batch 1") in floor_rows(8)
+    assert ("floor_single_t1", "floor, 400 px JPEG, single stream, 1 thread") in floor_rows(1)
+    assert not any(key == "floor_single_t2" for key, _ in floor_rows(1))
+    data = results()
+    report = table({**data, "targets": evaluate(data)})
+    assert "| floor, 400 px JPEG, 2 streams x 1 thread, batch 1 | 3 | - | 0.0 | - | 38.0 |" in report
