@@ -16,14 +16,15 @@ BENCH_ARGS ?=
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 10000
 
+PID_FILE ?= $(BUILD)/serve.pid
 SERVE_PY := $(VENV)/serve/bin/python
 TRAIN_PY := $(VENV)/train/bin/python
 CLIENT_PY := $(VENV)/client/bin/python
-BUILD    := build
+BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve test test-serve test-export test-cross test-client train export triton bench clean serve-env train-env torchserve-env \
-        client-env fuzz soak chromium
+.PHONY: help serve reload rollback test test-serve test-export test-cross test-client train export triton bench clean \
+        serve-env train-env torchserve-env client-env fuzz soak chromium
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,12 +64,21 @@ train-env: $(VENV)/train/.stamp ## build the training virtualenv only
 client-env: $(VENV)/client/.stamp ## build the test-only client virtualenv (tritonclient, Playwright)
 
 serve: $(VENV)/serve/.stamp ## serve $(OUT) on http://127.0.0.1:8080 (HOST, PORT to change)
-	$(SERVE_PY) -m serve --model-dir $(OUT) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	$(SERVE_PY) -m serve --model-dir $(OUT) --pid-file $(PID_FILE) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+# The running `make serve` loads the version $(OUT)/current names, checks it, and switches only if
+# every check passes; these print the outcome. Standard library only: no virtualenv needed.
+CONTROL := $(PYTHON) -m serve.control --pid-file $(PID_FILE) --url http://$(or $(HOST),127.0.0.1):$(or $(PORT),8080)
+reload: ## make the running server load $(OUT)/current (after `make export`), without a restart
+	@$(CONTROL) reload
+
+rollback: ## make the previous version of $(OUT) current again, and reload it
+	@$(CONTROL) rollback --model-dir $(OUT)
 
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
-export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact in OUT
+export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next version in OUT, made current
 	$(TRAIN_PY) -m export $(LEARNER) --out $(OUT)
 
 triton: $(VENV)/train/.stamp ## add a Triton model repository (OUT/triton) to the artifact in OUT

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from serve.cpus import available_cpus
+from serve.versions import current_folder
 
 from . import inputs as inputs_mod
 from . import peer
@@ -222,7 +223,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
             def ts_ready(p: int) -> bool:
                 return run_load(p, "/predictions/whatcar", jpeg.data, jpeg.content_type, 1, 1, 5, timeout=5).ok == 1
 
-            started = peer.start(Path(args.torchserve_venv), args.model_dir.resolve(),
+            started = peer.start(Path(args.torchserve_venv), current_folder(args.model_dir).resolve(),
                                  (args.out.parent / "torchserve").resolve(), ts_ready, workers=args.ts_workers,
                                  torch_threads=args.ts_threads, batch_size=args.ts_batch,
                                  max_batch_delay_ms=args.ts_batch_delay)

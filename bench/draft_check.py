@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from serve.artifact import load_artifact  # noqa: E402
 from serve.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402
+from serve.versions import current_folder  # noqa: E402
 
 from .inputs import car_photos, phone_jpeg  # noqa: E402
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=int, action="append", help="draft margins to try (default: the server's)")
     p.add_argument("--photos", type=int, default=0, help="use only the first N photos (default: all)")
     args = p.parse_args(argv)
-    artifact = load_artifact(args.model_dir)
+    artifact = load_artifact(current_folder(args.model_dir))
     steps = artifact.steps
     margins = args.margin or [None]
     photos = car_photos()[: args.photos or None]

@@ -34,6 +34,7 @@ from serve.artifact import load_artifact  # noqa: E402
 from serve.config import Config  # noqa: E402
 from serve.cpus import available_cpus  # noqa: E402
 from serve.preprocess import Preprocessor  # noqa: E402
+from serve.versions import current_folder  # noqa: E402
 
 from .report import floor_layouts  # noqa: E402
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     config = Config(model_dir=args.model_dir)
-    artifact = load_artifact(config.model_dir)
+    artifact = load_artifact(current_folder(config.model_dir))
     preprocess = Preprocessor(artifact.steps, config.max_image_pixels)
     inputs = {}
     for item in args.image:

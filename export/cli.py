@@ -2,10 +2,11 @@
 
     python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--triton]
 
-Writes model.pt (traced, frozen TorchScript), labels.txt, manifest.json and checks/ (a few
-parity photos with the top-1 the module gave them), and with --triton a Triton model
-repository in triton/ too. The parity check runs first; if it fails nothing is
-written and the previous artifact stays as it was.
+Adds the next numbered version to the model folder (artifacts/2/, artifacts/3/, ...) and
+points artifacts/current at it: model.pt (traced, frozen TorchScript), labels.txt,
+manifest.json and checks/ (a few parity photos with the top-1 the module gave them), and
+with --triton a Triton model repository in triton/ too. The parity check runs first; if it
+fails nothing is added. Older versions beyond --keep are removed, never current or previous.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 
 from serve.artifact import ArtifactError, load_artifact
 from serve.manifest import MANIFEST, Manifest, sha256_file
+from serve.versions import KEEP, ModelFolder
 
 from . import checks, parity, torchscript, triton
 from . import learner as learner_io
-from .folders import replace_folder
 from .transforms import read_pipeline
 
 PARITY_IMAGES = 24
@@ -36,7 +37,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("learner", type=Path, help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder to write (default: artifacts)")
+    p.add_argument("--out", type=Path, default=Path("artifacts"),
+                   help="model folder: the export becomes its next numbered version and its current one "
+                        "(default: artifacts)")
+    p.add_argument("--keep", type=int, default=KEEP,
+                   help="versions to keep in the model folder, besides current and previous (default: %(default)s)")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of real images for the parity check (default: the validation images recorded "
                         "by `python -m export.train`)")
@@ -111,19 +116,28 @@ def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_p
     )
 
 
-def write_atomically(out: Path, fill) -> None:
-    """Build the new folder beside `out`, then swap it in; on any error `out` is untouched."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+def add_version(out: Path, fill, keep: int) -> str:
+    """Build a new version beside `out`'s others, check it as the server would, then add it and
+    make it current; returns its name. On any error `out` is untouched."""
+    models = ModelFolder(out)
+    if models.flat:
+        raise ArtifactError(f"{out} holds a single unversioned artifact; move its files into {out}/1/ and "
+                            f"`ln -s 1 {out}/current`, or export to another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".new-", dir=out))
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
         fill(staging)
-        load_artifact(staging)  # the server's own check, before anything is replaced
-        replace_folder(staging, out)
+        load_artifact(staging)  # the server's own check, before anything changes
+        version = models.add(staging)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    models.switch_to(version)
+    removed = models.prune(keep)
+    if removed:
+        print(f"removed old versions {', '.join(removed)} (keeping {keep}, current and previous)")
+    return version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
           f"(tolerance {report.tolerance:g}); fastai's decoder gave identical pixels on "
           f"{report.decode_identical}/{report.images}")
     if not report.passed:
-        print(f"export: parity check failed; {args.out} left as it was", file=sys.stderr)
+        print(f"export: parity check failed; nothing was added to {args.out}", file=sys.stderr)
         return 1
 
     def fill(folder: Path) -> None:
@@ -173,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
         if args.triton:
             triton.write_model_repository(folder, manifest)
 
-    write_atomically(args.out, fill)
-    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
-    print(f"wrote {args.out}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}, {checks.FOLDER}/"
-          + (f", {triton.REPOSITORY}/" if args.triton else ""))
+    version = add_version(args.out, fill, args.keep)
+    folder = args.out / version
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    print(f"wrote {folder}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}, {checks.FOLDER}/"
+          + (f", {triton.REPOSITORY}/" if args.triton else "")
+          + f"; {args.out}/current is now version {version} (`make reload` to serve it)")
     return 0

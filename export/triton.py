@@ -1,8 +1,9 @@
 """A Triton Inference Server model repository made from a whatcar artifact, for scaling out.
 
-    python -m export.triton ARTIFACT_DIR [--max-batch-size 32] [--instances 1]
+    python -m export.triton MODEL_DIR [--max-batch-size 32] [--instances 1]
 
-Adds ARTIFACT_DIR/triton/, a model repository for Triton's pytorch_libtorch backend:
+Adds triton/ to the current version of MODEL_DIR (or to MODEL_DIR itself when it is one
+artifact folder): a model repository for Triton's pytorch_libtorch backend:
 
     triton/<name>/config.pbtxt     inputs, outputs and batching, from the manifest
     triton/<name>/labels.txt       a copy of the artifact's labels, for Triton's classification
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from serve.errors import ArtifactError
 from serve.manifest import Manifest, sha256_file
+from serve.versions import ModelFolder, VersionError
 
 from .folders import replace_folder
 
@@ -128,15 +130,16 @@ def write_model_repository(folder: Path, manifest: Manifest, max_batch_size: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.triton", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path, help="artifact folder (model.pt, labels.txt, manifest.json)")
+    parser.add_argument("artifact", type=Path, help="model folder (its current version is used) or one artifact folder")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH,
                         help="largest batch Triton may form (default: %(default)s)")
     parser.add_argument("--instances", type=int, default=1, help="model instances per Triton server (default: 1)")
     args = parser.parse_args(argv)
     try:
-        model_dir = write_model_repository(args.artifact, Manifest.read(args.artifact), args.max_batch_size,
-                                           args.instances)
-    except (TritonError, ArtifactError) as exc:
+        models = ModelFolder(args.artifact)
+        folder = models.folder(models.current())
+        model_dir = write_model_repository(folder, Manifest.read(folder), args.max_batch_size, args.instances)
+    except (TritonError, ArtifactError, VersionError) as exc:
         print(f"export.triton: {exc}", file=sys.stderr)
         return 1
     print(f"wrote Triton model repository {model_dir.parent}/ (model {model_dir.name}, version {VERSION})")

@@ -1,8 +1,9 @@
-"""The HTTP face of whatcar: `create_app(config, scorer, state, metrics)` builds the Falcon app;
+"""The HTTP face of whatcar: `create_app(config, serving, state, metrics)` builds the Falcon app;
 `get_app()` builds one from WHATCAR_* variables for any WSGI server."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -11,14 +12,15 @@ from pathlib import Path
 import falcon
 from prometheus_client import CollectorRegistry
 
-from . import v2
+from . import repository, v2
 from .config import Config, configure_logging, load_config
 from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
 from .postprocess import clamp_k, predictions
-from .scoring import Scorer, build_scorer
+from .scoring import build_scorer
+from .serving import NotServing, Serving
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")
@@ -53,39 +55,54 @@ def reject(exc: ImageRejected) -> falcon.HTTPError:
                             code=exc.reason, headers=headers)
 
 
+def not_serving(what: str = "model is not ready") -> falcon.HTTPServiceUnavailable:
+    return falcon.HTTPServiceUnavailable(description=what, retry_after=1)
+
+
+@contextlib.contextmanager
+def scorer_for(serving: Serving, state: State):
+    """The live scorer for one request, kept alive until the request is done; 503 when none."""
+    if not state.ready:
+        raise not_serving()
+    try:
+        with serving.lease() as scorer:
+            yield scorer
+    except NotServing:
+        raise not_serving("no model is loaded") from None
+
+
 class PredictResource:
-    def __init__(self, scorer: Scorer, config: Config, state: State, metrics: Metrics):
-        self.scorer, self.config, self.state, self.metrics = scorer, config, state, metrics
+    def __init__(self, serving: Serving, config: Config, state: State, metrics: Metrics):
+        self.serving, self.config, self.state, self.metrics = serving, config, state, metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.state.ready:
-            raise falcon.HTTPServiceUnavailable(description="model is not ready", retry_after=1)
-        scorer = self.scorer
-        classes = len(scorer.labels)
-        k = req.get_param_as_int("top_k", min_value=1, max_value=classes, default=clamp_k(self.config.top_k, classes))
-        started = time.perf_counter()
-        try:
-            scored = scorer.score([read_upload(req, self.config.max_upload_bytes)])
-            if scored.rejected is not None:
-                raise scored.rejected
-        except ImageRejected as exc:
-            self.metrics.observe_rejection(exc)
-            raise reject(exc) from None
-        self.metrics.observe_queue(scored.queue)
-        ranked_at = time.perf_counter()
-        answer = predictions(scored.rows[0], scorer.labels, k)
-        finished = time.perf_counter()
-        resp.media = {
-            "predictions": answer,
-            "model": {"name": scorer.name, "sha256": scorer.sha256},
-            "timings_ms": {
-                "preprocess": ms(scored.preprocess),
-                "queue": ms(scored.queue),
-                "inference": ms(scored.forward),
-                "postprocess": ms(finished - ranked_at),
-                "total": ms(finished - started),
-            },
-        }
+        with scorer_for(self.serving, self.state) as scorer:
+            classes = len(scorer.labels)
+            k = req.get_param_as_int("top_k", min_value=1, max_value=classes,
+                                     default=clamp_k(self.config.top_k, classes))
+            started = time.perf_counter()
+            try:
+                scored = scorer.score([read_upload(req, self.config.max_upload_bytes)])
+                if scored.rejected is not None:
+                    raise scored.rejected
+            except ImageRejected as exc:
+                self.metrics.observe_rejection(exc)
+                raise reject(exc) from None
+            self.metrics.observe_queue(scored.queue)
+            ranked_at = time.perf_counter()
+            answer = predictions(scored.rows[0], scorer.labels, k)
+            finished = time.perf_counter()
+            resp.media = {
+                "predictions": answer,
+                "model": {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256},
+                "timings_ms": {
+                    "preprocess": ms(scored.preprocess),
+                    "queue": ms(scored.queue),
+                    "inference": ms(scored.forward),
+                    "postprocess": ms(finished - ranked_at),
+                    "total": ms(finished - started),
+                },
+            }
 
 
 def ms(seconds: float) -> float:
@@ -98,11 +115,11 @@ class HealthResource:
 
 
 class ReadyResource:
-    def __init__(self, state: State):
-        self.state = state
+    def __init__(self, serving: Serving, state: State):
+        self.serving, self.state = serving, state
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.state.ready:
+        if not self.state.ready or self.serving.current is None:
             resp.status = falcon.HTTP_503
             resp.media = {"status": "not ready"}
             return
@@ -110,13 +127,19 @@ class ReadyResource:
 
 
 class MetadataResource:
-    def __init__(self, scorer: Scorer):
-        self.scorer = scorer
+    def __init__(self, serving: Serving):
+        self.serving = serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        scorer = self.scorer
-        resp.media = {"name": scorer.name, "sha256": scorer.sha256, "classes": scorer.labels,
-                      "num_classes": len(scorer.labels), **scorer.manifest.describe()}
+        scorer = self.serving.current
+        reload = self.serving.describe()
+        if scorer is None:
+            resp.status = falcon.HTTP_503
+            resp.media = {"title": "Service Unavailable", "description": "no model is loaded", "reload": reload}
+            return
+        resp.media = {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
+                      "classes": scorer.labels, "num_classes": len(scorer.labels), **scorer.manifest.describe(),
+                      "reload": reload}
 
 
 class StaticResource:
@@ -153,30 +176,40 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
 
 
-def create_app(config: Config, scorer: Scorer, state: State, metrics: Metrics | None = None) -> falcon.App:
+def create_app(config: Config, serving: Serving, state: State, metrics: Metrics | None = None) -> falcon.App:
     """The app, counting in `metrics` (fresh ones, in a registry of their own, when not given; never
-    prometheus_client's global registry). Forward passes are counted by whoever built the scorer's
+    prometheus_client's global registry). Forward passes are counted by whoever built the served
     model with `metrics.observe_pass` as its observer."""
     metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
-    metrics.serving(scorer.name, scorer.sha256, len(scorer.labels))
+    if serving.current is not None:
+        metrics.serving(serving.current)
     app = falcon.App(middleware=[AccessLog(), RequestMetrics(metrics)])
     app.add_error_handler(Exception, handle_unexpected)
     multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
     multipart.parse_options.max_body_part_count = 8
 
-    predict = PredictResource(scorer, config, state, metrics)
+    predict = PredictResource(serving, config, state, metrics)
     app.add_route("/predict", predict)
     app.add_route("/upload", predict)  # the original whatcar app's path
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(state))
-    app.add_route("/metadata", MetadataResource(scorer))
+    app.add_route("/readyz", ReadyResource(serving, state))
+    app.add_route("/metadata", MetadataResource(serving))
     app.add_route("/", StaticResource("index.html", falcon.MEDIA_HTML))
     app.add_route("/static/app.js", StaticResource("app.js", falcon.MEDIA_JS))
     app.add_route("/static/app.css", StaticResource("app.css", "text/css; charset=utf-8"))
     app.add_route("/metrics", MetricsResource(metrics.registry))
-    app.add_route("/openapi.json", OpenApiResource(config, scorer))
-    v2.register(app, config, scorer, state, metrics)
+    app.add_route("/openapi.json", OpenApiResource(config, serving))
+    v2.register(app, config, serving, state, metrics)
+    if config.model_control == "explicit":
+        repository.register(app, config, serving)
     return app
+
+
+def start_serving(config: Config, metrics: Metrics) -> Serving:
+    """Load the current version for `config`, reporting passes and model changes to `metrics`;
+    raises ArtifactError with a one-line reason."""
+    scorer = build_scorer(config, observer=metrics.observe_pass)
+    return Serving(config, scorer, observer=metrics.observe_pass, on_change=metrics.model_changed)
 
 
 def get_app(environ: dict | None = None) -> falcon.App:
@@ -184,10 +217,10 @@ def get_app(environ: dict | None = None) -> falcon.App:
     `gunicorn 'serve.app:get_app()'`. The model is loaded and warmed up before it returns.
 
     Only `python -m serve` adds what Waitress is set up for there: the request body cut-off
-    before reading, slow-client timeouts and the SIGTERM drain (see serve/server.py)."""
+    before reading, slow-client timeouts, the SIGTERM drain and reloads on SIGHUP (see
+    serve/server.py)."""
     # Flags are not read: under another server, sys.argv holds that server's own arguments.
     config = load_config([], environ)
     configure_logging(config.log_level)
     metrics = Metrics(CollectorRegistry())
-    scorer = build_scorer(config, observer=metrics.observe_pass)
-    return create_app(config, scorer, State(ready=True), metrics)
+    return create_app(config, start_serving(config, metrics), State(ready=True), metrics)

@@ -7,10 +7,11 @@ loads, so a bad setting stops the server with one clear line.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cpus import available_cpus
@@ -36,6 +37,10 @@ class Config:
     batch_wait_ms: float = 0.0
     channel_timeout: int = 30
     log_level: str = "INFO"
+    model_control: str = "none"
+    pid_file: Path | None = None
+    # From WHATCAR_ADMIN_TOKEN only: a flag would show in the process list.
+    admin_token: str | None = field(default=None, repr=False)
 
 
 def _defaults() -> dict:
@@ -65,7 +70,14 @@ OPTIONS = [
     ("--malloc-arenas", "malloc_arenas", int, "cap on glibc malloc arenas: less memory, less throughput (0: glibc's)"),
     ("--channel-timeout", "channel_timeout", int, "seconds a connection may idle, and a request may take to arrive whole"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("--model-control", "model_control", str,
+     "none, or explicit: serve the model repository API (/v2/repository/...: index, load, unload); "
+     "it then needs WHATCAR_ADMIN_TOKEN unless the server listens on loopback only"),
+    ("--pid-file", "pid_file", Path, "write the process id here (`make reload` signals it)"),
 ]
+ADMIN_TOKEN = "WHATCAR_ADMIN_TOKEN"
+MODEL_CONTROL = ("none", "explicit")
+LOOPBACK_NAMES = ("localhost",)
 
 
 class ConfigError(ValueError):
@@ -105,7 +117,8 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
             values[field] = kind(raw)
         except ValueError:
             raise ConfigError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
-    config = Config(**values)
+    token = environ.get(ADMIN_TOKEN) or None
+    config = Config(**values, admin_token=token)
     validate(config)
     return config
 
@@ -129,6 +142,35 @@ def validate(config: Config) -> None:
         raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR (got {config.log_level!r})")
     if not config.model_dir.is_dir():
         raise ConfigError(f"model folder {config.model_dir} does not exist; set --model-dir or WHATCAR_MODEL_DIR")
+    if config.model_control not in MODEL_CONTROL:
+        raise ConfigError(f"model_control must be none or explicit (got {config.model_control!r}); "
+                          "set --model-control or WHATCAR_MODEL_CONTROL")
+    if config.admin_token is not None and len(config.admin_token) < 16:
+        raise ConfigError(f"{ADMIN_TOKEN} must be at least 16 characters (e.g. `openssl rand -hex 16`)")
+    problem = repository_exposure(config.model_control, config.admin_token, [config.host])
+    if problem:
+        raise ConfigError(problem)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def repository_exposure(model_control: str, token: str | None, hosts: list[str]) -> str | None:
+    """Why the model repository API may not be served on `hosts` as configured, or None. The API
+    changes what the service answers: without a token it is for loopback only."""
+    if model_control != "explicit" or token is not None:
+        return None
+    exposed = [host for host in hosts if not is_loopback(host)]
+    if exposed:
+        return (f"--model-control explicit on {', '.join(exposed)} needs {ADMIN_TOKEN}: without a token the "
+                "repository API is allowed on a loopback address only")
+    return None
 
 
 def configure_logging(level: str) -> None:

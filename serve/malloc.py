@@ -31,3 +31,16 @@ def limit_arenas(count: int = 1, environ: dict | None = None) -> bool:
     except (OSError, AttributeError):  # a C library without mallopt
         return False
     return bool(mallopt(M_ARENA_MAX, count))
+
+
+def release_free_memory() -> bool:
+    """Hand memory that malloc holds free back to the system (glibc's malloc_trim), e.g. once a
+    replaced model is gone: freed blocks below the mmap threshold otherwise stay in the heap and
+    its arenas. True if glibc did release something."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(trim(0))

@@ -21,6 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Requests that matched no route are counted under one label, so probing scanners cannot grow
 # the number of series without bound.
 UNMATCHED = "unmatched"
+RELOAD_OUTCOMES = ("ok", "unchanged", "failed", "unloaded")
 
 
 def rejection_reasons() -> list[str]:
@@ -53,10 +54,25 @@ class Metrics:
                                 ["reason"], registry=registry)
         for reason in rejection_reasons():
             self.rejected.labels(reason=reason)
-        self.model = Info("whatcar_model", "The artifact being served", registry=registry)
+        self.model = Info("whatcar_model", "The artifact being served (all labels empty while none is)",
+                          registry=registry)
+        self.reloads = Counter("whatcar_model_reloads", "Model reloads and unloads, by outcome", ["outcome"],
+                               registry=registry)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome=outcome)
 
-    def serving(self, name: str, sha256: str, classes: int) -> None:
-        self.model.info({"name": name, "sha256": sha256, "classes": str(classes)})
+    def serving(self, scorer) -> None:
+        """Say which model serves now (None: none does)."""
+        if scorer is None:
+            self.model.info({"name": "", "version": "", "sha256": "", "classes": ""})
+        else:
+            self.model.info({"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
+                             "classes": str(len(scorer.labels))})
+
+    def model_changed(self, status, scorer) -> None:
+        """Called by serve/serving.py after every reload or unload."""
+        self.reloads.labels(outcome=status.outcome).inc()
+        self.serving(scorer)
 
     def observe_pass(self, seconds: float, batch: int) -> None:
         """Called by the inference thread that ran the pass (see serve/inference.py)."""

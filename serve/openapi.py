@@ -12,7 +12,7 @@ import falcon
 
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
-from .scoring import Scorer
+from .serving import Serving
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
@@ -64,12 +64,17 @@ def static_operation(summary: str, media_type: str) -> dict:
             "responses": {"200": {"description": summary, "content": {media_type: {"schema": {"type": "string"}}}}}}
 
 
-def build_spec(config: Config, scorer: Scorer) -> dict:
+def build_spec(config: Config, serving: Serving) -> dict:
+    scorer = serving.current
+    if scorer is None:
+        return {"openapi": "3.1.0", "info": {"title": "whatcar", "version": "1",
+                                            "description": "No model is loaded; load one to see the full description."},
+                "paths": {}}
     height, width = scorer.manifest.input_size
     name_param = {"name": "name", "in": "path", "required": True, "description": "the model name",
                   "schema": {"type": "string", "example": scorer.name}}
     version_param = {"name": "version", "in": "path", "required": True, "description": "the model version",
-                     "schema": {"type": "string", "enum": ["1"]}}
+                     "schema": {"type": "string", "enum": [scorer.version]}}
 
     def model_ops(versioned: bool) -> dict[str, dict]:
         params = [name_param, version_param] if versioned else [name_param]
@@ -146,6 +151,8 @@ def build_spec(config: Config, scorer: Scorer) -> dict:
     for prefix, versioned in (("/v2/models/{name}", False), ("/v2/models/{name}/versions/{version}", True)):
         for suffix, ops in model_ops(versioned).items():
             paths[prefix + suffix] = ops
+    if config.model_control == "explicit":
+        paths.update(repository_paths(name_param))
 
     tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": {"type": "string"}, "datatype": {"type": "string"},
@@ -185,10 +192,38 @@ def build_spec(config: Config, scorer: Scorer) -> dict:
     }
 
 
+def repository_paths(name_param: dict) -> dict:
+    """The model repository extension (serve/repository.py), served with --model-control explicit."""
+    denied = {"401": v2_error("no bearer token, or not the admin token")}
+    load_body = {"required": False, "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "parameters": {"type": "object", "properties": {
+            "version": {"type": "string", "description": "a version in the model folder (default: current)"},
+            "config": {"type": "string", "description": 'Triton\'s way to pick one: '
+                                                        '{"version_policy": {"specific": {"versions": [N]}}}'}}}}}}}}
+    return {
+        "/v2/repository/index": {"post": {
+            "summary": "The model versions on disk and which one is loaded", "tags": ["repository"],
+            "responses": {"200": json_response("one entry per version", {"type": "array", "items": {
+                "type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                                 "state": {"type": "string"}, "reason": {"type": "string"}}}}),
+                          **denied}}},
+        "/v2/repository/models/{name}/load": {"post": {
+            "summary": "Load a version next to the serving one, check it, then switch", "tags": ["repository"],
+            "parameters": [name_param], "requestBody": load_body,
+            "responses": {"200": json_response("serving the version asked for", {"type": "object"}),
+                          "400": v2_error("the version failed a check; the old one still serves"),
+                          "404": v2_error("unknown model"), **denied}}},
+        "/v2/repository/models/{name}/unload": {"post": {
+            "summary": "Stop serving until the next load", "tags": ["repository"], "parameters": [name_param],
+            "responses": {"200": json_response("unloaded", {"type": "object"}),
+                          "404": v2_error("model not loaded"), **denied}}},
+    }
+
+
 class OpenApiResource:
-    def __init__(self, config: Config, scorer: Scorer):
-        self.config, self.scorer = config, scorer
+    def __init__(self, config: Config, serving: Serving):
+        self.config, self.serving = config, serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.data = json.dumps(build_spec(self.config, self.scorer), indent=1).encode("utf-8")
+        resp.data = json.dumps(build_spec(self.config, self.serving), indent=1).encode("utf-8")
         resp.content_type = falcon.MEDIA_JSON

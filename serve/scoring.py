@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -16,14 +17,16 @@ from .config import Config
 from .inference import Item, Model, PassObserver, Scored
 from .manifest import Manifest
 from .preprocess import Preprocessor
+from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
 
 
 class Scorer:
-    def __init__(self, artifact: Artifact, model: Model):
+    def __init__(self, artifact: Artifact, model: Model, version: str = "1"):
         self.artifact = artifact
         self.model = model
+        self.version = version
 
     @property
     def name(self) -> str:
@@ -53,24 +56,64 @@ class Scorer:
         self.model.close()
 
 
-def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:
-    """Verify, load and warm up the model in config.model_dir; raises ArtifactError with a
-    one-line reason. `observer` hears about every forward pass."""
+def verify_checks(scorer: Scorer, required: bool) -> int:
+    """Score the artifact's check photos, one request each as clients send them, and hold each
+    top-1 to the one recorded at export; returns how many were checked. Raises ArtifactError on
+    a disagreement, or when `required` and the manifest lists none."""
+    folder, checks = scorer.artifact.folder, scorer.manifest.checks
+    if required and not checks:
+        raise ArtifactError(f"{folder / 'manifest.json'} lists no check photos to prove the model with; "
+                            "re-export it with this version of whatcar")
+    for check in checks:
+        path = scorer.manifest.verified(folder, check.file, check.sha256, "check")
+        scored = scorer.score([path.read_bytes()])
+        if scored.rejected is not None:
+            raise ArtifactError(f"check photo {path} cannot be scored: {scored.rejected.description}")
+        got = scorer.labels[int(scored.rows[0].argmax())]
+        if got != check.top1:
+            raise ArtifactError(f"check photo {path} is scored {got!r} but the export recorded {check.top1!r}: "
+                                "this is not the model that was exported, or it runs differently here")
+    return len(checks)
+
+
+def load_scorer(folder: Path, version: str, config: Config, observer: PassObserver | None = None,
+                require_checks: bool = False) -> Scorer:
+    """Verify and load the artifact in `folder`, start and warm up its inference threads, and
+    score its check photos; raises ArtifactError with a one-line reason (and leaves nothing
+    running). `observer` hears about every forward pass."""
     torch.set_num_threads(config.torch_threads)
-    artifact = load_artifact(config.model_dir)
+    artifact = load_artifact(folder)
     started = time.perf_counter()
     model = Model(artifact.module, Preprocessor(artifact.steps, config.max_image_pixels), artifact.input_size,
                   workers=config.inference_workers, torch_threads=config.torch_threads,
                   micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
                   solo_threads=config.solo_threads, observer=observer)
+    scorer = Scorer(artifact, model, version)
     try:
-        model.wait_ready()
-    except Exception as exc:
+        try:
+            model.wait_ready()
+        except Exception as exc:
+            raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
+        warmed = time.perf_counter()
+        checked = verify_checks(scorer, require_checks)
+    except BaseException:
         model.close()
-        raise ArtifactError(f"the model in {config.model_dir} fails while warming up: {first_line(exc)}") from None
-    log.info("loaded %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs; %d inference workers of %d torch "
-             "threads, batches of up to %d, %s", artifact.name, len(artifact.labels), artifact.sha256[:12],
-             artifact.load_seconds, time.perf_counter() - started, config.inference_workers, config.torch_threads,
-             config.micro_batch,
+        raise
+    log.info("loaded %s version %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs, %d check photos agree "
+             "(%.2fs); %d inference workers of %d torch threads, batches of up to %d, %s", artifact.name, version,
+             len(artifact.labels), artifact.sha256[:12], artifact.load_seconds, warmed - started, checked,
+             time.perf_counter() - warmed, config.inference_workers, config.torch_threads, config.micro_batch,
              f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
-    return Scorer(artifact, model)
+    if not checked:
+        log.warning("%s lists no check photos: the loaded model was not compared with the exported one", folder)
+    return scorer
+
+
+def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:
+    """The scorer for the version config.model_dir names as current; raises ArtifactError."""
+    models = ModelFolder(config.model_dir)
+    try:
+        version = models.current()
+    except VersionError as exc:
+        raise ArtifactError(str(exc)) from None
+    return load_scorer(models.folder(version), version, config, observer)

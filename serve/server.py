@@ -1,26 +1,28 @@
-"""Start-up and shutdown: load and verify the artifact, warm up, serve with Waitress."""
+"""Start-up and shutdown: load and verify the artifact, warm up, serve with Waitress, reload the
+model on SIGHUP, drain on SIGTERM."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
-from .app import State, create_app
+from .app import State, create_app, start_serving
 from .config import ConfigError, configure_logging, load_config
 from .errors import ArtifactError
 from .malloc import limit_arenas
 from .metrics import Metrics
-from .scoring import build_scorer
 
 log = logging.getLogger("whatcar")
 
@@ -57,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         limit_arenas(config.malloc_arenas)
     metrics = Metrics(CollectorRegistry())
     try:
-        scorer = build_scorer(config, observer=metrics.observe_pass)
+        serving = start_serving(config, metrics)
     except ArtifactError as exc:
         print(f"whatcar: cannot serve {config.model_dir}: {exc}", file=sys.stderr)
         return 1
     state = State(ready=True)
-    app = create_app(config, scorer, state, metrics)
+    app = create_app(config, serving, state, metrics)
     try:
         server = create_server(
             app, host=config.host, port=config.port, threads=config.threads,
@@ -83,13 +85,44 @@ def main(argv: list[str] | None = None) -> int:
         log.info("received %s, draining", signal.Signals(signum).name)
         stopping.set()
 
+    def reload(signum, frame):
+        log.info("received SIGHUP, reloading the current version of %s", config.model_dir)
+        serving.reload_in_background()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     host, port = server.getsockname()[:2]
-    log.info("listening on http://%s:%s with %d threads", host, port, config.threads)
-    serve_until(server, stopping, request_timeout=config.channel_timeout)
+    if config.pid_file is not None:
+        write_pid_file(config.pid_file)
+    log.info("listening on http://%s:%s with %d threads%s", host, port, config.threads,
+             "; model repository API on" + ("" if config.admin_token else " (loopback, no token)")
+             if config.model_control == "explicit" else "")
+    try:
+        serve_until(server, stopping, request_timeout=config.channel_timeout)
+    finally:
+        serving.close()
+        if config.pid_file is not None:
+            remove_pid_file(config.pid_file)
     log.info("stopped")
     return 0
+
+
+def write_pid_file(path: Path) -> None:
+    """Our pid, written whole (temporary file, then rename), for `make reload` to signal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(f"{os.getpid()}\n", encoding="ascii")
+    os.replace(temporary, path)
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove the pid file if it still names this process (a newer server may have replaced it)."""
+    try:
+        if path.read_text(encoding="ascii").strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass
 
 
 class LingeringChannel(HTTPChannel):

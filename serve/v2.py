@@ -2,7 +2,7 @@
 
 Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1],
 /v2/models/{name}[/versions/1]/ready and POST /v2/models/{name}[/versions/1]/infer. The model
-name is the artifact's (manifest "name"); there is one version, "1".
+name is the artifact's (manifest "name"); its version is the one serving (see serve/versions.py).
 
 A request carries exactly one input:
   "image"   BYTES [N] or [N, 1]: encoded image files (JPEG, PNG, WebP, GIF, BMP, TIFF), each
@@ -42,12 +42,12 @@ from .errors import ImageRejected
 from .metrics import Metrics
 from .postprocess import clamp_k, rank
 from .scoring import Scorer
+from .serving import NotServing, Serving
 from .upload import read_body
 
 SERVER_NAME = "whatcar"
 # Version of this V2 front end; changes when its inputs or outputs change.
 SERVER_VERSION = "1"
-MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
@@ -57,15 +57,16 @@ MAX_NESTING = 6
 
 
 class V2Error(Exception):
-    """Answered as the protocol's error object, with its own status."""
+    """Answered as the protocol's error object, with its own status (and headers, if any)."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def handle_error(req, resp, exc: V2Error, params) -> None:
     resp.status = exc.status
+    resp.set_headers(exc.headers)
     resp.media = {"error": exc.message}
 
 
@@ -338,25 +339,34 @@ def response_outputs(infer: InferRequest, probabilities: torch.Tensor) -> tuple[
 
 
 class ModelScope:
-    """What every model route shares: the name and version checks and the readiness."""
+    """What every model route shares: the served model, its name and version checks, readiness."""
 
-    def __init__(self, scorer: Scorer, state):
-        self.scorer, self.state = scorer, state
+    def __init__(self, serving: Serving, state):
+        self.serving, self.state = serving, state
+
+    def check(self, name: str, version: str | None) -> Scorer:
+        """The live scorer, if `name` (and `version`, when given) are what it serves."""
+        scorer = self.serving.current
+        if scorer is None:
+            raise V2Error(falcon.HTTP_503, f"model '{name}' is not loaded")
+        if name != scorer.name:
+            raise V2Error(falcon.HTTP_404, f"unknown model '{name}'; this server serves '{scorer.name}'")
+        if version is not None and version != scorer.version:
+            raise V2Error(falcon.HTTP_404, f"model '{name}' has no version '{version}' loaded; "
+                                           f"it serves version '{scorer.version}'")
+        return scorer
 
     @property
-    def name(self) -> str:
-        return self.scorer.name
-
-    def check(self, name: str, version: str | None) -> None:
-        if name != self.name:
-            raise V2Error(falcon.HTTP_404, f"unknown model '{name}'; this server serves '{self.name}'")
-        if version is not None and version != MODEL_VERSION:
-            raise V2Error(falcon.HTTP_404, f"model '{name}' has no version '{version}'; it has '{MODEL_VERSION}'")
+    def ready(self) -> bool:
+        return self.state.ready and self.serving.current is not None
 
 
 class ServerMetadataResource:
+    def __init__(self, extensions: list[str]):
+        self.extensions = extensions
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        resp.media = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": self.extensions}
 
 
 class LiveResource:
@@ -365,12 +375,13 @@ class LiveResource:
 
 
 class ReadyResource:
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, scope: ModelScope):
+        self.scope = scope
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.status = falcon.HTTP_200 if self.state.ready else falcon.HTTP_503
-        resp.media = {"ready": self.state.ready}
+        ready = self.scope.ready
+        resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
+        resp.media = {"ready": ready}
 
 
 class ModelMetadataResource:
@@ -378,12 +389,11 @@ class ModelMetadataResource:
         self.scope = scope
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        self.scope.check(name, version)
-        scorer = self.scope.scorer
+        scorer = self.scope.check(name, version)
         height, width = scorer.manifest.input_size
         resp.media = {
             "name": scorer.name,
-            "versions": [MODEL_VERSION],
+            "versions": [scorer.version],
             "platform": "pytorch_torchscript",
             "inputs": [
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
@@ -402,7 +412,7 @@ class ModelReadyResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
         self.scope.check(name, version)
-        ready = self.scope.state.ready
+        ready = self.scope.ready
         resp.status = falcon.HTTP_200 if ready else falcon.HTTP_503
         resp.media = {"name": name, "ready": ready}
 
@@ -418,7 +428,6 @@ class InferResource:
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
         if encoding != "identity":
             raise V2Error(falcon.HTTP_415, f"Content-Encoding {encoding!r} is not supported; send the body as is")
-        scorer = self.scope.scorer
         try:
             body = read_body(req, self.config.max_upload_bytes)
         except ImageRejected as exc:
@@ -426,16 +435,21 @@ class InferResource:
             raise V2Error(exc.status, exc.description) from None
         header, binary = split_body(body, req.get_header(HEADER_LENGTH))
         request = parse_header(header)
-        infer = InferRequest(request, parse_inputs(request, binary), scorer, self.config)
-        # The request succeeds or fails as a whole, so one bad image keeps the rest from the model.
-        scored = scorer.score(infer.items(), all_or_nothing=True)
+        try:
+            with self.scope.serving.lease() as scorer:
+                infer = InferRequest(request, parse_inputs(request, binary), scorer, self.config)
+                # The request succeeds or fails as a whole, so one bad image keeps the rest from the model.
+                scored = scorer.score(infer.items(), all_or_nothing=True)
+        except NotServing:
+            raise V2Error(falcon.HTTP_503, f"model '{name}' is not loaded") from None
         rejected = scored.rejected
         if rejected is not None:
             self.metrics.observe_rejection(rejected)
             raise V2Error(rejected.status, f"image {scored.rows.index(rejected)}: {rejected.description}")
         self.metrics.observe_queue(scored.queue)
         entries, blobs = response_outputs(infer, torch.stack(scored.rows))
-        answer = {"model_name": scorer.name, "model_version": MODEL_VERSION, "outputs": entries}
+        # The version that scored this request, even if another has been loaded since.
+        answer = {"model_name": scorer.name, "model_version": scorer.version, "outputs": entries}
         if infer.id is not None:
             answer["id"] = infer.id
         head = json.dumps(answer).encode("utf-8")
@@ -448,14 +462,15 @@ class InferResource:
             resp.data = head
 
 
-def register(app: falcon.App, config: Config, scorer: Scorer, state, metrics: Metrics) -> None:
+def register(app: falcon.App, config: Config, serving: Serving, state, metrics: Metrics) -> None:
     """Add the V2 routes and their error format to `app`."""
     app.add_error_handler(V2Error, handle_error)
-    scope = ModelScope(scorer, state)
+    scope = ModelScope(serving, state)
     model, ready, infer = ModelMetadataResource(scope), ModelReadyResource(scope), InferResource(scope, config, metrics)
-    app.add_route("/v2", ServerMetadataResource())
+    extensions = EXTENSIONS + (["model_repository"] if config.model_control == "explicit" else [])
+    app.add_route("/v2", ServerMetadataResource(extensions))
     app.add_route("/v2/health/live", LiveResource())
-    app.add_route("/v2/health/ready", ReadyResource(state))
+    app.add_route("/v2/health/ready", ReadyResource(scope))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_route(prefix, model)
         app.add_route(prefix + "/ready", ready)

@@ -36,7 +36,8 @@ function showPredictions(body) {
     item.append(line, track);
     results.append(item);
   }
-  modelLine.textContent = "model " + body.model.name + " · " + body.timings_ms.total + " ms";
+  modelLine.textContent = "model " + body.model.name + " version " + body.model.version + " · " +
+    body.timings_ms.total + " ms";
 }
 
 async function upload(file) {

@@ -5,6 +5,7 @@ server runs from the serve virtualenv, exactly as deployed, so nothing of the cl
 leak into it.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -64,17 +65,17 @@ def wait_until_listening(proc: subprocess.Popen, log: Path) -> tuple[str, int]:
     raise RuntimeError(f"the server did not listen within {START_TIMEOUT}s:\n{log.read_text(errors='replace')}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
+@contextlib.contextmanager
+def running_server(log: Path, model_dir: Path, *args: str, environ: dict | None = None):
+    """A `python -m serve` from the serve venv on a port of its own choosing, stopped on exit."""
     assert SERVE_PYTHON.exists(), f"{SERVE_PYTHON} missing; run through `make test-client`, which builds it"
-    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")} | (environ or {})
     # Port 0: the kernel picks a free port and the server logs which, so parallel runs never collide.
     # A file, not a pipe, takes the log: a pipe nobody drains would block the server once full.
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
-            [str(SERVE_PYTHON), "-m", "serve", "--model-dir", str(ARTIFACTS), "--host", "127.0.0.1", "--port", "0",
-             "--threads", "4", "--inference-workers", "1", "--torch-threads", "1"],
-            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [str(SERVE_PYTHON), "-m", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
+             *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         host, port = wait_until_listening(proc, log)
         server = Server(host, port, log)
@@ -90,6 +91,13 @@ def server(tmp_path_factory) -> Server:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(log, ARTIFACTS, "--threads", "4", "--inference-workers", "1", "--torch-threads", "1") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

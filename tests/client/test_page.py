@@ -67,6 +67,8 @@ def test_a_photo_gets_the_same_answer_as_predict(page, server, metadata):
         [p["label"] for p in expected]
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#status")).not_to_have_class(re.compile("error"))
+    # Which model, and which version of it, answered.
+    expect(page.locator("#model")).to_contain_text(f"model {metadata['name']} version {metadata['version']}")
     shoot(page, "prediction.png")
     assert page.problems == []
 

@@ -1,13 +1,16 @@
 """The official Triton HTTP client against a real whatcar server: what a V2 user would run."""
 
 import base64
+import json
+import shutil
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import car_photos
+from tests.client.conftest import running_server
+from tests.conftest import ARTIFACTS, car_photos
 
 PHOTOS = car_photos()[::6]  # a few photos from every class folder
 
@@ -127,3 +130,50 @@ def test_a_file_that_is_not_an_image_keeps_its_status(triton, model):
     with pytest.raises(InferenceServerException) as caught:
         triton.infer(model, [tensor])
     assert caught.value.status() == "415" and caught.value.message().startswith("image 1:")
+
+
+TOKEN = "tritonclient-admin-token-42"
+
+
+@pytest.fixture(scope="module")
+def admin_server(tmp_path_factory):
+    """A server with the model repository API on, over a model folder with two versions of the model."""
+    models = tmp_path_factory.mktemp("repository") / "models"
+    shutil.copytree(ARTIFACTS, models, symlinks=True)
+    shutil.copytree(models / "1", models / "2")
+    with running_server(models.parent / "server.log", models, "--model-control", "explicit", "--threads", "4",
+                        "--inference-workers", "1", environ={"WHATCAR_ADMIN_TOKEN": TOKEN}) as srv:
+        yield srv
+
+
+def test_model_repository_through_tritonclient(admin_server, model):
+    client = httpclient.InferenceServerClient(admin_server.address, connection_timeout=30, network_timeout=300)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        assert "model_repository" in client.get_server_metadata()["extensions"]
+        with pytest.raises(InferenceServerException) as caught:
+            client.get_model_repository_index()
+        assert caught.value.status() == "401"
+        index = client.get_model_repository_index(headers=admin)
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [(model, "1", "READY"),
+                                                                           (model, "2", "UNAVAILABLE")]
+
+        # Triton's way to ask for one version: a version policy in the load's config.
+        client.load_model(model, headers=admin,
+                          config=json.dumps({"version_policy": {"specific": {"versions": [2]}}}))
+        assert client.is_model_ready(model, model_version="2") and not client.is_model_ready(model, model_version="1")
+        result = client.infer(model, [image_input(PHOTOS[:1])])
+        assert result.get_response()["model_version"] == "2"
+
+        client.unload_model(model, headers=admin)
+        assert not client.is_server_ready()
+        client.load_model(model, headers=admin)  # the folder's current version
+        assert client.is_model_ready(model, model_version="1")
+
+        with pytest.raises(InferenceServerException) as caught:
+            client.load_model(model, headers=admin, config=json.dumps(
+                {"version_policy": {"specific": {"versions": ["../1"]}}}))
+        assert caught.value.status() == "400"
+        assert client.is_model_ready(model, model_version="1")
+    finally:
+        client.close()

@@ -18,6 +18,7 @@ from export import cli
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
 from serve.manifest import Manifest
+from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
 from tests.conftest import CARS, ROOT, car_photos
 
@@ -34,10 +35,17 @@ def learner(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifact(learner, tmp_path_factory) -> Path:
+def exported(learner, tmp_path_factory) -> Path:
+    """The model folder the export wrote its first version into."""
     out = tmp_path_factory.mktemp("exported") / "tiny"
     assert cli.main([str(learner), "--out", str(out), "--images", str(CARS)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def artifact(exported) -> Path:
+    assert ModelFolder(exported).current() == "1"
+    return exported / "1"
 
 
 def test_training_records_its_run(learner):
@@ -113,9 +121,9 @@ def test_module_batches_any_size_and_matches_single_images(artifact):
     assert torch.allclose(together, one_by_one, atol=1e-5)
 
 
-def test_failed_parity_leaves_previous_artifact_untouched(learner, artifact, monkeypatch, capsys):
+def test_failed_parity_adds_nothing_to_the_model_folder(learner, exported, monkeypatch, capsys):
     def contents():
-        return {str(p.relative_to(artifact)): p.read_bytes() for p in artifact.rglob("*") if p.is_file()}
+        return {str(p.relative_to(exported)): p.read_bytes() for p in exported.rglob("*") if p.is_file()}
 
     before = contents()
     real_check = cli.parity.check
@@ -126,9 +134,29 @@ def test_failed_parity_leaves_previous_artifact_untouched(learner, artifact, mon
         return report
 
     monkeypatch.setattr(cli.parity, "check", one_disagreement)
-    assert cli.main([str(learner), "--out", str(artifact), "--images", str(CARS)]) == 1
+    assert cli.main([str(learner), "--out", str(exported), "--images", str(CARS)]) == 1
     assert "parity check failed" in capsys.readouterr().err
-    assert contents() == before
+    assert contents() == before and ModelFolder(exported).versions() == ["1"]
+
+
+def test_each_export_adds_a_version_makes_it_current_and_keeps_the_last_few(learner, tmp_path):
+    out = tmp_path / "models"
+    args = [str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "2", "--checks", "2",
+            "--keep", "2"]
+    for _ in range(4):
+        assert cli.main(args) == 0
+    models = ModelFolder(out)
+    assert models.versions() == ["3", "4"] and models.current() == "4" and models.previous() == "3"
+    load_artifact(models.folder("4"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+
+def test_an_unversioned_artifact_folder_is_not_overwritten(learner, artifact, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    shutil.copytree(artifact, flat)
+    assert cli.main([str(learner), "--out", str(flat), "--images", str(CARS), "--parity-images", "2"]) == 1
+    assert "single unversioned artifact" in capsys.readouterr().err
+    assert sorted(p.name for p in flat.iterdir()) == sorted(p.name for p in artifact.iterdir())
 
 
 def test_learner_from_another_fastai_names_both_versions(tmp_path):
@@ -174,8 +202,10 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
 
 
 def test_triton_flag_adds_a_model_repository_to_the_export(learner, tmp_path):
-    out = tmp_path / "with-triton"
-    assert cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4", "--triton"]) == 0
+    models = tmp_path / "with-triton"
+    assert cli.main([str(learner), "--out", str(models), "--images", str(CARS), "--parity-images", "4",
+                     "--triton"]) == 0
+    out = models / "1"
     manifest = json.loads((out / "manifest.json").read_text())
     model_dir = out / "triton" / manifest["name"]
     config = (model_dir / "config.pbtxt").read_text()

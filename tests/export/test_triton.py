@@ -7,6 +7,7 @@ itself, run on a batch shaped as Triton would send it.
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -192,7 +193,17 @@ def test_standalone_command(artifact):
 
 def test_standalone_command_names_a_missing_artifact(tmp_path, capsys):
     assert triton.main([str(tmp_path / "nowhere")]) == 1
-    assert "manifest.json not found" in capsys.readouterr().err
+    assert "nowhere has no current version" in capsys.readouterr().err
+
+
+def test_standalone_command_uses_the_current_version_of_a_model_folder(artifact, tmp_path):
+    folder, manifest = artifact
+    models = tmp_path / "models"
+    models.mkdir()
+    os.rename(folder, models / "3")
+    os.symlink("3", models / "current")
+    assert triton.main([str(models)]) == 0
+    assert (models / "3" / "triton" / manifest.name / "config.pbtxt").is_file()
 
 
 def test_parser_reads_repeated_fields_and_comments():

@@ -6,6 +6,7 @@ import pytest
 from serve.app import State, create_app
 from serve.config import Config
 from serve.scoring import build_scorer
+from serve.serving import Serving
 from tests.conftest import ARTIFACTS, car_photos
 
 
@@ -26,8 +27,14 @@ def state() -> State:
 
 
 @pytest.fixture()
-def client(config, scorer, state) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(config, scorer, state))
+def serving(config, scorer) -> Serving:
+    """The session's scorer as the live model (never closed by a test)."""
+    return Serving(config, scorer)
+
+
+@pytest.fixture()
+def client(config, serving, state) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(config, serving, state))
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,13 @@ import shutil
 import pytest
 
 from serve.artifact import ArtifactError, load_artifact, sha256_file
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACT
 
 
 @pytest.fixture()
 def copy(tmp_path):
     folder = tmp_path / "artifact"
-    shutil.copytree(ARTIFACTS, folder)
+    shutil.copytree(ARTIFACT, folder)
     return folder
 
 

@@ -14,6 +14,7 @@ from serve.errors import ImageRejected
 from serve.inference import Model
 from serve.metrics import Metrics, rejection_reasons
 from serve.scoring import Scorer
+from serve.serving import Serving
 from tests.conftest import car_photos
 
 
@@ -33,9 +34,9 @@ def value(samples: dict, metric: str, **labels) -> float:
 
 
 @pytest.fixture()
-def fresh(config, scorer, state):
+def fresh(config, serving, state):
     def build() -> falcon.testing.TestClient:
-        return falcon.testing.TestClient(create_app(config, scorer, state))
+        return falcon.testing.TestClient(create_app(config, serving, state))
     return build
 
 
@@ -53,7 +54,7 @@ def observed(config, scorer, state):
     model = Model(slow, scorer.preprocessor, scorer.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, Scorer(scorer.artifact, model), state, metrics))
+    yield falcon.testing.TestClient(create_app(config, Serving(config, Scorer(scorer.artifact, model)), state, metrics))
     model.close()
 
 
@@ -128,7 +129,7 @@ def test_every_rejection_reason_is_exported_from_the_start(fresh):
 
 def test_model_info(fresh, scorer):
     samples = scrape(fresh())
-    assert value(samples, "whatcar_model_info", name=scorer.name, sha256=scorer.sha256,
+    assert value(samples, "whatcar_model_info", name=scorer.name, version="1", sha256=scorer.sha256,
                  classes=str(len(scorer.labels))) == 1
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from serve.app import STATIC, State, create_app
 from serve.config import Config, load_config
 from serve.scoring import build_scorer
-from tests.conftest import ARTIFACTS
+from serve.serving import Serving
+from tests.conftest import ARTIFACT
 from tests.serve.tiny_artifact import write_tiny_artifact
 
 HOSTILE_LABELS = ['<script>alert("label")</script> Coupe 2001', "Beta </li><img src=x onerror=alert(1)> Van",
@@ -28,7 +29,7 @@ def hostile_client(tmp_path_factory) -> falcon.testing.TestClient:
     """An app serving a model whose labels are markup, as a tampered or careless export could hold."""
     folder = write_tiny_artifact(tmp_path_factory.mktemp("hostile") / "artifact", labels=HOSTILE_LABELS)
     config = Config(model_dir=folder, inference_workers=1)
-    return falcon.testing.TestClient(create_app(config, build_scorer(config), State(ready=True)))
+    return falcon.testing.TestClient(create_app(config, Serving(config, build_scorer(config)), State(ready=True)))
 
 
 def jpeg(color=(30, 60, 200)) -> bytes:
@@ -104,7 +105,7 @@ def test_no_route_is_built_from_a_filesystem_path(client):
     "/static/app.css%00.js", "/static/APP.JS",
 ])
 def test_traversal_attempts_never_reach_a_file(client, path):
-    manifest = (ARTIFACTS / "manifest.json").read_text(encoding="utf-8")
+    manifest = (ARTIFACT / "manifest.json").read_text(encoding="utf-8")
     opened = []
     real_open, real_path_open = builtins.open, pathlib.Path.open
 

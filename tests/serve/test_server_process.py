@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ARTIFACTS, ROOT, car_photos
+from tests.conftest import ARTIFACT, ARTIFACTS, ROOT, car_photos
 from tests.serve.conftest import encode, multipart
 from tests.serve.tiny_artifact import write_manifest, write_tiny_artifact
 
@@ -36,8 +36,8 @@ START_TIMEOUT = 90  # loading and warming a model on a busy 2-core machine
 class Server:
     """One `python -m serve` process on a port of its own choosing (--port 0)."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *args: str):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
+    def __init__(self, model_dir: Path, log_path: Path, *args: str, environ: dict | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")} | (environ or {})
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -389,7 +389,7 @@ def not_torchscript(folder: Path, manifest: dict) -> None:
 ], ids=["missing-file", "checksum", "label-count", "format-version", "not-torchscript"])
 def test_start_up_refuses_a_broken_artifact(tmp_path, breakage, expected):
     folder = tmp_path / "artifact"
-    shutil.copytree(ARTIFACTS, folder)
+    shutil.copytree(ARTIFACT, folder)
     breakage(folder, json.loads((folder / "manifest.json").read_text()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
     done = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(folder), "--port", "0"], cwd=ROOT,

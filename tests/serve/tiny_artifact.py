@@ -8,8 +8,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from serve.manifest import MANIFEST, Manifest, sha256_file
+from serve.manifest import MANIFEST, Check, Manifest, sha256_file
+from serve.versions import ModelFolder
 
 SIZE = 16
 
@@ -41,7 +43,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0) -> Path:
+COLOURS = [(250, 60, 10), (10, 250, 60), (60, 10, 250)]  # a check photo for each class, surest first
+
+
+def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0,
+                        checks: bool = True) -> Path:
     labels = labels or ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
     assert len(labels) == 3, "the tiny model has one class per colour channel"
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +57,24 @@ def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_roun
     (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     steps = [{"op": "resize", "method": "squish", "height": SIZE, "width": SIZE, "resample": "bilinear",
               "pad_mode": "reflection"}]
+    found = []
+    if checks:
+        (folder / "checks").mkdir(exist_ok=True)
+        for i, colour in enumerate(COLOURS):
+            name = f"checks/{i:02d}.png"
+            Image.new("RGB", (24, 20), colour).save(folder / name)
+            found.append(Check(name, sha256_file(folder / name), labels[i]))
     Manifest.create(folder, name="tiny-test", model_file="model.pt", labels_file="labels.txt",
-                    num_classes=len(labels), steps=steps, architecture="channel means (test model)",
+                    num_classes=len(labels), steps=steps, checks=found, architecture="channel means (test model)",
                     versions={"torch": torch.__version__}).write(folder)
     return folder
+
+
+def add_tiny_version(model_dir: Path, **options) -> str:
+    """A tiny artifact added to a model folder as its next version, made current; returns its name."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = write_tiny_artifact(model_dir / ".staging", **options)
+    models = ModelFolder(model_dir)
+    version = models.add(staging)
+    models.switch_to(version)
+    return version

@@ -1,0 +1,181 @@
+"""The model being served, and how it is replaced while requests keep coming.
+
+Every request scores inside `serving.lease()`, which hands it the scorer that is live at that
+moment and keeps that scorer alive until the request is done. A reload loads the new version
+beside the old one (verify, warm up, check photos: serve/scoring.py's load_scorer), and only
+when all of that has passed makes it the live one. Requests already inside finish on the model
+they started with; the old model's threads stop when its last lease ends, and its memory is
+handed back to the system. A reload that fails at any step leaves the old model serving, and
+says why in the log, the metrics and /metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from .config import Config
+from .errors import ArtifactError
+from .inference import PassObserver
+from .malloc import release_free_memory
+from .manifest import Manifest
+from .scoring import Scorer, load_scorer
+from .versions import ModelFolder, VersionError
+
+log = logging.getLogger("whatcar")
+
+
+class NotServing(RuntimeError):
+    """No model is loaded (it was unloaded through the repository API)."""
+
+
+@dataclass
+class ReloadStatus:
+    """The outcome of the last reload, as /metadata shows it."""
+
+    outcome: str = "none"  # none | in progress | ok | unchanged | failed | unloaded
+    version: str | None = None  # the version asked for
+    serving: str | None = None  # the version serving afterwards
+    reason: str | None = None
+    at: str | None = None
+    seconds: float | None = None
+    count: int = 0  # reloads attempted since start-up
+
+
+class _Live:
+    __slots__ = ("scorer", "leases", "retired")
+
+    def __init__(self, scorer: Scorer):
+        self.scorer, self.leases, self.retired = scorer, 0, False
+
+
+class Serving:
+    def __init__(self, config: Config, scorer: Scorer | None, observer: PassObserver | None = None,
+                 on_change=None, loader=load_scorer):
+        self.config = config
+        self.folder = ModelFolder(config.model_dir)
+        self.observer = observer
+        self.on_change = on_change or (lambda status, scorer: None)
+        self.loader = loader
+        self.status = ReloadStatus(serving=scorer.version if scorer else None)
+        self._live = _Live(scorer) if scorer is not None else None
+        self._lock = threading.Lock()        # guards _live and the leases
+        self._reloading = threading.Lock()   # one reload at a time
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def current(self) -> Scorer | None:
+        """The live scorer, for facts about it; scoring goes through lease()."""
+        live = self._live
+        return live.scorer if live is not None else None
+
+    @contextlib.contextmanager
+    def lease(self):
+        with self._lock:
+            live = self._live
+            if live is None:
+                raise NotServing("no model is loaded")
+            live.leases += 1
+        try:
+            yield live.scorer
+        finally:
+            with self._lock:
+                live.leases -= 1
+                done = live.retired and live.leases == 0
+            if done:
+                self._close(live)
+
+    # ------------------------------------------------------------------ replacing the model
+
+    def reload(self, version: str | None = None) -> ReloadStatus:
+        """Load `version` (default: the folder's current one) and switch to it once it has passed
+        every check. Blocks until done; returns the outcome, which is also kept in `status`."""
+        with self._reloading:
+            started = time.perf_counter()
+            self.status = ReloadStatus(outcome="in progress", version=version, serving=self._serving_version(),
+                                       count=self.status.count + 1, at=now())
+            try:
+                version = self.folder.check(version) if version is not None else self.folder.current()
+                self.status.version = version
+                folder = self.folder.folder(version)
+                if self._is_live(version, folder):
+                    return self._finish("unchanged", started, f"version {version} is already serving")
+                scorer = self.loader(folder, version, self.config, self.observer, require_checks=True)
+            except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
+                if not isinstance(exc, (ArtifactError, VersionError)):
+                    log.exception("unexpected error while loading version %s", version)
+                log.error("reload of version %s failed, %s: %s", version or "current",
+                          f"still serving version {self._serving_version()}" if self.current else "nothing is serving",
+                          exc)
+                return self._finish("failed", started, str(exc))
+            old = self._swap(scorer)
+            log.info("now serving %s version %s (sha256 %s)%s", scorer.name, version, scorer.sha256[:12],
+                     f"; version {old.scorer.version} retires when its last request ends" if old else "")
+            return self._finish("ok", started)
+
+    def reload_in_background(self) -> None:
+        """Reload without waiting (on SIGHUP); reloads asked for meanwhile run one after another."""
+        threading.Thread(target=self.reload, name="whatcar-reload", daemon=True).start()
+
+    def unload(self) -> ReloadStatus:
+        """Stop serving: requests get 503 until the next load."""
+        with self._reloading:
+            old = self._swap(None)
+            self.status = ReloadStatus(outcome="unloaded", version=old.scorer.version if old else None,
+                                       count=self.status.count, at=now())
+            self.on_change(self.status, None)
+            return self.status
+
+    def close(self) -> None:
+        """Retire the live model (its threads stop once the requests inside have finished)."""
+        self._swap(None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _is_live(self, version: str, folder) -> bool:
+        """Whether `version` in `folder` is what is serving already, same model file and all."""
+        live = self.current
+        if live is None or live.version != version or live.artifact.folder != folder:
+            return False
+        try:
+            return Manifest.read(folder).model_sha256 == live.sha256
+        except ArtifactError:
+            return False
+
+    def _serving_version(self) -> str | None:
+        scorer = self.current
+        return scorer.version if scorer is not None else None
+
+    def _swap(self, scorer: Scorer | None) -> _Live | None:
+        with self._lock:
+            old, self._live = self._live, (_Live(scorer) if scorer is not None else None)
+            if old is not None:
+                old.retired = True
+                idle = old.leases == 0
+        if old is not None and idle:
+            self._close(old)
+        return old
+
+    def _close(self, live: _Live) -> None:
+        live.scorer.close()
+        # The old model's weights and activations go back to the system, not just to malloc.
+        release_free_memory()
+
+    def _finish(self, outcome: str, started: float, reason: str | None = None) -> ReloadStatus:
+        self.status.outcome, self.status.reason = outcome, reason
+        self.status.serving = self._serving_version()
+        self.status.seconds = round(time.perf_counter() - started, 3)
+        self.on_change(self.status, self.current)
+        return self.status
+
+    def describe(self) -> dict:
+        return asdict(self.status)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()

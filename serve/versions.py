@@ -1,0 +1,156 @@
+"""A model folder on disk: numbered versions side by side, and which one is current.
+
+    artifacts/
+      1/          a complete artifact (manifest.json, model.pt, labels.txt, checks/)
+      2/
+      current  -> 2     the version to serve (a symlink to a sibling, replaced by rename)
+      previous -> 1     the version served before it, for a one-step rollback
+
+`make export` adds a version and points `current` at it; `make rollback` swaps `current` and
+`previous`; the server loads what `current` names at start-up and on every reload. A folder
+that holds one artifact directly (manifest.json at its top, as older exports wrote) is served
+as it is, as version "1".
+
+A version is only ever a name this module finds inside the folder: digits, no path. Nothing
+here imports torch, so the control commands run in a blink.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+CURRENT = "current"
+PREVIOUS = "previous"
+MANIFEST = "manifest.json"
+VERSION_NAME = re.compile(r"^[0-9]{1,9}$")
+FLAT_VERSION = "1"
+KEEP = 5
+
+
+class VersionError(ValueError):
+    """A version that cannot be used; the message says why in one line."""
+
+
+def current_folder(path: str | Path) -> Path:
+    """The artifact folder of the version a model folder serves (the folder itself when flat)."""
+    models = ModelFolder(path)
+    return models.folder(models.current())
+
+
+class ModelFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def flat(self) -> bool:
+        """Whether the folder is one artifact itself rather than a folder of versions."""
+        return (self.path / MANIFEST).is_file()
+
+    def versions(self) -> list[str]:
+        """Version names present, oldest first."""
+        if self.flat:
+            return [FLAT_VERSION]
+        try:
+            names = [p.name for p in self.path.iterdir() if VERSION_NAME.match(p.name) and p.is_dir()
+                     and not p.is_symlink()]
+        except OSError:
+            return []
+        return sorted(names, key=int)
+
+    def _link(self, name: str) -> str | None:
+        try:
+            target = os.readlink(self.path / name)
+        except OSError:
+            return None
+        return target if VERSION_NAME.match(target) else None
+
+    def current(self) -> str:
+        """The version to serve; VersionError when there is none."""
+        if self.flat:
+            return FLAT_VERSION
+        target = self._link(CURRENT)
+        if target is None:
+            if (self.path / CURRENT).exists() or (self.path / CURRENT).is_symlink():
+                raise VersionError(f"{self.path / CURRENT} must be a symlink to a version folder beside it")
+            raise VersionError(f"{self.path} has no {CURRENT} version: it needs {MANIFEST} or numbered version "
+                               f"folders with a '{CURRENT}' symlink (write one with `make export`)")
+        return self.check(target)
+
+    def previous(self) -> str | None:
+        target = None if self.flat else self._link(PREVIOUS)
+        return target if target in self.versions() else None
+
+    def check(self, version: str) -> str:
+        """`version` if it names a version folder here, else VersionError."""
+        if not isinstance(version, str) or not VERSION_NAME.match(version):
+            raise VersionError(f"version {version!r} is not a version name: versions are numbers, "
+                               f"the folders of {self.path}")
+        if version not in self.versions():
+            raise VersionError(f"{self.path} has no version {version} (it has {', '.join(self.versions()) or 'none'})")
+        return version
+
+    def folder(self, version: str) -> Path:
+        """The artifact folder of a version found here."""
+        version = self.check(version)
+        return self.path if self.flat else self.path / version
+
+    # ------------------------------------------------------------------ changing what is on disk
+
+    def add(self, staging: Path) -> str:
+        """Move a finished artifact folder in as the next version (one rename, so the version
+        appears whole or not at all); returns its name. `staging` must be on the same filesystem."""
+        if self.flat:
+            raise VersionError(f"{self.path} holds a single artifact ({MANIFEST} at its top); move it into "
+                               f"{self.path / FLAT_VERSION}/ and link {CURRENT} to it, or export elsewhere")
+        self.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            version = str(int(self.versions()[-1]) + 1 if self.versions() else 1)
+            try:
+                os.rename(staging, self.path / version)
+                return version
+            except OSError:
+                if not (self.path / version).exists():
+                    raise
+                # Another export took this number between our look and our rename.
+
+    def point(self, current: str, previous: str | None) -> None:
+        """Make `current` (and `previous`) name these versions, each switched by one rename."""
+        self.check(current)
+        if previous is not None and previous != current:
+            self._relink(PREVIOUS, self.check(previous))
+        self._relink(CURRENT, current)
+
+    def _relink(self, name: str, target: str) -> None:
+        temporary = self.path / f".{name}.{os.getpid()}"
+        if temporary.is_symlink() or temporary.exists():
+            temporary.unlink()
+        os.symlink(target, temporary)
+        os.replace(temporary, self.path / name)
+
+    def switch_to(self, version: str) -> None:
+        """Serve `version` from now on, remembering the version it replaces."""
+        before = self.current() if self._link(CURRENT) else None
+        self.point(version, before if before != version else self.previous())
+
+    def rollback(self) -> tuple[str, str]:
+        """Swap current and previous; returns (the version now current, the one it replaced)."""
+        current, previous = self.current(), self.previous()
+        if previous is None:
+            raise VersionError(f"{self.path} records no previous version to roll back to")
+        self.point(previous, current)
+        return previous, current
+
+    def prune(self, keep: int = KEEP) -> list[str]:
+        """Remove all but the newest `keep` versions, never current or previous; returns the
+        versions removed."""
+        if self.flat:
+            return []
+        protected = {self._link(CURRENT), self._link(PREVIOUS)}
+        versions = self.versions()
+        removed = [v for v in versions[:-keep] if v not in protected] if keep > 0 else []
+        for version in removed:
+            shutil.rmtree(self.path / version)
+        return removed
