@@ -53,7 +53,10 @@ class Scorer:
         return self.model.score(items, all_or_nothing)
 
     def close(self) -> None:
+        """Stop the inference threads and let go of the model's weights at once, rather than
+        whenever the last reference to this scorer goes, so their memory can be returned now."""
         self.model.close()
+        self.model.runner = self.artifact.module = None
 
 
 def verify_checks(scorer: Scorer, required: bool) -> int:
