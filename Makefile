@@ -7,7 +7,7 @@ PIP_ARGS ?=
 DATA     ?= ../shared/datasets/cars
 MODELS   ?= models
 LEARNER  ?= $(MODELS)/export.pkl
-OUT      ?= artifacts
+MODEL_DIR ?= artifacts
 # Empty by default: the server's own defaults (and WHATCAR_* variables) apply.
 HOST     ?=
 PORT     ?=
@@ -23,12 +23,12 @@ CLIENT_PY := $(VENV)/client/bin/python
 BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve reload rollback test test-serve test-export test-cross test-client train export triton bench clean \
+.PHONY: help serve reload rollback classify test test-serve test-export test-cross test-client train export triton bench clean \
         serve-env train-env torchserve-env client-env fuzz soak chromium
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) OUT=$(OUT) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
+	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
 
 $(VENV)/serve/.stamp: requirements-serve.txt
 	rm -rf $(VENV)/serve
@@ -63,26 +63,30 @@ serve-env: $(VENV)/serve/.stamp ## build the serving virtualenv only
 train-env: $(VENV)/train/.stamp ## build the training virtualenv only
 client-env: $(VENV)/client/.stamp ## build the test-only client virtualenv (tritonclient, Playwright)
 
-serve: $(VENV)/serve/.stamp ## serve $(OUT) on http://127.0.0.1:8080 (HOST, PORT to change)
-	$(SERVE_PY) -m serve --model-dir $(OUT) --pid-file $(PID_FILE) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+serve: $(VENV)/serve/.stamp ## serve $(MODEL_DIR) on http://127.0.0.1:8080 (HOST, PORT to change)
+	$(SERVE_PY) -m serve --model-dir $(MODEL_DIR) --pid-file $(PID_FILE) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
-# The running `make serve` loads the version $(OUT)/current names, checks it, and switches only if
+# The running `make serve` loads the version $(MODEL_DIR)/current names, checks it, and switches only if
 # every check passes; these print the outcome. Standard library only: no virtualenv needed.
 CONTROL := $(PYTHON) -m serve.control --pid-file $(PID_FILE) --url http://$(or $(HOST),127.0.0.1):$(or $(PORT),8080)
-reload: ## make the running server load $(OUT)/current (after `make export`), without a restart
+reload: ## make the running server load $(MODEL_DIR)/current (after `make export`), without a restart
 	@$(CONTROL) reload
 
-rollback: ## make the previous version of $(OUT) current again, and reload it
-	@$(CONTROL) rollback --model-dir $(OUT)
+rollback: ## make the previous version of $(MODEL_DIR) current again, and reload it
+	@$(CONTROL) rollback --model-dir $(MODEL_DIR)
+
+classify: $(VENV)/serve/.stamp ## score every photo under IN into OUT (.csv or .jsonl), resumable
+	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify IN=<folder> OUT=<results.csv|results.jsonl>"; exit 2; }
+	$(SERVE_PY) -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) $(CLASSIFY_ARGS)
 
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
-export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next version in OUT, made current
-	$(TRAIN_PY) -m export $(LEARNER) --out $(OUT)
+export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
+	$(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR)
 
-triton: $(VENV)/train/.stamp ## add a Triton model repository (OUT/triton) to the artifact in OUT
-	$(TRAIN_PY) -m export.triton $(OUT)
+triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
+	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
 
 test: test-serve test-export test-cross test-client ## run every test (serve, export, cross-version, clients)
 
@@ -125,7 +129,7 @@ torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmar
 
 bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, learn.predict and TorchServe
 	$(MAKE) --no-print-directory torchserve-env || echo "bench: no TorchServe environment; the peer comparison is skipped"
-	$(SERVE_PY) -m bench --model-dir $(OUT) --learner $(LEARNER) $(BENCH_ARGS)
+	$(SERVE_PY) -m bench --model-dir $(MODEL_DIR) --learner $(LEARNER) $(BENCH_ARGS)
 
 # The corpus grows across runs in $(BUILD)/fuzz/corpus; an input that breaks the check is saved as
 # $(BUILD)/fuzz/crash-* and the run stops with an error.
@@ -136,7 +140,7 @@ fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECOND
 
 # A real server on 127.0.0.1 under good and malformed uploads; prints failures, RSS and open fds.
 soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 10000) mixed good and bad uploads
-	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(OUT)
+	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(MODEL_DIR)
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
 	rm -rf $(VENV) $(BUILD) .pytest_cache

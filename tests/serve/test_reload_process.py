@@ -123,7 +123,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
         assert predict(server.port)[1]["model"]["version"] == "1"
 
         # make rollback: back to the version served before, in one step.
-        done = subprocess.run(["make", "--no-print-directory", "-s", "rollback", f"OUT={model_dir}",
+        done = subprocess.run(["make", "--no-print-directory", "-s", "rollback", f"MODEL_DIR={model_dir}",
                                f"PID_FILE={pid_file}", f"PORT={server.port}", f"PYTHON={sys.executable}"],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
