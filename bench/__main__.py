@@ -9,6 +9,7 @@ What is measured:
   fastai      learn.predict on the same learner and photo, in the training virtualenv
   whatcar     `python -m serve` under load from keep-alive clients on 127.0.0.1
   torchserve  TorchServe 0.12 with the same model.pt (bench/peer.py), if it can start
+  classify    `python -m serve.classify` over a folder of copies of the web photo
 
 All four stay up for the whole run and are measured in alternation, round after round: a
 floor figure and the server figure it is compared with are taken a few seconds apart, so
@@ -25,6 +26,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -156,6 +158,26 @@ def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
     return times, process, port
 
 
+def classify_throughput(args, photo: Path, count: int) -> float:
+    """Images per second of `python -m serve.classify` over `count` copies of a photo (its own
+    summary line, which leaves out the model's load)."""
+    folder = args.out.parent / "bench-classify"
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        target = folder / f"{i:04d}{photo.suffix}"
+        if not target.exists():
+            target.write_bytes(photo.read_bytes())
+    results = args.out.parent / "bench-classify.csv"
+    results.unlink(missing_ok=True)
+    done = subprocess.run([sys.executable, "-m", "serve.classify", str(folder), str(results), "--model-dir",
+                           str(args.model_dir)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    summary = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    found = re.search(r"\(([0-9.]+) images/s\)", summary)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"make classify failed: {summary or done.returncode}")
+    return float(found.group(1))
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -262,6 +284,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
                                    "seconds": budget.s(4)})
                     s(f"floor_single_jpeg12mp_t{threads}").add(a["latencies_ms"])
             floor_streams(floor, layouts, budget, s, "before")
+            s("classify_jpeg400").add([], classify_throughput(args, files["jpeg400"], budget.n(200)))
             http(port, "/predict", jpeg, 4, budget.n(400), budget.s(6), counter, s("whatcar_jpeg400_c4"))
             http(port, "/predict", jpeg, 8, budget.n(600), budget.s(8), counter, s("whatcar_jpeg400_c8"))
             if ts_port is not None:

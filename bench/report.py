@@ -96,6 +96,10 @@ def evaluate(results: dict) -> list[dict]:
                [a["throughput"] / b for a, b in zip(c8, best_tp)], 0.9, True,
                f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {statistics.median(best_tp):.1f} images/s"),
     ]
+    if "classify_jpeg400" in series:
+        out.append(target("make classify throughput / best floor throughput on all cores",
+                          [a["throughput"] / b for a, b in zip(rounds("classify_jpeg400"), best_tp)], 0.9, True,
+                          f"{series['classify_jpeg400']['throughput']:.1f} vs {statistics.median(best_tp):.1f} images/s"))
     if "fastai_jpeg400" in series:
         out.append(target("learn.predict p50 per image / HTTP p50 at c=1",
                           per_round(lambda f, w: f["p50_ms"] / w["p50_ms"], "fastai_jpeg400", "whatcar_jpeg400_c1"),
@@ -165,6 +169,7 @@ ROWS = [
     ("whatcar_png_c1", "whatcar HTTP, PNG, c=1"),
     ("whatcar_jpeg400_c4", "whatcar HTTP, 400 px JPEG, c=4"),
     ("whatcar_jpeg400_c8", "whatcar HTTP, 400 px JPEG, c=8"),
+    ("classify_jpeg400", "make classify, 400 px JPEGs from a folder"),
     ("torchserve_jpeg400_c1", "TorchServe HTTP, 400 px JPEG, c=1"),
     ("torchserve_jpeg400_c8", "TorchServe HTTP, 400 px JPEG, c=8"),
 ]
