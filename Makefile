@@ -17,13 +17,14 @@ FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 10000
 
 PID_FILE ?= $(BUILD)/serve.pid
+RAY_ADDRESS ?= auto
 SERVE_PY := $(VENV)/serve/bin/python
 TRAIN_PY := $(VENV)/train/bin/python
 CLIENT_PY := $(VENV)/client/bin/python
 BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve reload rollback classify test test-serve test-export test-cross test-client train export triton bench clean \
+.PHONY: help serve reload rollback classify classify-ray test test-ray test-serve test-export test-cross test-client train export triton bench clean \
         serve-env train-env torchserve-env client-env fuzz soak chromium
 
 help: ## list the targets
@@ -47,6 +48,13 @@ $(VENV)/client/.stamp: requirements-client.txt requirements-test.txt
 	rm -rf $(VENV)/client
 	$(PYTHON) -m venv $(VENV)/client
 	$(VENV)/client/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-client.txt
+	touch $@
+
+# Ray and its dependencies (numpy, pandas, pyarrow) never go into the serve venv.
+$(VENV)/ray/.stamp: requirements-ray.txt requirements-serve.txt
+	rm -rf $(VENV)/ray
+	$(PYTHON) -m venv $(VENV)/ray
+	$(VENV)/ray/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-ray.txt
 	touch $@
 
 $(VENV)/fuzz/.stamp: requirements-fuzz.txt requirements-serve.txt
@@ -79,6 +87,10 @@ classify: $(VENV)/serve/.stamp ## score every photo under IN into OUT (.csv or .
 	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify IN=<folder> OUT=<results.csv|results.jsonl>"; exit 2; }
 	$(SERVE_PY) -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) $(CLASSIFY_ARGS)
 
+classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (default: auto, this machine's)
+	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify-ray IN=<folder> OUT=<results.csv|results.jsonl> RAY_ADDRESS=<head:6379>"; exit 2; }
+	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
+
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
@@ -88,7 +100,7 @@ export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next v
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
 
-test: test-serve test-export test-cross test-client ## run every test (serve, export, cross-version, clients)
+test: test-serve test-export test-cross test-client test-ray ## run every test (serve, export, cross-version, clients, Ray)
 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
@@ -105,6 +117,10 @@ test-cross: $(VENV)/serve/.stamp-test test-export
 # through Playwright (apt-get install -y chromium); screenshots land in $(BUILD)/screenshots.
 test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp chromium
 	WHATCAR_SERVE_PYTHON=$(SERVE_PY) WHATCAR_SCREENSHOTS=$(BUILD)/screenshots $(CLIENT_PY) -m pytest tests/client
+
+# A head and a worker node of a real Ray cluster on this machine, started and stopped by the tests.
+test-ray: $(VENV)/ray/.stamp-test $(VENV)/serve/.stamp
+	WHATCAR_SERVE_PYTHON=$(SERVE_PY) $(VENV)/ray/bin/python -m pytest tests/ray
 
 # pip cannot provide a browser and Playwright's own download needs the open internet, so the browser
 # test uses Debian's Chromium, installed here when missing (as root, or ask for it by name).

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serve import classify
+from serve.classify import cli, output
+from serve.classify.rows import Row
 from tests.conftest import ARTIFACTS, ROOT, car_photos
 from tests.serve.conftest import encode
 
@@ -40,7 +41,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def run(*argv: str) -> int:
-    return classify.main([*argv, "--model-dir", str(ARTIFACTS), "--max-image-pixels", "50000000"])
+    return cli.main([*argv, "--model-dir", str(ARTIFACTS), "--max-image-pixels", "50000000"])
 
 
 def csv_rows(path: Path) -> list[dict]:
@@ -146,9 +147,9 @@ def test_the_progress_bar_shows_on_a_terminal_only():
 
     shown, hidden = Terminal(), io.StringIO()
     for stream in (shown, hidden):
-        progress = classify.Progress(2, stream)
-        progress.add(classify.Row("a.jpg", [("X", 1.0)]))
-        progress.add(classify.Row("b.txt", error="unsupported_type: no"))
+        progress = output.Progress(2, stream)
+        progress.add(Row("a.jpg", [("X", 1.0)]))
+        progress.add(Row("b.txt", error="unsupported_type: no"))
         assert progress.summary(0).startswith("scored 1, failed 1 in ")
     assert "2/2 files" in shown.getvalue() and "images/s" in shown.getvalue() and "left" in shown.getvalue()
     assert hidden.getvalue() == ""

@@ -1,0 +1,77 @@
+"""A batch run's rows: what one file becomes (its ranked classes, or why it could not be scored),
+made the same way by the one-machine command and by every Ray actor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ImageRejected
+from ..manifest import Manifest
+from ..postprocess import rank
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ClassifyError(Exception):
+    """The run cannot start or go on; one line says why."""
+
+
+@dataclass(frozen=True)
+class ModelId:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass
+class Row:
+    path: str
+    predictions: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def score_file(scorer, folder: Path, path: Path, k: int) -> Row:
+    """One file's row: read it and score it through `scorer` (serve/scoring.py) as one request,
+    alone in its forward pass, or say why it could not be scored. Both the one-machine command and
+    the Ray actors (serve/classify_ray.py) make their rows here."""
+    relative = str(path.relative_to(folder))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Row(relative, error=f"unreadable: {exc.strerror or exc}")
+    result = scorer.score([data]).rows[0]
+    if isinstance(result, ImageRejected):
+        return Row(relative, error=f"{result.reason}: {result.description}")
+    return Row(relative, [(r.label, round(r.probability, 6)) for r in rank(result, scorer.labels, k)])
+
+
+def batch_config(model_folder: Path, max_image_pixels: int, workers: int):
+    """The inference settings of a batch run: `workers` single-threaded inference threads, every
+    image alone in its forward pass. So a file's probabilities do not depend on what it happened
+    to share a pass with, and every run (and every Ray actor) gives it the same row to the last
+    digit; one image a pass costs no throughput on a small CPU (docs/benchmark.md)."""
+    from ..config import Config
+
+    return Config(model_dir=model_folder, inference_workers=workers, torch_threads=1, solo_threads=1,
+                  micro_batch=1, max_image_pixels=max_image_pixels)
+
+
+def image_files(folder: Path, skip: Path | None = None) -> list[Path]:
+    """Every regular file under `folder`, in a stable order, without `skip` (the output)."""
+    if not folder.is_dir():
+        raise ClassifyError(f"input folder {folder} does not exist or is not a folder")
+    skip = skip.resolve() if skip is not None else None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.resolve() != skip)
+    if not files:
+        raise ClassifyError(f"input folder {folder} holds no files")
+    return files
+
+
+def model_id(model_folder: Path, version: str) -> ModelId:
+    """Which model will score, from its manifest alone (before anything loads)."""
+    manifest = Manifest.read(model_folder)
+    return ModelId(manifest.name or model_folder.name, version, manifest.model_sha256)
+
+
