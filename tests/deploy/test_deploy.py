@@ -382,16 +382,20 @@ def read_until(proc: subprocess.Popen, start: str) -> list[str]:
     raise AssertionError(f"the deploy ended before {start!r}:\n{''.join(lines)}")
 
 
-@pytest.mark.parametrize("step, args, delay", [
-    ("venv", ["--fresh-venv"], 3.0),  # pip is installing
-    ("check", [], 1.0),  # the release's server is starting
+@pytest.mark.parametrize("step, args, child", [
+    ("venv", ["--fresh-venv"], "-m pip install"),
+    ("check", [], "-m serve"),  # the release's server, starting
 ])
-def test_a_deploy_killed_midway(first, source, tmp_path, step, args, delay):
+def test_a_deploy_killed_midway(first, source, tmp_path, step, args, child):
     prefix = copy_prefix(first, tmp_path / "prefix")
     proc = start_deploy(source, prefix, *args)
     try:
         read_until(proc, f"deploy: {step}: ")
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while not [p for p in processes_mentioning(str(prefix)) if child in p]:
+            assert time.monotonic() < deadline and proc.poll() is None, f"no {child!r} process was seen"
+            time.sleep(0.1)
+        time.sleep(1.0)
         # Meanwhile nobody else may deploy or roll back in this prefix.
         assert "another deploy or rollback is running" in failure(rollback(source, prefix))
         os.kill(proc.pid, signal.SIGKILL)  # the deploy alone, as the OOM killer or a `kill -9` would
