@@ -153,8 +153,7 @@ soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 100
 # PREFIX (root for /opt/whatcar); the service itself runs as its own user.
 deploy: ## build and check a release of this commit in PREFIX, then switch PREFIX/current to it
 	@[ -n "$(PREFIX)" ] || { echo "make deploy needs PREFIX=<folder>, for instance: make deploy PREFIX=/opt/whatcar"; exit 2; }
-	$(PYTHON) -m deploy release --prefix "$(PREFIX)" --keep $(KEEP) $(if $(ENV_FILE),--env-file "$(ENV_FILE)") \
-	    $(if $(PIP_ARGS),--pip-args="$(PIP_ARGS)") $(DEPLOY_ARGS)
+	$(PYTHON) -m deploy release --prefix "$(PREFIX)" --keep $(KEEP)$(if $(ENV_FILE), --env-file "$(ENV_FILE)")$(if $(PIP_ARGS), --pip-args="$(PIP_ARGS)") $(DEPLOY_ARGS)
 
 deploy-rollback: ## switch PREFIX/current back to the release that was current before it
 	@[ -n "$(PREFIX)" ] || { echo "make deploy-rollback needs PREFIX=<folder>"; exit 2; }

@@ -67,7 +67,7 @@ def commit_of(source: Path) -> tuple[str, str, list[str]]:
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             raise StepFailed("code", f"git {args[0]} in {source} failed: {lines[-1]}")
-        return done.stdout.strip()
+        return done.stdout.rstrip()  # not lstrip: `git status --porcelain` lines start with a space
 
     commit = git("rev-parse", "--verify", "HEAD^{commit}")
     subject = git("log", "-1", "--format=%s", commit)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import build
-from .check import CheckFailed, check_release
+from .check import CheckFailed, check_release, photo_checks
 from .envfile import EnvFileError, read_env_file
 from .errors import StepFailed, describe_os_error
 from .layout import BUILD_PREFIX, RELEASE_FILE, Prefix, fsync_dir
@@ -223,6 +223,17 @@ def deploy(opts: Options) -> int:
                 build.export_code(opts.source, commit, alias)
                 root = alias
 
+            with run.stage("model"):
+                # Before anything is built: a model that cannot be checked stops the deploy in a second.
+                model_dir = Path(env.get("WHATCAR_MODEL_DIR", "artifacts"))
+                model_dir = model_dir if model_dir.is_absolute() else root / model_dir
+                try:
+                    checks = photo_checks(model_dir)
+                except CheckFailed as exc:
+                    raise StepFailed("model", str(exc).replace(f"{root}/", "")) from None
+                run.say(f"{model_dir.name}/ with {len(checks)} check photo{'s' if len(checks) > 1 else ''}: "
+                        + ", ".join(f"{c.path.name} -> {c.top1}" for c in checks))
+
             with run.stage("venv"):
                 python = sys.executable
                 key = venv_key(python, platform.python_version(), (root / build.REQUIREMENTS).read_bytes(),
@@ -244,8 +255,6 @@ def deploy(opts: Options) -> int:
                 build.compile_code(root, run.log)
 
             with run.stage("check", "starting the release's own server on a spare loopback port"):
-                model_dir = Path(env.get("WHATCAR_MODEL_DIR", "artifacts"))
-                model_dir = model_dir if model_dir.is_absolute() else root / model_dir
                 server_log = building / ".check.log"
                 try:
                     results = check_release(root, root / build.VENV / "bin" / "python", env, model_dir,

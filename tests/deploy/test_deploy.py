@@ -152,7 +152,7 @@ def test_first_deploy_builds_checks_and_switches(first, source):
     assert info["commit"] == git(source, "rev-parse", "HEAD") and release.endswith(info["commit"][:7])
     assert info["venv"]["linked_from"] is None, "the first release must build its own virtualenv"
     assert info["check"]["results"][1] == f"red.jpg: {LABELS[0]} (as expected)"
-    for step in ("code", "venv", "compile", "check", "finish", "switch"):
+    for step in ("code", "model", "venv", "compile", "check", "finish", "switch"):
         assert f"deploy: {step}: " in first.output
     assert (prefix / "history").read_text().split() == [release]
     assert Prefix(prefix).leftovers() == []
@@ -364,6 +364,17 @@ def test_a_release_that_fails_its_check_is_not_switched_to(first, source, tmp_pa
     assert_still_serving(prefix, first)
     git(repo, "revert", "--no-edit", "HEAD")
     assert deploy(repo, prefix).returncode == 0 and current(prefix) != first.release
+
+
+def test_a_model_without_check_photos_is_refused_before_anything_is_built(first, source, tmp_path):
+    prefix = copy_prefix(first, tmp_path / "prefix")
+    repo = clone(source, tmp_path / "repo")
+    use_artifact(repo, "A model without check photos", checks=False)
+    done = deploy(repo, prefix)
+    assert re.search(r"FAILED at step 'model': .*artifacts/manifest.json lists no check photos", failure(done))
+    assert "deploy: venv:" not in done.stdout
+    assert Prefix(prefix).leftovers() == []
+    assert_still_serving(prefix, first)
 
 
 def start_deploy(source: Path, prefix: Path, *args: str) -> subprocess.Popen:
