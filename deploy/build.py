@@ -109,7 +109,8 @@ def build_venv(root: Path, scratch: Path, python: str, pip_args: list[str], log:
         (scratch / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PIP_CACHE_DIR": str(scratch / "cache"), "TMPDIR": str(scratch / "tmp"),
            "PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV", "PIP_TARGET", "PIP_PREFIX", "PIP_USER"):
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV", "PIP_TARGET", "PIP_PREFIX",
+                 "PIP_USER"):
         env.pop(name, None)
     try:
         run("venv", [python, "-m", "venv", str(venv)], log, "python -m venv", env=env)

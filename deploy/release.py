@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -131,7 +130,8 @@ def lock_prefix(run: Run, prefix: Prefix, create: bool) -> None:
             reason = describe_os_error(exc) if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
             raise StepFailed("prefix", f"cannot write to {prefix.root}: {reason}") from None
         if not locked:
-            raise StepFailed("prefix", f"another deploy or rollback is running in {prefix.root} (it holds {prefix.lock_file})")
+            raise StepFailed("prefix", f"another deploy or rollback is running in {prefix.root} "
+                                       f"(it holds {prefix.lock_file})")
 
 
 def tree_bytes(root: Path) -> tuple[int, int]:
@@ -355,7 +355,10 @@ def rollback(root: Path) -> int:
         run.say(f"current is {target} (was {current}); {RESTART_HINT}")
         return 0
     except (StepFailed, Interrupted, KeyboardInterrupt) as exc:
-        step, reason = (exc.step, exc.reason) if isinstance(exc, StepFailed) else (run.step, f"interrupted ({exc})")
+        if isinstance(exc, StepFailed):
+            step, reason = exc.step, exc.reason
+        else:
+            step, reason = run.step, f"interrupted ({exc or 'SIGINT'})"
         run.step = ""
         run.say(f"FAILED at step {step!r}: {reason}; current is {'still ' + current if current else 'unset'}")
         return 1
@@ -382,5 +385,6 @@ def status(root: Path) -> int:
         print(f"  {name}  {info.get('subject', '?')!r}  {mb(total)}, {mb(own)} not shared with other releases{mark}")
     leftovers = prefix.leftovers()
     if leftovers:
-        print(f"leftovers of an interrupted deploy (the next deploy removes them): {', '.join(p.name for p in leftovers)}")
+        print("leftovers of an interrupted deploy (the next deploy removes them): "
+              + ", ".join(p.name for p in leftovers))
     return 0

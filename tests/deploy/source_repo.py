@@ -37,7 +37,8 @@ def snapshot_repo(dest: Path) -> Path:
     """A new repository whose one commit holds this working tree as it is (tracked files and new ones
     not ignored), so that deploy tests test the code being worked on, committed or not."""
     dest.mkdir(parents=True)
-    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True).stdout
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
         src = ROOT / name
         if src.is_file():
