@@ -127,14 +127,18 @@ def first(tmp_path_factory, source):
     print(done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     release = current(prefix)
-    yield SimpleNamespace(prefix=prefix, release=release, output=done.stdout, seconds=seconds, tmpdir=tmpdir,
-                          cache=cache, fingerprint=fingerprint(prefix / "releases" / release))
-    shutil.rmtree(prefix)  # a gigabyte; the copies made of links cost next to nothing
+    made = SimpleNamespace(prefix=prefix, release=release, output=done.stdout, seconds=seconds, tmpdir=tmpdir,
+                           cache=cache, fingerprint=fingerprint(prefix / "releases" / release), copies=[])
+    yield made
+    # A gigabyte, shared by the copies: it is only freed once they are gone too.
+    for folder in [prefix, *made.copies]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def copy_prefix(first, dest: Path) -> Path:
     """A copy of the first prefix made of hard links: releases are never edited in place."""
     subprocess.run(["cp", "-a", "-l", str(first.prefix), str(dest)], check=True)
+    first.copies.append(dest)
     return dest
 
 
