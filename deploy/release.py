@@ -30,7 +30,7 @@ from .policy import (new_release_id, previous_release, releases_to_remove, rollb
 LOGS_KEPT = 20
 RESTART_HINT = "restart the service to run it: systemctl restart whatcar.service"
 # For tests on machines that cannot mount a small filesystem or revoke root's write access:
-# "<step>:<errno name>" makes that step fail as if the system had raised that error.
+# "prefix:EROFS" or "venv:ENOSPC" makes that step fail as if the system had raised that error.
 INJECT_VARIABLE = "WHATCAR_DEPLOY_INJECT"
 
 
@@ -78,7 +78,6 @@ class Run:
         self.step = name
         if text:
             self.say(text)
-        inject(name)
         try:
             yield
         except OSError as exc:
@@ -90,7 +89,7 @@ def inject(step: str) -> None:
     name, _, code = wanted.partition(":")
     if name == step and hasattr(errno, code):
         number = getattr(errno, code)
-        raise OSError(number, os.strerror(number), f"(injected by {INJECT_VARIABLE})")
+        raise OSError(number, os.strerror(number), f"injected by {INJECT_VARIABLE}")
 
 
 @contextmanager
@@ -120,6 +119,7 @@ def lock_prefix(run: Run, prefix: Prefix, create: bool) -> None:
     """Take the prefix for this run, creating its folders for a deploy."""
     with run.stage("prefix"):
         try:
+            inject("prefix")
             if create:
                 prefix.releases.mkdir(parents=True, exist_ok=True)
                 prefix.logs.mkdir(exist_ok=True)
@@ -235,6 +235,7 @@ def deploy(opts: Options) -> int:
                         + ", ".join(f"{c.path.name} -> {c.top1}" for c in checks))
 
             with run.stage("venv"):
+                inject("venv")
                 python = sys.executable
                 key = venv_key(python, platform.python_version(), (root / build.REQUIREMENTS).read_bytes(),
                                opts.pip_args)

@@ -169,3 +169,17 @@ def test_the_prefix_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     assert not second.lock()
     os.close(first._lock_fd)
     assert second.lock()
+
+
+def test_a_system_error_in_a_step_becomes_one_line_naming_the_step(capsys):
+    import errno
+
+    from deploy.errors import StepFailed
+    from deploy.release import Run
+
+    run = Run("deploy")
+    with pytest.raises(StepFailed) as failed:
+        with run.stage("venv", "building"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/prefix/releases/.build-x/.venv")
+    assert (failed.value.step, failed.value.reason) == ("venv", "no space left on device (/prefix/releases/.build-x/.venv)")
+    assert capsys.readouterr().out == "deploy: venv: building\n"
