@@ -15,6 +15,11 @@ TRAIN_ARGS ?=
 BENCH_ARGS ?=
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 10000
+# make deploy: the folder releases go to (required), how many to keep, the service's EnvironmentFile.
+PREFIX   ?=
+KEEP     ?= 3
+ENV_FILE ?=
+DEPLOY_ARGS ?=
 
 PID_FILE ?= $(BUILD)/serve.pid
 RAY_ADDRESS ?= auto
@@ -24,11 +29,12 @@ CLIENT_PY := $(VENV)/client/bin/python
 BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve reload rollback classify classify-ray test test-ray test-serve test-export test-cross test-client train export triton bench clean \
-        serve-env train-env torchserve-env client-env fuzz soak chromium
+.PHONY: help serve reload rollback classify classify-ray test test-serve test-export test-cross test-client test-ray \
+        test-deploy train export triton bench clean serve-env train-env torchserve-env client-env fuzz soak chromium \
+        deploy deploy-rollback deploy-status systemd-analyze
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
 
 $(VENV)/serve/.stamp: requirements-serve.txt
@@ -100,7 +106,7 @@ export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next v
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
 
-test: test-serve test-export test-cross test-client test-ray ## run every test (serve, export, cross-version, clients, Ray)
+test: test-serve test-export test-cross test-client test-ray test-deploy ## run every test (serve, export, cross-version, clients, Ray, deploy)
 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
@@ -121,6 +127,22 @@ test-client: $(VENV)/client/.stamp $(VENV)/serve/.stamp chromium
 # A head and a worker node of a real Ray cluster on this machine, started and stopped by the tests.
 test-ray: $(VENV)/ray/.stamp-test $(VENV)/serve/.stamp
 	WHATCAR_SERVE_PYTHON=$(SERVE_PY) $(VENV)/ray/bin/python -m pytest tests/ray
+
+# The deploy tool runs under the system's Python (it builds virtualenvs, so it cannot live in one) and
+# builds one release in full; pytest runs from the serve venv, which also makes the tests' tiny models.
+test-deploy: $(VENV)/serve/.stamp-test systemd-analyze
+	WHATCAR_DEPLOY_PYTHON=$(PYTHON) WHATCAR_DEPLOY_PIP_ARGS="$(PIP_ARGS)" $(SERVE_PY) -m pytest tests/deploy
+
+# The unit files are checked with systemd-analyze verify, installed here when missing (as root).
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's systemd for systemd-analyze (the unit file test)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; \
+	  else \
+	    echo "the unit file test needs systemd-analyze: sudo apt-get install systemd"; exit 1; \
+	  fi; }
 
 # pip cannot provide a browser and Playwright's own download needs the open internet, so the browser
 # test uses Debian's Chromium, installed here when missing (as root, or ask for it by name).
@@ -157,6 +179,20 @@ fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECOND
 # A real server on 127.0.0.1 under good and malformed uploads; prints failures, RSS and open fds.
 soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 10000) mixed good and bad uploads
 	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(MODEL_DIR)
+
+# Releases side by side in PREFIX: see README.md, "Deploying to a server". Run as the user that owns
+# PREFIX (root for /opt/whatcar); the service itself runs as its own user.
+deploy: ## build and check a release of this commit in PREFIX, then switch PREFIX/current to it
+	@[ -n "$(PREFIX)" ] || { echo "make deploy needs PREFIX=<folder>, for instance: make deploy PREFIX=/opt/whatcar"; exit 2; }
+	$(PYTHON) -m deploy release --prefix "$(PREFIX)" --keep $(KEEP)$(if $(ENV_FILE), --env-file "$(ENV_FILE)")$(if $(PIP_ARGS), --pip-args="$(PIP_ARGS)") $(DEPLOY_ARGS)
+
+deploy-rollback: ## switch PREFIX/current back to the release that was current before it
+	@[ -n "$(PREFIX)" ] || { echo "make deploy-rollback needs PREFIX=<folder>"; exit 2; }
+	$(PYTHON) -m deploy rollback --prefix "$(PREFIX)"
+
+deploy-status: ## list the releases in PREFIX: current, previous, disk use
+	@[ -n "$(PREFIX)" ] || { echo "make deploy-status needs PREFIX=<folder>"; exit 2; }
+	$(PYTHON) -m deploy status --prefix "$(PREFIX)"
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
 	rm -rf $(VENV) $(BUILD) .pytest_cache

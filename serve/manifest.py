@@ -139,6 +139,8 @@ class Manifest:
     @property
     def checks(self) -> list[Check]:
         checks = self.data.get("checks", [])
+        if not isinstance(checks, list):
+            raise ArtifactError(f"{self.source}: 'checks' must be a list")
         try:
             return [Check(str(c["file"]), str(c["sha256"]), str(c["top1"])) for c in checks]
         except (KeyError, TypeError):

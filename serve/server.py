@@ -19,7 +19,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
 from .app import State, create_app, start_serving
-from .config import ConfigError, configure_logging, load_config
+from .config import ConfigError, configure_logging, load_config, repository_exposure
 from .errors import ArtifactError
 from .malloc import limit_arenas
 from .metrics import Metrics
@@ -43,6 +43,53 @@ TICK_SECONDS = 0.2
 # While draining, how long a connection without a request is left open in case its request is
 # still on the way (sent just before the signal), before it is closed as idle.
 DRAIN_GRACE_SECONDS = 0.5
+# systemd socket activation (sd_listen_fds(3)): the service manager passes its listening sockets
+# as descriptors 3, 4, ..., says how many in LISTEN_FDS and for which process in LISTEN_PID.
+LISTEN_FDS_START = 3
+LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def inherited_socket(environ, pid: int, first_fd: int = LISTEN_FDS_START) -> socket.socket | None:
+    """The listening socket a service manager handed over (systemd socket activation), or None.
+
+    The LISTEN_* variables are meant for process LISTEN_PID only: a process that merely inherited
+    them from its parent ignores them. They are removed from `environ` in every case, as
+    sd_listen_fds(3) does, so that nothing started later takes them for its own. A socket that is
+    not a listening TCP socket is refused, and so is more than one: the server answers on one.
+    """
+    raw_pid, raw_count = environ.get("LISTEN_PID"), environ.get("LISTEN_FDS")
+    for name in LISTEN_VARIABLES:
+        environ.pop(name, None)
+    if raw_pid is None or raw_count is None:
+        return None
+    if not raw_pid.isdigit():
+        raise ConfigError(f"LISTEN_PID={raw_pid!r} is not a process id")
+    if int(raw_pid) != pid:
+        return None
+    if not raw_count.isdigit():
+        raise ConfigError(f"LISTEN_FDS={raw_count!r} is not a count of descriptors")
+    if int(raw_count) == 0:
+        return None
+    if int(raw_count) > 1:
+        raise ConfigError(f"LISTEN_FDS={raw_count}: whatcar answers on one socket; "
+                          "give the .socket unit a single ListenStream=")
+    fd = first_fd
+    try:
+        os.set_inheritable(fd, False)  # close-on-exec, as sd_listen_fds sets it
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(f"inherited descriptor {fd} (LISTEN_FDS) is not a socket: {exc.strerror or exc}") from None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError(f"inherited descriptor {fd} (LISTEN_FDS) is not a TCP socket; use ListenStream=<port>")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ConfigError(f"inherited descriptor {fd} (LISTEN_FDS) is a TCP socket that is not listening")
+    return sock
+
+
+def url(host: str, port) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         config = load_config(argv)
+        listener = inherited_socket(os.environ, os.getpid())
+        if listener is not None:
+            # The address the server really answers on is the inherited socket's, not --host.
+            problem = repository_exposure(config.model_control, config.admin_token, [listener.getsockname()[0]])
+            if problem:
+                raise ConfigError(problem)
     except ConfigError as exc:
         print(f"whatcar: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    if listener is not None:
+        # Connections arriving while the model loads wait in the socket's queue rather than
+        # being refused: this is what makes a restart under socket activation lose none.
+        log.info("serving the socket inherited from the service manager (%s); --host/--port (%s:%s) are not used",
+                 url(*listener.getsockname()[:2]), config.host, config.port)
     if config.malloc_arenas:
         # Before any worker thread exists, so that threads starting later share the arenas.
         limit_arenas(config.malloc_arenas)
@@ -65,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     state = State(ready=True)
     app = create_app(config, serving, state, metrics)
+    where = dict(sockets=[listener]) if listener is not None else dict(host=config.host, port=config.port)
     try:
         server = create_server(
-            app, host=config.host, port=config.port, threads=config.threads,
+            app, **where, threads=config.threads,
             channel_timeout=config.channel_timeout,
             # Waitress looks for idle connections only every cleanup_interval (30 s by default).
             cleanup_interval=min(30, config.channel_timeout),
@@ -95,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.getsockname()[:2]
     if config.pid_file is not None:
         write_pid_file(config.pid_file)
-    log.info("listening on http://%s:%s with %d threads%s", host, port, config.threads,
+    log.info("listening on %s with %d threads%s%s", url(host, port), config.threads,
+             " (inherited socket)" if listener is not None else "",
              "; model repository API on" + ("" if config.admin_token else " (loopback, no token)")
              if config.model_control == "explicit" else "")
     try:
@@ -210,8 +270,9 @@ def busy(channel) -> bool:
 
 def serve_until(server, stopping: threading.Event, drain_seconds: float = 10.0, request_timeout: float = 30.0) -> None:
     """Run Waitress's loop until asked to stop, then drain: stop listening (new connections are
-    refused), close idle keep-alive connections, let requests already inside finish and be written,
-    and return once none is left or `drain_seconds` have passed.
+    refused; on an inherited socket they wait in its queue for the next process, since the service
+    manager keeps the socket open), close idle keep-alive connections, let requests already inside
+    finish and be written, and return once none is left or `drain_seconds` have passed.
 
     Readiness stays as it is: with the socket closed no new probe gets through, and a request
     still queued for a worker thread must be answered, not refused with a 503."""

@@ -1,0 +1,165 @@
+"""The release check: the release's own server, started the way systemd will start it, must become
+ready and score every check photo of its model as the model's manifest expects.
+
+A model proves it scores with `checks` in its manifest.json (serve/manifest.py), photos inside
+the artifact folder with the top-1 the export gave each:
+
+    "checks": [{"file": "checks/00.jpg", "sha256": "<hex>", "top1": "Volvo 240 Sedan 1993"}]
+
+A manifest without checks fails the check: a release that cannot show it scores is not switched to.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.errors import ArtifactError
+from serve.manifest import Manifest
+from serve.versions import VersionError, current_folder
+
+from .activation import listening_socket, spawn_with_socket
+
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+STOP_SECONDS = 20  # the server drains for at most 10 s after SIGTERM
+REQUEST_SECONDS = 60
+
+
+class CheckFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PhotoCheck:
+    path: Path
+    sha256: str
+    top1: str
+
+
+def photo_checks(model_dir: Path) -> list[PhotoCheck]:
+    """The check photos of the version `model_dir` serves, each present with the sha256 its
+    manifest records (read by the server's own manifest code, which needs no virtualenv)."""
+    try:
+        folder = current_folder(model_dir)
+        manifest = Manifest.read(folder)
+        checks = [PhotoCheck(manifest.verified(folder, c.file, c.sha256, "check"), c.sha256, c.top1)
+                  for c in manifest.checks]
+    except (ArtifactError, VersionError) as exc:
+        raise CheckFailed(str(exc)) from None
+    if not checks:
+        raise CheckFailed(f"{folder / 'manifest.json'} lists no check photos (\"checks\"), so the release cannot "
+                          "show that it scores; export the model with checks")
+    return checks
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_SECONDS)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_until_ready(proc: subprocess.Popen, port: int, timeout: float, server_log: Path) -> float:
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise CheckFailed(f"the release's server exited with {code} before it was ready: {last_line(server_log)}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CheckFailed(f"the release's server was not ready after {timeout:g} s: {last_line(server_log)}")
+        try:
+            # The socket is already listening, so this connects at once and waits in the queue
+            # until the server has loaded its model and starts accepting.
+            if get(port, "/readyz", min(2.0, remaining))[0] == 200:
+                return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
+def score(port: int, check: PhotoCheck) -> str:
+    content_type = CONTENT_TYPES.get(check.path.suffix.lower(), "application/octet-stream")
+    try:
+        status, body = post(port, "/predict?top_k=1", check.path.read_bytes(), content_type)
+    except OSError as exc:
+        raise CheckFailed(f"POST /predict with {check.path.name}: {exc}") from None
+    if status != 200:
+        raise CheckFailed(f"POST /predict with {check.path.name} answered {status}: {body[:200]!r}")
+    try:
+        top = json.loads(body)["predictions"][0]
+        return top["label"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise CheckFailed(f"POST /predict with {check.path.name} answered unreadable JSON: {body[:200]!r}") from None
+
+
+def stop(proc: subprocess.Popen) -> int | None:
+    """SIGTERM, as systemd stops it; None if it had to be killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+def check_release(root: Path, python: Path, env: dict[str, str], model_dir: Path, ready_timeout: float,
+                  server_log: Path) -> list[str]:
+    """Run the check; a line per result on success, CheckFailed with one line otherwise."""
+    checks = photo_checks(model_dir)
+    env = {**env, "WHATCAR_MODEL_DIR": str(model_dir)}  # the model whose checks these are
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    proc = None
+    try:
+        with open(server_log, "ab") as log:
+            proc = spawn_with_socket([str(python), "-m", "serve"], sock, cwd=root, env=env,
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        ready_after = wait_until_ready(proc, port, ready_timeout, server_log)
+        results = [f"ready after {ready_after:.1f} s on a spare port ({port})"]
+        for check in checks:
+            label = score(port, check)
+            if label != check.top1:
+                raise CheckFailed(f"{check.path.name} scored {label!r} first; its manifest expects {check.top1!r}")
+            results.append(f"{check.path.name}: {label} (as expected)")
+        code = stop(proc)
+        if code is None:
+            raise CheckFailed(f"the release's server did not stop within {STOP_SECONDS} s of SIGTERM")
+        if code != 0:
+            raise CheckFailed(f"the release's server exited with {code} on SIGTERM: {last_line(server_log)}")
+        return results
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
