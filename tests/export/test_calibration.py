@@ -187,3 +187,36 @@ def test_class_gaussians_refuse_an_empty_class_and_bad_shrinkage():
         cal.fit_class_gaussians(features, torch.tensor([0, 0, 1, 1, 0, 1]), 3)
     with pytest.raises(ValueError):
         cal.fit_class_gaussians(features, torch.tensor([0, 0, 1, 1, 2, 2]), 3, shrink=0.0)
+
+
+def test_familiarity_is_the_cosine_to_the_nearest_class_mean():
+    features = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    directions = cal.class_directions(features, labels, 2)
+    assert torch.allclose(directions, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    probe = torch.tensor([[1.0, 1.0], [5.0, 0.1], [-1.0, -1.0]])
+    expected = torch.tensor([2 ** -0.5, 5.0 / (25.01 ** 0.5), -(2 ** -0.5)])
+    assert torch.allclose(cal.familiarity(probe, directions), expected, atol=1e-6)
+    # Scale does not matter, direction does.
+    assert torch.allclose(cal.familiarity(probe * 7.0, directions), expected, atol=1e-6)
+
+
+def test_familiarity_traces_into_a_module():
+    directions = cal.class_directions(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+
+    class Score(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("directions", directions)
+
+        def forward(self, x):
+            return cal.familiarity(x, self.directions)
+
+    traced = torch.jit.trace(Score().eval(), torch.randn(2, 4))
+    batch = torch.randn(5, 4)
+    assert torch.allclose(traced(batch), cal.familiarity(batch, directions))
+
+
+def test_class_directions_refuse_an_empty_class():
+    with pytest.raises(ValueError):
+        cal.class_directions(torch.randn(3, 2), torch.tensor([0, 0, 2]), 3)
