@@ -1,6 +1,6 @@
 """Fine-tune a fastai vision learner on a folder of class-named subfolders.
 
-    python -m export.train DATA [--out models] [--size 320] [--epochs 16] ...
+    python -m export.train DATA [--out models] [--size 352] [--epochs 16] ...
 
 Writes `<out>/export.pkl` with `learn.export()`; `python -m export` turns it into an artifact.
 """
@@ -16,7 +16,8 @@ from . import backbones
 from . import learner as learner_io
 
 # Chosen by measurement on the 30-class car set (see README, "Training recipe").
-DEFAULTS = dict(size=352, epochs=16, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3)
+DEFAULTS = dict(size=352, epochs=16, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
+                early_size=224, early_epochs=0, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 
@@ -32,7 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="square input size in pixels (default: %(default)s)")
     p.add_argument("--resize", choices=("squish", "crop", "pad"), default="squish",
                    help="how images are brought to --size (default: %(default)s; squish keeps the whole car in view)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="epochs after unfreezing (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
+                   help="epochs after unfreezing, --early-epochs of them included (default: %(default)s)")
+    p.add_argument("--early-size", type=int, default=DEFAULTS["early_size"],
+                   help="progressive resizing: input size for the head-only epochs and the first --early-epochs "
+                        "epochs, which then cost a fraction of a --size epoch; the rest of the one-cycle schedule "
+                        "runs at --size, the size served (default: %(default)s)")
+    p.add_argument("--early-epochs", type=int, default=DEFAULTS["early_epochs"],
+                   help="how many of --epochs run at --early-size; 0 trains at --size throughout "
+                        "(default: %(default)s)")
     p.add_argument("--freeze-epochs", type=int, default=DEFAULTS["freeze_epochs"],
                    help="epochs training only the head first (default: %(default)s)")
     p.add_argument("--frozen-blocks", type=int, default=DEFAULTS["frozen_blocks"],
@@ -47,16 +56,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue training this exported learner (from an earlier run on the same DATA, "
                         "split and size) instead of starting from ImageNet weights; skips the head-only epochs")
     p.add_argument("--no-augment", action="store_true", help="train without flips, affine and lighting augmentation")
+    mix = p.add_mutually_exclusive_group()
+    mix.add_argument("--mixup", type=float, default=DEFAULTS["mixup"], metavar="ALPHA",
+                     help="blend pairs of training images and their labels, mixing weights from Beta(ALPHA, ALPHA); "
+                          "0 turns it off (default: %(default)s)")
+    mix.add_argument("--cutmix", type=float, default=DEFAULTS["cutmix"], metavar="ALPHA",
+                     help="paste a patch of one training image into another, labels weighted by area, patch area "
+                          "from Beta(ALPHA, ALPHA); 0 turns it off (default: %(default)s)")
+    p.add_argument("--drop-path", type=float, default=DEFAULTS["drop_path"],
+                   help="lite0: stochastic depth, the chance of skipping a residual block in a training step "
+                        "(grows with depth up to this); no effect at inference (default: %(default)s)")
+    p.add_argument("--ema", type=float, default=DEFAULTS["ema"], metavar="DECAY",
+                   help="keep an exponential moving average of the weights over the steps at --size and save it "
+                        "instead of the last weights; 0 turns it off (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not args.data.is_dir():
         p.error(f"DATA {args.data} is not a folder")
     if args.size < 32 or args.epochs < 0 or args.freeze_epochs < 0 or not 0 < args.valid_pct < 1:
         p.error("need --size >= 32, --epochs >= 0, --freeze-epochs >= 0 and 0 < --valid-pct < 1")
+    if not 0 <= args.early_epochs <= args.epochs or (args.early_epochs and args.early_size < 32):
+        p.error("need 0 <= --early-epochs <= --epochs and --early-size >= 32")
+    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.drop_path < 1 or not 0 <= args.ema < 1:
+        p.error("need --mixup >= 0, --cutmix >= 0, 0 <= --drop-path < 1 and 0 <= --ema < 1")
     return args
 
 
-def build_dataloaders(args: argparse.Namespace):
+def progressive(args: argparse.Namespace) -> bool:
+    return args.early_epochs > 0 and args.early_size != args.size
+
+
+def build_dataloaders(args: argparse.Namespace, size: int | None = None):
     from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Normalize, RandomSplitter, Resize,
                                    ResizeMethod, aug_transforms, get_image_files, imagenet_stats, parent_label)
 
@@ -70,7 +100,7 @@ def build_dataloaders(args: argparse.Namespace):
         get_items=get_image_files,
         splitter=RandomSplitter(valid_pct=args.valid_pct, seed=args.seed),
         get_y=parent_label,
-        item_tfms=Resize(args.size, method=method),
+        item_tfms=Resize(size or args.size, method=method),
         batch_tfms=[*augment, Normalize.from_stats(*imagenet_stats)],
     )
     return block.dataloaders(args.data, bs=args.batch_size, num_workers=0)
@@ -97,8 +127,10 @@ def build_learner(dls, args: argparse.Namespace):
     common = dict(normalize=False, metrics=accuracy, loss_func=LabelSmoothingCrossEntropyFlat())
     if args.arch == "lite0":
         # train_bn=False: frozen BatchNorm layers stay frozen, so no gradient flows through the early blocks.
+        # drop_path_rate goes through to timm.create_model.
+        extra = dict(drop_path_rate=args.drop_path) if args.drop_path else {}
         learn = vision_learner(dls, backbones.EFFICIENTNET_LITE0, pretrained=False, train_bn=False,
-                               splitter=lite0_splitter(args.frozen_blocks), **common)
+                               splitter=lite0_splitter(args.frozen_blocks), **common, **extra)
         if not args.no_pretrained:
             count = backbones.load_lite0_weights(learn.model[0].model)
             print(f"loaded {count} ImageNet tensors into {backbones.EFFICIENTNET_LITE0}", file=sys.stderr)
@@ -143,29 +175,56 @@ def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict
     }
 
 
+def training_callbacks(args: argparse.Namespace) -> list:
+    """Callbacks for every fit: the image mixing, if any."""
+    from fastai.callback.mixup import CutMix, MixUp
+
+    if args.mixup:
+        return [MixUp(args.mixup)]
+    if args.cutmix:
+        return [CutMix(args.cutmix)]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
     from fastai.vision.all import set_seed
 
+    from .stages import SwitchSize, WeightAverage
+
     set_seed(args.seed, reproducible=True)
     dls = build_dataloaders(args)
+    early = build_dataloaders(args, args.early_size) if progressive(args) else dls
+    if list(early.vocab) != list(dls.vocab) or len(early.train) != len(dls.train):
+        raise SystemExit("the early-size dataloaders differ from the final ones")  # same items by construction
     print(f"{len(dls.vocab)} classes, {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, "
-          f"{args.size} px {args.resize}, torch threads {torch.get_num_threads()}", file=sys.stderr)
+          f"{args.size} px {args.resize}" + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
+          + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
     if args.quiet:
         from fastai.callback.progress import ProgressCallback
         learn.remove_cb(ProgressCallback)
+    mixing = training_callbacks(args)
     started = time.perf_counter()
     if args.freeze_epochs and not args.resume:
         learn.freeze()
-        learn.fit_one_cycle(args.freeze_epochs, args.lr)
+        learn.fit_one_cycle(args.freeze_epochs, args.lr, cbs=[*mixing, SwitchSize(early, dls, args.freeze_epochs)])
     if args.arch == "lite0":
         learn.freeze_to(1)
     else:
         learn.unfreeze()
+    early_epochs = args.early_epochs if progressive(args) else 0
+    average = WeightAverage(args.ema, start_epoch=early_epochs) if args.ema else None
     if args.epochs:
-        learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2))
+        learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2),
+                            cbs=[*mixing, SwitchSize(early, dls, early_epochs), *([average] if average else [])])
+    learn.dls = dls
+    if average is not None:
+        loss, acc = learn.validate()
+        print(f"validation accuracy of the last weights: {acc:.4f} (loss {loss:.4f})", file=sys.stderr)
+        if average.apply(learn.model):
+            print(f"averaged the weights over {average.steps} steps (decay {args.ema})", file=sys.stderr)
     loss, acc = learn.validate()
     # The closure-based splitter is only needed for training; the exported learner keeps fastai's
     # own. The optimizer goes too: its state is shaped by the old splitter and is not exported.

@@ -1,0 +1,206 @@
+"""Calibrating a classifier's probabilities and deciding when its top answer is not to be trusted.
+
+Pure torch, no fastai: the exporter feeds these functions validation logits and scores and
+writes what they return into the artifact.
+
+- `fit_temperature`: the T that makes softmax(logits / T) best match the labels (lowest NLL).
+- `expected_calibration_error`: how far stated confidence is from accuracy, in equal-width bins.
+- `top_probability`, `energy`: scores that are high when the model recognises the photo.
+- `class_directions`, `familiarity`: how close a photo's pooled features come to those of the
+  training photos of any class; low for photos with no car at all.
+- `fit_class_gaussians`, `mahalanobis_score`: a score from the model's features, high near the
+  training photos of some class, for photos unlike anything it was trained on.
+- `roc_auc`: how well a score separates photos of known classes from others (rank-based).
+- `choose_threshold`: the strictest acceptance threshold that still keeps a given share of
+  photos of the known classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ECE_BINS = 15
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+        raise ValueError(f"need logits of shape [N >= 1, classes >= 2], got {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits hold NaN or infinite values")
+    if labels is not None:
+        if labels.shape != (logits.shape[0],):
+            raise ValueError(f"need one label per row of logits, got {tuple(labels.shape)} for {logits.shape[0]} rows")
+        if labels.min() < 0 or labels.max() >= logits.shape[1]:
+            raise ValueError("labels must be class indices within the logits' columns")
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising the mean negative log-likelihood of softmax(logits / T).
+
+    Optimised over log T, so T stays positive without constraints; the NLL is convex in 1/T,
+    so L-BFGS from T = 1 finds the single minimum.
+    """
+    _check_logits(logits, labels)
+    logits, labels = logits.detach().double(), labels.detach().long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature fit diverged (T = {temperature}); are the logits all identical?")
+    return temperature
+
+
+def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def top_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The calibrated probability of the top class, one per row."""
+    return calibrated_probabilities(logits, temperature).max(dim=-1).values
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The negative free energy T * logsumexp(logits / T): high for photos like the training data.
+
+    Unlike the top probability it keeps the logits' overall size, which softmax throws away;
+    it needs the logits, not just the probabilities.
+    """
+    return temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+def class_directions(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """The unit-length mean feature vector of each class, [classes, D], for `familiarity`."""
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise ValueError("need features [N, D] and one label per row")
+    labels = labels.detach().long()
+    counts = torch.bincount(labels, minlength=classes)
+    if len(counts) != classes or (counts == 0).any():
+        raise ValueError("every class needs at least one photo and labels must be below `classes`")
+    sums = torch.zeros(classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features.detach().double())
+    return torch.nn.functional.normalize(sums / counts[:, None], dim=1).float()
+
+
+def familiarity(features: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each row of features to the nearest class direction, in [-1, 1].
+
+    Measured on the current default model's 2560-d pooled features, it tells known cars from
+    non-car photos almost perfectly (ROC AUC 0.994) but one car model from another poorly (0.64),
+    which is what the top probability does better. Plain tensor operations, so it can be traced
+    into the served module.
+    """
+    return (torch.nn.functional.normalize(features, dim=-1) @ directions.T).max(dim=-1).values
+
+
+def fit_class_gaussians(features: torch.Tensor, labels: torch.Tensor, classes: int,
+                        shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and a whitening matrix W of features, for `mahalanobis_score`.
+
+    One covariance shared by all classes (the features of each class around its own mean), shrunk
+    towards a multiple of the identity with the same trace: with a few dozen photos per class and
+    hundreds of feature dimensions the raw estimate is close to singular. W satisfies
+    W W^T = covariance^-1, so the distance is a plain Euclidean one after multiplying by W.
+    """
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise ValueError("need features [N, D] and one label per row")
+    if not 0.0 < shrink <= 1.0:
+        raise ValueError(f"shrink must be in (0, 1], not {shrink}")
+    x, labels = features.detach().double(), labels.detach().long()
+    counts = torch.bincount(labels, minlength=classes)
+    if len(counts) != classes or (counts == 0).any():
+        raise ValueError("every class needs at least one photo and labels must be below `classes`")
+    means = torch.zeros(classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x) / counts[:, None]
+    centred = x - means[labels]
+    covariance = centred.T @ centred / len(x)
+    dims = covariance.shape[0]
+    covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dims * torch.eye(dims, dtype=torch.float64)
+    whitening = torch.linalg.cholesky(torch.linalg.inv(covariance))
+    return means.float(), whitening.float()
+
+
+def mahalanobis_score(features: torch.Tensor, means: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    """Minus the squared Mahalanobis distance to the nearest class mean, one per row (higher is
+    more like the training photos). Two small matrix products, cheap enough to run in the served
+    module beside the classifier."""
+    z, centres = features @ whitening, means @ whitening
+    return -torch.cdist(z, centres).pow(2).min(dim=-1).values
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error on the top class, with `bins` equal-width confidence bins.
+
+    The sum over bins of (share of photos in the bin) * |accuracy in the bin - mean confidence in
+    the bin|. A confidence of exactly 1 falls in the last bin, and bins are closed on the right
+    ((0, 1/15], (1/15, 2/15], ...), as in Guo et al. 2017.
+    """
+    _check_logits(probabilities, labels)
+    if bins < 1:
+        raise ValueError("need at least one bin")
+    confidence, predicted = probabilities.detach().double().max(dim=-1)
+    correct = (predicted == labels).double()
+    # ceil(c * bins) - 1 puts c in (k/bins, (k+1)/bins] into bin k; clamp sends 0 to the first bin.
+    index = (torch.ceil(confidence * bins) - 1).clamp(0, bins - 1).long()
+    total = 0.0
+    for k in range(bins):
+        members = index == k
+        count = int(members.sum())
+        if count:
+            total += count * abs(float(correct[members].mean()) - float(confidence[members].mean()))
+    return total / len(labels)
+
+
+def roc_auc(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Area under the ROC curve of a score meant to be higher for `known` photos than `unknown` ones.
+
+    The chance that a random known photo outscores a random unknown one, ties counting half
+    (the Mann-Whitney U statistic over the product of the two counts).
+    """
+    known, unknown = known.detach().double().flatten(), unknown.detach().double().flatten()
+    if known.numel() == 0 or unknown.numel() == 0:
+        raise ValueError("need at least one known and one unknown score")
+    if not (torch.isfinite(known).all() and torch.isfinite(unknown).all()):
+        raise ValueError("scores hold NaN or infinite values")
+    scores = torch.cat([known, unknown])
+    # Average 1-based ranks, so that tied scores share their rank.
+    _, group, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = ((last - counts + 1 + last) / 2)[group]
+    n_known, n_unknown = known.numel(), unknown.numel()
+    u = float(ranks[:n_known].sum()) - n_known * (n_known + 1) / 2
+    return u / (n_known * n_unknown)
+
+
+def choose_threshold(known: torch.Tensor, keep: float) -> float:
+    """The highest threshold t such that at least `keep` of the `known` scores are >= t.
+
+    A photo is accepted when its score is at least the threshold. Every rejection rate on other
+    photos can only grow with t, so the highest t that still keeps the wanted share of known
+    photos is the best one for any set of unknown photos: they are needed to choose the score,
+    not the threshold. Ties at the threshold are all kept, so the share kept may exceed `keep`.
+    """
+    scores = known.detach().double().flatten()
+    if scores.numel() == 0:
+        raise ValueError("need at least one known score")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores hold NaN or infinite values")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], not {keep}")
+    # The k-th highest score keeps k photos (more with ties); k = ceil(keep * n), with a small
+    # allowance so that keep = 0.9 of 10 photos asks for 9, not 10 after float rounding.
+    k = max(1, math.ceil(keep * scores.numel() - 1e-9))
+    return float(torch.sort(scores, descending=True).values[k - 1])
+
+
+def acceptance(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """True where a photo's score reaches the threshold."""
+    return scores >= threshold

@@ -1,0 +1,70 @@
+"""The recipe's training stages: progressive resizing, mixing and weight averaging."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from export.learner import load
+from export.stages import WeightAverage
+from export.transforms import read_pipeline
+from tests.conftest import CARS, ROOT
+
+
+def fake_learner(model: nn.Module, epoch: int) -> SimpleNamespace:
+    return SimpleNamespace(model=model, training=True, epoch=epoch)
+
+
+def test_weight_average_is_an_exponential_average_from_its_start_epoch():
+    model = nn.Linear(2, 1, bias=False)
+    average = WeightAverage(0.5, start_epoch=1)
+    average.learn = fake_learner(model, epoch=0)
+    with torch.no_grad():
+        model.weight.fill_(100.0)
+        average.after_batch()  # before the start epoch: not averaged
+        average.learn.epoch = 1
+        model.weight.fill_(2.0)
+        average.after_batch()  # the first averaged step starts the average
+        model.weight.fill_(4.0)
+        average.after_batch()  # 0.5 * 2 + 0.5 * 4
+    assert average.steps == 2
+    assert average.apply(model)
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+
+
+def test_weight_average_skips_validation_and_leaves_an_untrained_model_alone():
+    model = nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(0.9)
+    average.learn = SimpleNamespace(model=model, training=False, epoch=0)
+    average.after_batch()
+    assert not average.apply(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError):
+        WeightAverage(1.0)
+
+
+def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
+    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), "--size", "64",
+                    "--early-size", "48", "--early-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",
+                    "--batch-size", "8", "--cutmix", "1.0", "--ema", "0.9", "--drop-path", "0.1", "--quiet"],
+                   check=True, cwd=ROOT)
+    learn = load(tmp_path / "export.pkl")
+    steps = read_pipeline(learn.dls).steps
+    assert (steps[0]["height"], steps[0]["width"]) == (64, 64)  # what is served, not the early size
+    # Training-only callbacks are not pickled into the learner.
+    assert not {"CutMix", "SwitchSize", "WeightAverage"} & {type(cb).__name__ for cb in learn.cbs}
+    training = json.loads((tmp_path / "export.pkl.json").read_text())["training"]
+    assert (training["early_size"], training["early_epochs"], training["cutmix"], training["ema"]) == (48, 1, 1.0, 0.9)
+
+
+def test_flags_that_cannot_work_together_are_refused(tmp_path):
+    for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--early-epochs", "5", "--epochs", "2"], ["--ema", "1.0"]):
+        result = subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), *extra],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2, extra
+        assert not (tmp_path / "export.pkl").exists()
