@@ -18,6 +18,8 @@ import torch
 from serve.manifest import Check, sha256_file
 from serve.preprocess import Preprocessor
 
+from .torchscript import probabilities_of
+
 COUNT = 6
 FOLDER = "checks"
 MAX_PIXELS = 200_000_000
@@ -28,7 +30,7 @@ def margins(module, preprocessor: Preprocessor, files: list[Path]) -> list[tuple
     out = []
     with torch.no_grad():
         for path in files:
-            probabilities = module(preprocessor(path.read_bytes()).unsqueeze(0))[0]
+            probabilities = probabilities_of(module(preprocessor(path.read_bytes()).unsqueeze(0)))[0]
             top = torch.topk(probabilities, 2)
             out.append((float(top.values[0] - top.values[1]), int(top.indices[0]), path))
     return out

@@ -26,11 +26,15 @@ from serve.artifact import ArtifactError, load_artifact
 from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.versions import KEEP, ModelFolder
 
-from . import checks, parity, torchscript, triton
+from . import acceptance, checks, parity, torchscript, triton
 from . import learner as learner_io
+from .noncar_photos import MissingPhotos, noncar_photos
 from .transforms import read_pipeline
 
 PARITY_IMAGES = 24
+FAMILIARITY_OUTPUT = {"name": "familiarity", "dtype": "float32", "shape": ["N"],
+                      "description": "cosine of the photo's pooled features to the nearest class's mean over the "
+                                     "training photos: low for photos unlike any the model was trained on"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checks", type=int, default=checks.COUNT,
                    help="how many parity photos to keep in the artifact as check photos, with the top-1 the "
                         "exported module gave each (default: %(default)s)")
+    p.add_argument("--no-acceptance", action="store_true",
+                   help="skip calibration and the acceptance thresholds (needs no training photos; the server then "
+                        "judges answers only when a request gives min_probability)")
+    p.add_argument("--unknown", type=Path, default=None,
+                   help="photos of other car models, to measure how many the acceptance rule turns away (default: "
+                        "the training data folder's sibling <data>-unknown, if there is one); never used to fit")
     p.add_argument("--name", default=None,
                    help="model name in the manifest (default: whatcar-<training data folder><classes>, e.g. "
                         "whatcar-cars30, or the output folder's name when the learner has no training record)")
@@ -95,10 +105,38 @@ def model_name(args: argparse.Namespace, info: dict, classes: int) -> str:
     return args.out.resolve().name
 
 
-def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list) -> Manifest:
+def fit_acceptance(args, info: dict, model, pipe, vocab: list[str]) -> acceptance.Fitted:
+    """Calibration and acceptance thresholds from the run's own validation and training photos."""
+    data = Path(info.get("data", ""))
+    valid_files = [data / rel for rel in info.get("valid_files", [])]
+    if not info.get("data") or not valid_files or not all(f.is_file() for f in valid_files):
+        raise learner_io.LearnerError(
+            "calibration needs the training run's photos (the learner's export.pkl.json names them) and they are "
+            "not all here; export where they are, or pass --no-acceptance for a model without calibration and "
+            "acceptance thresholds")
+    valid = acceptance.labelled(valid_files, vocab)
+    held_out = set(valid_files)
+    train = acceptance.labelled([f for f in acceptance.photos_under(data) if f not in held_out], vocab)
+    unknown_dir = data.parent / f"{data.name}-unknown" if args.unknown is None else args.unknown
+    unknown = acceptance.photos_under(unknown_dir) if unknown_dir and unknown_dir.is_dir() else []
+    try:
+        noncar = noncar_photos()
+    except MissingPhotos as exc:
+        print(f"acceptance: no non-car photos to measure with ({exc})", file=sys.stderr)
+        noncar = []
+    eager = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std)
+    return acceptance.fit(eager, pipe.steps, vocab, valid, train, unknown, noncar)
+
+
+def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list,
+                   fitted: acceptance.Fitted | None) -> Manifest:
+    extra = {"calibration": fitted.calibration, "acceptance": fitted.acceptance()} if fitted else {}
     return Manifest.create(
         folder, name=model_name(args, info, len(learn.dls.vocab)), model_file="model.pt", labels_file="labels.txt",
         num_classes=len(learn.dls.vocab), steps=pipe.steps, checks=check_photos,
+        temperature=fitted.temperature if fitted else 1.0,
+        extra_outputs=[FAMILIARITY_OUTPUT] if fitted else [],
+        **extra,
         preprocessing={
             "decode": "Pillow; first frame; EXIF orientation applied; converted to 8-bit RGB (alpha dropped, "
                       "16-bit scaled)",
@@ -163,11 +201,19 @@ def run(args: argparse.Namespace) -> int:
             f"loss function {type(learn.loss_func).__name__} does not end in a softmax over classes; whatcar "
             "serves single-label classifiers (CrossEntropyLossFlat and friends)")
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
-    served = torchscript.ServedModel(torchscript.plain(learn.model), pipe.div, pipe.mean, pipe.std)
+    model = torchscript.plain(learn.model)
+    fitted = None
+    if not args.no_acceptance:
+        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab])
+        for line in acceptance.describe(fitted):
+            print(line)
+    served = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std,
+                                     temperature=fitted.temperature if fitted else 1.0,
+                                     directions=fitted.directions if fitted else None)
     module = torchscript.trace_and_freeze(served, height, width)
 
     files = parity_files(args, info)
-    report = parity.check(learn, module, pipe.steps, files)
+    report = parity.check(learn, module, pipe.steps, files, served.temperature)
     print(f"parity: {report.top1_agree}/{report.images} top-1 agree, max |p - p_fastai| = {report.max_abs_diff:.2e} "
           f"(tolerance {report.tolerance:g}); fastai's decoder gave identical pixels on "
           f"{report.decode_identical}/{report.images}")
@@ -182,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         labels = [str(label) for label in learn.dls.vocab]
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
-        manifest = build_manifest(args, learn, pipe, info, report, folder, found)
+        manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted)
         manifest.write(folder)
         if args.triton:
             triton.write_model_repository(folder, manifest)

@@ -11,6 +11,8 @@ import torch
 
 from serve.preprocess import Preprocessor
 
+from .torchscript import probabilities_of
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 TOLERANCE = 1e-3
 MAX_PIXELS = 200_000_000
@@ -43,9 +45,17 @@ def pick_images(files: list[Path], count: int) -> list[Path]:
     return [files[int(i * step)] for i in range(count)]
 
 
-def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[Path]) -> ParityReport:
+def calibrated(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) from softmax(logits): log-probabilities differ from the logits by one
+    constant per photo, which the softmax ignores."""
+    return probabilities if temperature == 1.0 else torch.softmax(probabilities.log() / temperature, dim=-1)
+
+
+def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[Path],
+          temperature: float = 1.0) -> ParityReport:
     """Feed each file to the module through the server's own Preprocessor (draft decoding of large
-    JPEGs included) and to learn.predict as the image the server decoded, and compare."""
+    JPEGs included) and to learn.predict as the image the server decoded, and compare (fastai's
+    probabilities brought to the module's calibration temperature)."""
     from fastai.vision.core import PILImage
 
     preprocessor = Preprocessor(steps, MAX_PIXELS)
@@ -54,10 +64,10 @@ def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[
         data = path.read_bytes()
         image, pixels = preprocessor.decode(data), preprocessor(data)
         with torch.no_grad():
-            ours = module(pixels.unsqueeze(0))[0]
+            ours = probabilities_of(module(pixels.unsqueeze(0)))[0]
         with warnings.catch_warnings(), learn.no_bar():
             warnings.simplefilter("ignore")
-            theirs = learn.predict(PILImage.create(image))[2].float()
+            theirs = calibrated(learn.predict(PILImage.create(image))[2].float(), temperature)
         agree += int(ours.argmax()) == int(theirs.argmax())
         max_diff = max(max_diff, float((ours - theirs).abs().max()))
         same_decode += PILImage.create(path).tobytes() == image.tobytes()

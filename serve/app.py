@@ -80,6 +80,7 @@ class PredictResource:
             classes = len(scorer.labels)
             k = req.get_param_as_int("top_k", min_value=1, max_value=classes,
                                      default=clamp_k(self.config.top_k, classes))
+            min_probability = req.get_param_as_float("min_probability", min_value=0.0, max_value=1.0)
             started = time.perf_counter()
             try:
                 scored = scorer.score([read_upload(req, self.config.max_upload_bytes)])
@@ -90,10 +91,14 @@ class PredictResource:
                 raise reject(exc) from None
             self.metrics.observe_queue(scored.queue)
             ranked_at = time.perf_counter()
-            answer = predictions(scored.rows[0], scorer.labels, k)
+            output = scorer.read(scored.rows[0])
+            verdict = scorer.verdict(output, min_probability)
+            answer = predictions(output.probabilities, scorer.labels, k)
             finished = time.perf_counter()
             resp.media = {
                 "predictions": answer,
+                "accepted": verdict.accepted,
+                **({"reason": verdict.reason} if verdict.reason else {}),
                 "model": {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256},
                 "timings_ms": {
                     "preprocess": ms(scored.preprocess),
@@ -139,7 +144,20 @@ class MetadataResource:
             return
         resp.media = {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
                       "classes": scorer.labels, "num_classes": len(scorer.labels), **scorer.manifest.describe(),
-                      "reload": reload}
+                      "acceptance": describe_acceptance(scorer), "reload": reload}
+
+
+def describe_acceptance(scorer) -> dict:
+    """The thresholds /predict judges by, and the figures the export measured them with."""
+    acceptance = scorer.manifest.acceptance
+    if acceptance is None:
+        return {"enabled": False,
+                "reason": "this export recorded no acceptance threshold (exported before whatcar did); answers are "
+                          "not judged unless a request gives ?min_probability="}
+    recorded = scorer.manifest.data["acceptance"]
+    return {"enabled": True, "min_probability": acceptance.min_probability,
+            "min_familiarity": acceptance.min_familiarity,
+            **{key: recorded[key] for key in ("rule", "figures") if key in recorded}}
 
 
 class StaticResource:

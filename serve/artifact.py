@@ -33,6 +33,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def side_by_side(outputs) -> torch.Tensor:
+    """A module's outputs as one [N, width] tensor: the probabilities first, then the columns of
+    each extra output in the manifest's order (a module of format 1 returns the probabilities alone).
+    One tensor per image keeps the inference stage unaware of what the columns mean."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    first, *rest = outputs
+    return torch.cat([first, *(extra.reshape(first.shape[0], -1) for extra in rest)], dim=1)
+
+
+class TorchScriptRunner:
+    """The TorchScript module as the inference stage calls it: uint8 [N, 3, H, W] in, one
+    [N, width] tensor out."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return side_by_side(self.module(batch))
+
+
 @dataclass
 class Artifact:
     folder: Path
@@ -40,6 +61,10 @@ class Artifact:
     labels: list[str]
     module: torch.jit.ScriptModule
     load_seconds: float = 0.0
+
+    @property
+    def runner(self):
+        return TorchScriptRunner(self.module)
 
     @property
     def name(self) -> str:
@@ -91,10 +116,11 @@ def load_artifact(folder: str | Path, optimize: bool = True) -> Artifact:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     module = torch.jit.optimize_for_inference(module)
-            out = module(probe)
+            out = side_by_side(module(probe))
         except Exception as exc:
             raise ArtifactError(f"{model_path} fails on a 1x3x{height}x{width} uint8 input: {first_line(exc)}") from None
-    if out.ndim != 2 or out.shape[1] != len(labels):
-        raise ArtifactError(f"model outputs shape {tuple(out.shape)} but there are {len(labels)} labels")
+    if out.ndim != 2 or out.shape[1] != manifest.output_width:
+        extras = f" and {', '.join(manifest.extra_outputs)}" if manifest.extra_outputs else ""
+        raise ArtifactError(f"model outputs shape {tuple(out.shape)} but there are {len(labels)} labels{extras}")
     return Artifact(folder=folder, manifest=manifest, labels=labels, module=module,
                     load_seconds=time.perf_counter() - started)

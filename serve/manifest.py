@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .errors import ArtifactError
 
-FORMAT_VERSION = 1
+# 2: the module may return extra outputs after the probabilities ("extra_outputs"), and the
+# manifest may carry "calibration" and "acceptance". A server that knows only 1 refuses 2.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 REQUIRED = ("files", "input", "preprocessing", "num_classes")
 
@@ -26,6 +28,15 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """When the top answer counts as an answer: its probability reaches `min_probability` and,
+    when the module reports it, the photo's familiarity reaches `min_familiarity`."""
+
+    min_probability: float
+    min_familiarity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,13 +90,15 @@ class Manifest:
 
     @classmethod
     def create(cls, folder: Path, *, name: str, model_file: str, labels_file: str, num_classes: int,
-               steps: list[dict], preprocessing: dict | None = None, checks: list[Check] = (), **facts) -> Manifest:
+               steps: list[dict], preprocessing: dict | None = None, checks: list[Check] = (),
+               extra_outputs: list[dict] = (), temperature: float = 1.0, **facts) -> Manifest:
         """A manifest for the files already written in `folder`, their checksums taken now.
 
         The input and output contract is the one every whatcar module has: uint8 RGB
         [N, 3, H, W] in, at the size the last preprocessing step produces, and float32 softmax
-        probabilities [N, classes] out. `facts` (versions, architecture, parity, ...) are kept
-        as given.
+        probabilities [N, classes] out (softmax of the logits divided by `temperature`), then each
+        of `extra_outputs` ({"name", "dtype", "shape", "description"}) in that order. `facts`
+        (versions, architecture, parity, calibration, acceptance, ...) are kept as given.
         """
         folder = Path(folder)
         height, width = steps[-1]["height"], steps[-1]["width"]
@@ -101,7 +114,8 @@ class Manifest:
             "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
                       "height": height, "width": width, "batch": "any"},
             "output": {"name": "probabilities", "dtype": "float32", "shape": ["N", num_classes],
-                       "activation": "softmax"},
+                       "activation": "softmax", "temperature": temperature},
+            "extra_outputs": list(extra_outputs),
             "preprocessing": {**(preprocessing or {}), "steps": steps},
             **facts,
         }
@@ -137,6 +151,37 @@ class Manifest:
         return self.entry("model")[1]
 
     @property
+    def extra_outputs(self) -> list[str]:
+        """Names of what the module returns after the probabilities, in order (none before format 2)."""
+        extras = self.data.get("extra_outputs", [])
+        try:
+            return [str(extra["name"]) for extra in extras]
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{self.source}: each of 'extra_outputs' needs a name") from None
+
+    @property
+    def output_width(self) -> int:
+        """Columns of the module's output once its outputs are put side by side (serve/artifact.py)."""
+        return self.num_classes + len(self.extra_outputs)
+
+    @property
+    def acceptance(self) -> Acceptance | None:
+        """The export's acceptance thresholds, or None for exports that recorded none."""
+        block = self.data.get("acceptance")
+        if block is None:
+            return None
+        try:
+            probability = float(block["min_probability"])
+            familiarity = block.get("min_familiarity")
+            familiarity = None if familiarity is None else float(familiarity)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ArtifactError(f"{self.source}: 'acceptance' needs a numeric min_probability") from None
+        if familiarity is not None and "familiarity" not in self.extra_outputs:
+            raise ArtifactError(f"{self.source}: 'acceptance' has a min_familiarity but the module has no "
+                                "familiarity output")
+        return Acceptance(probability, familiarity)
+
+    @property
     def checks(self) -> list[Check]:
         checks = self.data.get("checks", [])
         if not isinstance(checks, list):
@@ -157,7 +202,8 @@ class Manifest:
     def describe(self) -> dict:
         """The facts a client may read about the model (for /metadata)."""
         return {key: copy.deepcopy(self.data.get(key)) for key in
-                ("input", "preprocessing", "output", "architecture", "versions", "validation")}
+                ("input", "preprocessing", "output", "extra_outputs", "architecture", "versions", "validation",
+                 "calibration")}
 
     # ------------------------------------------------------------------ verification
 

@@ -39,7 +39,11 @@ def predict_operation(config: Config, summary: str, operation_id: str) -> dict:
         "tags": ["predict"],
         "parameters": [{"name": "top_k", "in": "query", "required": False,
                         "description": f"how many classes to return (default {config.top_k})",
-                        "schema": {"type": "integer", "minimum": 1}}],
+                        "schema": {"type": "integer", "minimum": 1}},
+                       {"name": "min_probability", "in": "query", "required": False,
+                        "description": "accept the top class only at this probability or above, instead of the "
+                                       "model's own threshold (GET /metadata, acceptance)",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 1}}],
         "requestBody": {
             "required": True,
             "description": f"one image, raw or as the multipart field 'file'; at most {config.max_upload_bytes} "
@@ -50,7 +54,7 @@ def predict_operation(config: Config, summary: str, operation_id: str) -> dict:
         },
         "responses": {
             "200": json_response("the most likely makes and models", {"$ref": "#/components/schemas/Prediction"}),
-            "400": error("empty, undecodable or malformed upload, or a bad top_k"),
+            "400": error("empty, undecodable or malformed upload, or a bad top_k or min_probability"),
             "413": error("body over the upload limit"),
             "415": error("not an image type whatcar reads"),
             "422": error("image over the pixel limit"),
@@ -172,6 +176,9 @@ def build_spec(config: Config, serving: Serving) -> dict:
             "Prediction": {"type": "object", "properties": {
                 "predictions": {"type": "array", "items": {"type": "object", "properties": {
                     "label": {"type": "string"}, "probability": {"type": "number"}}}},
+                "accepted": {"type": ["boolean", "null"],
+                             "description": "whether the top class counts as an answer (null: not judged)"},
+                "reason": {"type": "string", "description": "why it does not, when it does not"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "sha256": {"type": "string"}}},
                 "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}}}},
@@ -183,7 +190,7 @@ def build_spec(config: Config, serving: Serving) -> dict:
                 "id": {"type": "string"}, "parameters": {"type": "object"},
                 "inputs": {"type": "array", "items": tensor},
                 "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-                    "name": {"type": "string", "enum": ["probabilities", "labels"]},
+                    "name": {"type": "string", "enum": ["probabilities", "labels", "accepted"]},
                     "parameters": {"type": "object"}}}}}},
             "V2InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},

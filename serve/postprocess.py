@@ -1,14 +1,19 @@
-"""Where model output becomes an answer: one image's probabilities ranked into classes.
+"""Where model output becomes an answer: one image's output split into what it means, its
+probabilities ranked into classes, and the verdict on whether the top class is an answer.
 
-Every route ranks with `rank` and only formats the result its own way (/predict as objects,
-/v2 as Triton's classification strings).
+Every route ranks with `rank` and judges with `judge`, and only formats the result its own way
+(/predict as objects, /v2 as Triton's classification strings and tensors, the batch command as
+rows).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from .manifest import Acceptance
 
 
 class Ranked(NamedTuple):
@@ -31,3 +36,44 @@ def rank(probabilities: torch.Tensor, labels: list[str], k: int) -> list[Ranked]
 def predictions(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict]:
     """/predict's form: label and probability (six decimals) for the top k."""
     return [{"label": r.label, "probability": round(r.probability, 6)} for r in rank(probabilities, labels, k)]
+
+
+@dataclass(frozen=True)
+class Output:
+    """One image's model output: its class probabilities, and how familiar the photo looks to the
+    model (the cosine of its features to the nearest class's training photos; None when the
+    module does not report it)."""
+
+    probabilities: torch.Tensor
+    familiarity: float | None = None
+
+
+def split_row(row: torch.Tensor, classes: int, extra_outputs: list[str]) -> Output:
+    """An output row (serve/artifact.py's side_by_side) back into its parts."""
+    extras = dict(zip(extra_outputs, row[classes:].tolist()))
+    return Output(row[:classes], extras.get("familiarity"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool | None  # None: no threshold to judge by
+    reason: str | None = None
+
+
+def judge(output: Output, acceptance: Acceptance | None, labels: list[str],
+          min_probability: float | None = None) -> Verdict:
+    """Whether the top class counts as an answer: the photo is familiar enough (when the model
+    says how familiar) and its top probability reaches the threshold, `min_probability` if given,
+    else the export's. A model exported with no threshold, asked without one, is not judged."""
+    threshold = min_probability if min_probability is not None else (acceptance.min_probability if acceptance
+                                                                      else None)
+    if threshold is None:
+        return Verdict(None)
+    probability, index = (float(v) for v in output.probabilities.max(dim=0))
+    closest = labels[int(index)]
+    gate = acceptance.min_familiarity if acceptance is not None else None
+    if gate is not None and output.familiarity is not None and output.familiarity < gate:
+        return Verdict(False, f"this does not look like the car photos I know; closest: {closest}")
+    if probability < threshold:
+        return Verdict(False, f"not one of the {len(labels)} models I know; closest: {closest}")
+    return Verdict(True)

@@ -16,6 +16,7 @@ from .errors import ArtifactError
 from .config import Config
 from .inference import Item, Model, PassObserver, Scored
 from .manifest import Manifest
+from .postprocess import Output, Verdict, judge, split_row
 from .preprocess import Preprocessor
 from .versions import ModelFolder, VersionError
 
@@ -49,8 +50,16 @@ class Scorer:
         return self.model.preprocess
 
     def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
-        """Probabilities (or a rejection) for each encoded image or uint8 [3, H, W] tensor."""
+        """The module's output row (or a rejection) for each encoded image or uint8 [3, H, W] tensor."""
         return self.model.score(items, all_or_nothing)
+
+    def read(self, row: torch.Tensor) -> Output:
+        """One image's output row, split into what its columns mean."""
+        return split_row(row, len(self.labels), self.manifest.extra_outputs)
+
+    def verdict(self, output: Output, min_probability: float | None = None) -> Verdict:
+        """Whether the top answer is one of the known models (serve/postprocess.py's judge)."""
+        return judge(output, self.manifest.acceptance, self.labels, min_probability)
 
     def close(self) -> None:
         """Stop the inference threads and let go of the model's weights at once, rather than
@@ -72,7 +81,7 @@ def verify_checks(scorer: Scorer, required: bool) -> int:
         scored = scorer.score([path.read_bytes()])
         if scored.rejected is not None:
             raise ArtifactError(f"check photo {path} cannot be scored: {scored.rejected.description}")
-        got = scorer.labels[int(scored.rows[0].argmax())]
+        got = scorer.labels[int(scorer.read(scored.rows[0]).probabilities.argmax())]
         if got != check.top1:
             raise ArtifactError(f"check photo {path} is scored {got!r} but the export recorded {check.top1!r}: "
                                 "this is not the model that was exported, or it runs differently here")
@@ -87,7 +96,7 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
     torch.set_num_threads(config.torch_threads)
     artifact = load_artifact(folder)
     started = time.perf_counter()
-    model = Model(artifact.module, Preprocessor(artifact.steps, config.max_image_pixels), artifact.input_size,
+    model = Model(artifact.runner, Preprocessor(artifact.steps, config.max_image_pixels), artifact.input_size,
                   workers=config.inference_workers, torch_threads=config.torch_threads,
                   micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
                   solo_threads=config.solo_threads, observer=observer)

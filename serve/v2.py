@@ -15,6 +15,10 @@ and gets back the outputs it asks for (both when it names none):
             "<probability>:<index>:<label>" (Triton's classification strings, probability with
             six decimals). k is the output's parameters.top_k (or classification), else the
             request's parameters.top_k, else the server's --top-k; never more than the classes.
+  "accepted"  BOOL [N]: whether each image's top class counts as an answer, as /predict's
+            "accepted" (a default output only for models exported with a threshold; the
+            request's parameters.min_probability overrides the threshold, as /predict's
+            ?min_probability= does, and makes the output available for any model).
 
 Both JSON tensors and the binary tensor data extension are understood: binary inputs follow
 the JSON header (`Inference-Header-Content-Length`), in input order, sized by each input's
@@ -53,6 +57,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
 PROBABILITIES = "probabilities"
 LABELS = "labels"
+ACCEPTED = "accepted"
 MAX_NESTING = 6
 
 
@@ -199,6 +204,7 @@ class InferRequest:
             raise bad(f"send exactly one input, '{IMAGE_INPUT}' (BYTES, encoded images) or "
                       f"'{self.pixels_name}' (UINT8 [N, 3, H, W]); got {got}")
         self.input = tensors[0]
+        self.min_probability = self.threshold()
         self.outputs = self.requested_outputs(request.get("outputs"))
 
     @property
@@ -261,10 +267,21 @@ class InferRequest:
         """What to score: the encoded files of an 'image' input, or the pixels of a UINT8 one."""
         return self.images() if self.input.name == IMAGE_INPUT else self.pixels()
 
+    def threshold(self) -> float | None:
+        value = self.params.get("min_probability")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise bad(f"parameters.min_probability must be a number from 0 to 1 (got {value!r})")
+        return value
+
+    def available_outputs(self) -> list[str]:
+        judged = self.scorer.manifest.acceptance is not None or self.min_probability is not None
+        return [PROBABILITIES, LABELS] + ([ACCEPTED] if judged else [])
+
     def requested_outputs(self, outputs) -> list[tuple[str, bool, int | None]]:
         """(name, binary, k) for each output to send; k is None for raw probabilities."""
+        available = self.available_outputs()
         if outputs is None:
-            outputs = [{"name": PROBABILITIES}, {"name": LABELS}]
+            outputs = [{"name": name} for name in available]
         if not isinstance(outputs, list):
             raise bad("'outputs' must be a list")
         chosen, seen = [], set()
@@ -272,8 +289,10 @@ class InferRequest:
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
                 raise bad(f"outputs[{i}] must be an object with a string 'name'")
             name, params = spec["name"], spec.get("parameters", {})
-            if name not in (PROBABILITIES, LABELS):
-                raise bad(f"unknown output '{name}'; this model has '{PROBABILITIES}' and '{LABELS}'")
+            if name not in available:
+                hint = (f"; '{ACCEPTED}' needs parameters.min_probability with this model"
+                        if name == ACCEPTED else "")
+                raise bad(f"unknown output '{name}'; this model has {', '.join(repr(a) for a in available)}{hint}")
             if name in seen:
                 raise bad(f"output '{name}' is requested twice")
             if not isinstance(params, dict):
@@ -300,7 +319,7 @@ class InferRequest:
         """How many classes a classification output holds, or None for the raw probabilities."""
         if "classification" in params:
             return self.count(params["classification"], f"output '{name}': parameters.classification")
-        if name == PROBABILITIES:
+        if name in (PROBABILITIES, ACCEPTED):
             return None
         if "top_k" in params:
             return self.count(params["top_k"], f"output '{name}': parameters.top_k")
@@ -315,12 +334,17 @@ def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> l
             for r in rank(row, labels, k)]
 
 
-def response_outputs(infer: InferRequest, probabilities: torch.Tensor) -> tuple[list[dict], list[bytes]]:
+def response_outputs(infer: InferRequest, probabilities: torch.Tensor,
+                     accepted: list[bool | None]) -> tuple[list[dict], list[bytes]]:
     """Each requested output as its JSON entry, plus the binary blobs in the same order."""
     entries, blobs = [], []
     n = probabilities.shape[0]
     for name, binary, k in infer.outputs:
-        if k is None:
+        if name == ACCEPTED:
+            entry = {"name": name, "datatype": "BOOL", "shape": [n]}
+            values = [bool(a) for a in accepted]
+            blob = bytes(values) if binary else None  # one byte per element
+        elif k is None:
             entry = {"name": name, "datatype": "FP32", "shape": list(probabilities.shape)}
             values = probabilities.reshape(-1).tolist()
             blob = struct.pack(f"<{len(values)}f", *values) if binary else None
@@ -402,6 +426,7 @@ class ModelMetadataResource:
             "outputs": [
                 {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(scorer.labels)]},
                 {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
+                *([{"name": ACCEPTED, "datatype": "BOOL", "shape": [-1]}] if scorer.manifest.acceptance else []),
             ],
         }
 
@@ -447,7 +472,9 @@ class InferResource:
             self.metrics.observe_rejection(rejected)
             raise V2Error(rejected.status, f"image {scored.rows.index(rejected)}: {rejected.description}")
         self.metrics.observe_queue(scored.queue)
-        entries, blobs = response_outputs(infer, torch.stack(scored.rows))
+        read = [scorer.read(row) for row in scored.rows]
+        accepted = [scorer.verdict(output, infer.min_probability).accepted for output in read]
+        entries, blobs = response_outputs(infer, torch.stack([output.probabilities for output in read]), accepted)
         # The version that scored this request, even if another has been loaded since.
         answer = {"model_name": scorer.name, "model_version": scorer.version, "outputs": entries}
         if infer.id is not None:

@@ -95,6 +95,8 @@ class ScoreBatch:
             "labels": [[label for label, _ in row.predictions] for row in rows],
             "probabilities": [[p for _, p in row.predictions] for row in rows],
             "error": [row.error for row in rows],
+            "accepted": [row.accepted for row in rows],
+            "reason": [row.reason for row in rows],
         })
 
 
@@ -156,9 +158,10 @@ class RayScorer:
             batch_size=self.batch_size, batch_format="pyarrow", num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=self.actors))
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for path, labels, probabilities, error in zip(*(batch.column(name).to_pylist() for name in
-                                                           ("path", "labels", "probabilities", "error"))):
-                yield Row(path, list(zip(labels, probabilities)), error)
+            columns = ("path", "labels", "probabilities", "error", "accepted", "reason")
+            for path, labels, probabilities, error, accepted, reason in zip(
+                    *(batch.column(name).to_pylist() for name in columns)):
+                yield Row(path, list(zip(labels, probabilities)), error, accepted, reason)
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -23,7 +23,7 @@ class Output:
 
     def columns(self) -> list[str]:
         pairs = [f"{kind}_{i}" for i in range(1, self.k + 1) for kind in ("label", "probability")]
-        return ["path", *pairs, "model", "version", "sha256", "error"]
+        return ["path", *pairs, "accepted", "reason", "model", "version", "sha256", "error"]
 
     def done(self, model: ModelId) -> set[str]:
         """Paths already in the file scored by this model; drops a last row cut off by a kill."""
@@ -44,6 +44,9 @@ class Output:
             records = csv.DictReader(text.splitlines())
             if records.fieldnames and "path" not in records.fieldnames:
                 raise ClassifyError(f"{self.path} is not a whatcar output (no 'path' column); choose another name")
+            if records.fieldnames and records.fieldnames != self.columns():
+                raise ClassifyError(f"{self.path} has other columns than this run writes (another --top-k, or "
+                                    "another version of whatcar); choose another output name")
             for record in records:
                 if record.get("sha256") == model.sha256:
                     seen.add(record["path"])
@@ -74,11 +77,14 @@ class Output:
         if self.format == "csv":
             pairs = [value for label, probability in row.predictions for value in (label, f"{probability:.6f}")]
             pairs += [""] * (2 * self.k - len(pairs))
-            self.writer.writerow([row.path, *pairs, model.name, model.version, model.sha256, row.error or ""])
+            accepted = "" if row.accepted is None else str(row.accepted).lower()
+            self.writer.writerow([row.path, *pairs, accepted, row.reason or "", model.name, model.version, model.sha256,
+                                  row.error or ""])
         else:
             self.handle.write(json.dumps({
                 "path": row.path,
                 "predictions": [{"label": label, "probability": p} for label, p in row.predictions],
+                "accepted": row.accepted, "reason": row.reason,
                 "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
                 "error": row.error}) + "\n")
         self.handle.flush()

@@ -30,12 +30,14 @@ class Row:
     path: str
     predictions: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
+    accepted: bool | None = None  # whether the top class counts as an answer (None: not judged)
+    reason: str | None = None     # why not, e.g. "not one of the 30 models I know; closest: ..."
 
 
 def score_file(scorer, folder: Path, path: Path, k: int) -> Row:
     """One file's row: read it and score it through `scorer` (serve/scoring.py) as one request,
     alone in its forward pass, or say why it could not be scored. Both the one-machine command and
-    the Ray actors (serve/classify_ray.py) make their rows here."""
+    the Ray actors (serve/classify/on_ray.py) make their rows here."""
     relative = str(path.relative_to(folder))
     try:
         data = path.read_bytes()
@@ -44,7 +46,10 @@ def score_file(scorer, folder: Path, path: Path, k: int) -> Row:
     result = scorer.score([data]).rows[0]
     if isinstance(result, ImageRejected):
         return Row(relative, error=f"{result.reason}: {result.description}")
-    return Row(relative, [(r.label, round(r.probability, 6)) for r in rank(result, scorer.labels, k)])
+    output = scorer.read(result)
+    verdict = scorer.verdict(output)
+    return Row(relative, [(r.label, round(r.probability, 6)) for r in rank(output.probabilities, scorer.labels, k)],
+               accepted=verdict.accepted, reason=verdict.reason)
 
 
 def batch_config(model_folder: Path, max_image_pixels: int, workers: int):

@@ -9,9 +9,10 @@ const statusLine = document.getElementById("status");
 const results = document.getElementById("results");
 const modelLine = document.getElementById("model");
 
-function showStatus(text, isError) {
+// kind: "error" (nothing to show), "unsure" (answers shown, none of them sure), or "".
+function showStatus(text, kind) {
   statusLine.textContent = text;
-  statusLine.className = isError ? "error" : "";
+  statusLine.className = kind;
 }
 
 function showPredictions(body) {
@@ -50,7 +51,7 @@ async function upload(file) {
   // still decides what it accepts.
   preview.hidden = !file.type.startsWith("image/");
   if (!preview.hidden) preview.src = URL.createObjectURL(file);
-  showStatus("Looking…", false);
+  showStatus("Looking…", "");
   const form = new FormData();
   form.append("file", file);
   try {
@@ -59,13 +60,14 @@ async function upload(file) {
     // A body over the size limit is refused by the HTTP server itself, in plain text, not JSON.
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
-      showStatus(body.description || body.title || ("error " + response.status + " " + response.statusText), true);
+      showStatus(body.description || body.title || ("error " + response.status + " " + response.statusText), "error");
       return;
     }
-    showStatus("", false);
+    // The ranked list stays: the closest models are still worth seeing when none is sure.
+    showStatus(body.accepted === false ? "Not sure: " + body.reason : "", body.accepted === false ? "unsure" : "");
     showPredictions(body);
   } catch (err) {
-    showStatus("Could not reach the server: " + err.message, true);
+    showStatus("Could not reach the server: " + err.message, "error");
   }
 }
 

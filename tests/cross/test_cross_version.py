@@ -39,7 +39,7 @@ def test_probabilities_match_what_the_exporter_saw(cross_dir):
     for name, row in expected.items():
         pixels = preprocessor((CARS / name).read_bytes())
         with torch.inference_mode():
-            got = artifact.module(pixels.unsqueeze(0))[0]
+            got = artifact.runner(pixels.unsqueeze(0))[0]  # probabilities and familiarity
         want = torch.tensor(row)
         assert int(got.argmax()) == int(want.argmax()), name
         worst = max(worst, float((got - want).abs().max()))

@@ -64,9 +64,9 @@ def test_resume_continues_on_the_same_split(learner, tmp_path):
     assert after["resumed_from"] == before["training"]
 
 
-def test_manifest_describes_the_artifact(artifact):
+def test_manifest_describes_the_artifact(artifact, learner):
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["num_classes"] == 3
     assert manifest["name"] == "whatcar-cars3"  # from the training data's folder and class count
     assert manifest["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
@@ -75,6 +75,16 @@ def test_manifest_describes_the_artifact(artifact):
     assert manifest["preprocessing"]["steps"][0]["method"] == "squish"
     assert manifest["preprocessing"]["in_model"]["divide_by"] == 255.0
     assert manifest["output"]["activation"] == "softmax"
+    assert manifest["extra_outputs"] == [dict(cli.FAMILIARITY_OUTPUT)]
+    calibration = manifest["calibration"]
+    valid_files = json.loads(learner.with_name("export.pkl.json").read_text())["valid_files"]
+    assert calibration["temperature"] > 0 and calibration["photos"] == len(valid_files)
+    assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["ece_before"] <= 1
+    accept = manifest["acceptance"]
+    assert 0 < accept["min_probability"] <= 1 and -1 <= accept["min_familiarity"] <= 1
+    figures = accept["figures"]
+    assert figures["validation"]["accepted"] >= 0.9
+    assert figures["non_car"]["photos"] == 18 and 0 <= figures["non_car"]["rejected"] <= 1
     assert manifest["versions"]["torch"] == torch.__version__
     assert len(manifest["source"]["learner_sha256"]) == 64
     parity = manifest["parity"]
@@ -114,10 +124,12 @@ def test_module_batches_any_size_and_matches_single_images(artifact):
     loaded = load_artifact(artifact)
     preprocessor = Preprocessor(loaded.steps, 10**8)
     pixels = torch.stack([preprocessor(p.read_bytes()) for p in car_photos()[:5]])
-    together = loaded.module(pixels)
-    one_by_one = torch.cat([loaded.module(pixels[i:i + 1]) for i in range(5)])
-    assert together.shape == (5, 3)
-    assert torch.allclose(together.sum(dim=1), torch.ones(5), atol=1e-5)
+    probabilities, familiarity = loaded.module(pixels)
+    together = loaded.runner(pixels)  # what the server's inference threads get: both, side by side
+    one_by_one = torch.cat([loaded.runner(pixels[i:i + 1]) for i in range(5)])
+    assert probabilities.shape == (5, 3) and familiarity.shape == (5,) and together.shape == (5, 4)
+    assert torch.allclose(probabilities.sum(dim=1), torch.ones(5), atol=1e-5)
+    assert ((familiarity > -1.0001) & (familiarity < 1.0001)).all()
     assert torch.allclose(together, one_by_one, atol=1e-5)
 
 
@@ -197,7 +209,7 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
     for path in car_photos():
         pixels = preprocessor(path.read_bytes())
         with torch.no_grad():
-            rows[str(path.relative_to(CARS))] = loaded.module(pixels.unsqueeze(0))[0].tolist()
+            rows[str(path.relative_to(CARS))] = loaded.runner(pixels.unsqueeze(0))[0].tolist()
     (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows}))
 
 
@@ -213,3 +225,22 @@ def test_triton_flag_adds_a_model_repository_to_the_export(learner, tmp_path):
     assert sha256_file(model_dir / "1" / "model.pt") == manifest["files"]["model"]["sha256"]
     assert (model_dir / "labels.txt").read_bytes() == (out / "labels.txt").read_bytes()
     load_artifact(out)  # the server's check is not disturbed by the extra folder
+
+
+def test_without_acceptance_the_module_returns_probabilities_alone(learner, tmp_path):
+    out = tmp_path / "plain"
+    assert cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4",
+                     "--no-acceptance"]) == 0
+    manifest = Manifest.read(out / "1")
+    assert manifest.extra_outputs == [] and manifest.acceptance is None and "calibration" not in manifest.data
+    loaded = load_artifact(out / "1")
+    assert loaded.runner(torch.zeros((2, 3, SIZE, SIZE), dtype=torch.uint8)).shape == (2, 3)
+
+
+def test_calibration_needs_the_training_photos(learner, tmp_path, capsys):
+    moved = tmp_path / "elsewhere"
+    shutil.copy(learner, moved.with_suffix(".pkl"))
+    info = json.loads(learner.with_name("export.pkl.json").read_text())
+    write_sidecar(moved.with_suffix(".pkl"), {**info, "data": str(tmp_path / "gone")})
+    assert cli.main([str(moved.with_suffix(".pkl")), "--out", str(tmp_path / "out"), "--images", str(CARS)]) == 1
+    assert "--no-acceptance" in capsys.readouterr().err

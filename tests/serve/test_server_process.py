@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from serve.manifest import FORMAT_VERSION
 from tests.conftest import ARTIFACT, ARTIFACTS, ROOT, car_photos
 from tests.serve.conftest import encode, multipart
 from tests.serve.tiny_artifact import write_manifest, write_tiny_artifact
@@ -371,7 +372,7 @@ def add_a_label(folder: Path, manifest: dict) -> None:
 
 
 def newer_format(folder: Path, manifest: dict) -> None:
-    manifest["format_version"] += 1
+    manifest["format_version"] = FORMAT_VERSION + 1
     write_manifest(folder, manifest)
 
 

@@ -24,7 +24,7 @@ class TinyModel(torch.nn.Module):
         self.burn_rounds = burn_rounds
         self.weight = torch.nn.Parameter(torch.eye(192) * 0.5, requires_grad=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         means = images.float().mean(dim=(2, 3))
         if bool((means > 254.5).all()):
             raise RuntimeError("tiny model refuses all-white images")
@@ -33,6 +33,17 @@ class TinyModel(torch.nn.Module):
         for _ in range(self.burn_rounds):
             acc = torch.tanh(acc @ self.weight)
         return torch.softmax(means / 64.0 + acc.mean() * 0.0, dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.probabilities(images)
+
+
+class FamiliarTinyModel(TinyModel):
+    """The tiny model with a familiarity output too, as exports with acceptance thresholds have:
+    the green channel's mean over 255."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.probabilities(images), images.float().mean(dim=(2, 3))[:, 1] / 255.0
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -46,14 +57,20 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 COLOURS = [(250, 60, 10), (10, 250, 60), (60, 10, 250)]  # a check photo for each class, surest first
 
 
+FAMILIARITY = {"name": "familiarity", "dtype": "float32", "shape": ["N"], "description": "green mean / 255"}
+
+
 def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0,
-                        checks: bool = True) -> Path:
+                        checks: bool = True, acceptance: dict | None = None) -> Path:
+    """With `acceptance` ({"min_probability": ..., "min_familiarity": ...}) the model also returns
+    a familiarity and the manifest carries the thresholds, as an export with calibration does."""
     labels = labels or ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
     assert len(labels) == 3, "the tiny model has one class per colour channel"
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(TinyModel(burn_rounds).eval()), str(folder / "model.pt"))
+        model = (TinyModel if acceptance is None else FamiliarTinyModel)(burn_rounds).eval()
+        torch.jit.save(torch.jit.script(model), str(folder / "model.pt"))
     (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     steps = [{"op": "resize", "method": "squish", "height": SIZE, "width": SIZE, "resample": "bilinear",
               "pad_mode": "reflection"}]
@@ -64,9 +81,10 @@ def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_roun
             name = f"checks/{i:02d}.png"
             Image.new("RGB", (24, 20), colour).save(folder / name)
             found.append(Check(name, sha256_file(folder / name), labels[i]))
+    extra = {} if acceptance is None else {"extra_outputs": [FAMILIARITY], "acceptance": acceptance}
     Manifest.create(folder, name="tiny-test", model_file="model.pt", labels_file="labels.txt",
                     num_classes=len(labels), steps=steps, checks=found, architecture="channel means (test model)",
-                    versions={"torch": torch.__version__}).write(folder)
+                    versions={"torch": torch.__version__}, **extra).write(folder)
     return folder
 
 
