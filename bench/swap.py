@@ -33,21 +33,9 @@ from serve.manifest import Manifest
 from serve.versions import current_folder
 
 from .inputs import DEFAULT_PHOTO
-from .load import HOST, Process, free_port, get_status, percentile, rss_mib
+from .load import Process, free_port, get_status, percentile, post, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def post(port: int, path: str, body: bytes, content_type: str, timeout: float = 120) -> tuple[int, bytes]:
-    import http.client
-
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 class Clients:

@@ -310,10 +310,7 @@ def deploy(opts: Options) -> int:
         run.say(f"done in {time.monotonic() - started:.0f} s: current is {release_id}; {RESTART_HINT}")
         return 0
     except (StepFailed, Interrupted, KeyboardInterrupt) as exc:
-        if isinstance(exc, StepFailed):
-            step, reason = exc.step, exc.reason
-        else:
-            step, reason = run.step, f"interrupted ({exc or 'SIGINT'})"
+        step, reason = failure(run, exc)
         still = (f"current is {current}" if switched else f"current is still {current}" if current
                  else "nothing is current yet")
         where = f" (log: {log_path})" if log_path else ""
@@ -330,6 +327,13 @@ def deploy(opts: Options) -> int:
                         pass  # the next deploy's tidy step removes it
         if run.log is not None:
             run.log.close()
+
+
+def failure(run: Run, exc: BaseException) -> tuple[str, str]:
+    """(step, reason) for the one-line report of a failed or interrupted run."""
+    if isinstance(exc, StepFailed):
+        return exc.step, exc.reason
+    return run.step, f"interrupted ({exc or 'SIGINT'})"
 
 
 def rollback(root: Path) -> int:
@@ -356,10 +360,7 @@ def rollback(root: Path) -> int:
         run.say(f"current is {target} (was {current}); {RESTART_HINT}")
         return 0
     except (StepFailed, Interrupted, KeyboardInterrupt) as exc:
-        if isinstance(exc, StepFailed):
-            step, reason = exc.step, exc.reason
-        else:
-            step, reason = run.step, f"interrupted ({exc or 'SIGINT'})"
+        step, reason = failure(run, exc)
         run.step = ""
         run.say(f"FAILED at step {step!r}: {reason}; current is {'still ' + current if current else 'unset'}")
         return 1
