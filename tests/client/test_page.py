@@ -84,3 +84,20 @@ def test_a_text_file_shows_the_servers_message(page, tmp_path):
     shoot(page, "not-an-image.png")
     # The only console error allowed is the failed request itself (Chromium logs 4xx responses).
     assert all("415" in problem for problem in page.problems), page.problems
+
+
+def test_a_photo_without_a_car_is_shown_as_not_sure(page, server, metadata):
+    """The committed model turns away a photo unlike its car photos, and the page says so while
+    still showing the closest models."""
+    assert metadata["acceptance"]["enabled"], "the committed model should carry acceptance thresholds"
+    photo = ROOT / "tests" / "data" / "noncar" / "astronaut.jpg"
+    answer = server.predict(photo.read_bytes())
+    assert answer["accepted"] is False
+    page.set_input_files("#file", str(photo))
+    status = page.locator("#status")
+    expect(status).to_have_class(re.compile("unsure"))
+    expect(status).to_have_text("Not sure: " + answer["reason"])
+    expect(page.locator("#results li")).to_have_count(min(5, metadata["num_classes"]))
+    assert page.locator("#results li").first.locator(".label").text_content() == answer["predictions"][0]["label"]
+    shoot(page, "not-sure.png")
+    assert page.problems == []
