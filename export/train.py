@@ -1,6 +1,6 @@
 """Fine-tune a fastai vision learner on a folder of class-named subfolders.
 
-    python -m export.train DATA [--out models] [--size 352] [--epochs 16] ...
+    python -m export.train DATA [--out models] [--size 352] [--epochs 24] [--final-epochs 8] ...
 
 Writes `<out>/export.pkl` with `learn.export()`; `python -m export` turns it into an artifact.
 """
@@ -15,9 +15,12 @@ from pathlib import Path
 from . import backbones
 from . import learner as learner_io
 
-# Chosen by measurement on the 30-class car set (see README, "Training recipe").
-DEFAULTS = dict(size=352, epochs=16, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
-                early_size=224, final_epochs=None, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
+# Chosen by measurement on the 30-class car set (see README, "Training recipe"): 2 head epochs and
+# 16 unfrozen ones at 224 px, then 8 at 352 px in the same one-cycle schedule reached 88.3 % on the
+# seed-42 validation split (196/222), against 85.6 % for 2 + 16 epochs all at 352 px, in less
+# CPU time. Averaging the weights of the 352 px epochs (EMA, decay 0.99) gave 87.8 %: off.
+DEFAULTS = dict(size=352, epochs=24, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
+                early_size=224, final_epochs=8, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 

@@ -63,7 +63,6 @@ def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    ([], 0),                                                   # every epoch at --size
     (["--epochs", "24", "--final-epochs", "8"], 16),
     (["--epochs", "1", "--final-epochs", "8"], 0),             # a short run trains at the served size only
     (["--epochs", "24", "--final-epochs", "8", "--early-size", "352"], 0),  # same size: nothing to switch
