@@ -1,6 +1,6 @@
 """Fine-tune a fastai vision learner on a folder of class-named subfolders.
 
-    python -m export.train DATA [--out models] [--size 352] [--epochs 16] ...
+    python -m export.train DATA [--out models] [--size 352] [--epochs 24] [--final-epochs 8] ...
 
 Writes `<out>/export.pkl` with `learn.export()`; `python -m export` turns it into an artifact.
 """
@@ -15,9 +15,12 @@ from pathlib import Path
 from . import backbones
 from . import learner as learner_io
 
-# Chosen by measurement on the 30-class car set (see README, "Training recipe").
-DEFAULTS = dict(size=352, epochs=16, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
-                early_size=224, early_epochs=0, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
+# Chosen by measurement on the 30-class car set (see README, "Training recipe"): 2 head epochs and
+# 16 unfrozen ones at 224 px, then 8 at 352 px in the same one-cycle schedule reached 88.3 % on the
+# seed-42 validation split (196/222), against 85.6 % for 2 + 16 epochs all at 352 px, in less
+# CPU time. Averaging the weights of the 352 px epochs (EMA, decay 0.99) gave 87.8 %: off.
+DEFAULTS = dict(size=352, epochs=24, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
+                early_size=224, final_epochs=8, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 
@@ -34,14 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resize", choices=("squish", "crop", "pad"), default="squish",
                    help="how images are brought to --size (default: %(default)s; squish keeps the whole car in view)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
-                   help="epochs after unfreezing, --early-epochs of them included (default: %(default)s)")
+                   help="epochs after unfreezing (default: %(default)s)")
+    p.add_argument("--final-epochs", type=int, default=DEFAULTS["final_epochs"],
+                   help="progressive resizing: only the last FINAL_EPOCHS of --epochs run at --size, the size "
+                        "served; the head-only epochs and the unfrozen ones before run at --early-size, which costs "
+                        "a fraction of a --size epoch. One one-cycle schedule spans both sizes "
+                        "(default: %(default)s; unset: every epoch at --size)")
     p.add_argument("--early-size", type=int, default=DEFAULTS["early_size"],
-                   help="progressive resizing: input size for the head-only epochs and the first --early-epochs "
-                        "epochs, which then cost a fraction of a --size epoch; the rest of the one-cycle schedule "
-                        "runs at --size, the size served (default: %(default)s)")
-    p.add_argument("--early-epochs", type=int, default=DEFAULTS["early_epochs"],
-                   help="how many of --epochs run at --early-size; 0 trains at --size throughout "
-                        "(default: %(default)s)")
+                   help="input size before the last --final-epochs (default: %(default)s)")
     p.add_argument("--freeze-epochs", type=int, default=DEFAULTS["freeze_epochs"],
                    help="epochs training only the head first (default: %(default)s)")
     p.add_argument("--frozen-blocks", type=int, default=DEFAULTS["frozen_blocks"],
@@ -75,15 +78,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"DATA {args.data} is not a folder")
     if args.size < 32 or args.epochs < 0 or args.freeze_epochs < 0 or not 0 < args.valid_pct < 1:
         p.error("need --size >= 32, --epochs >= 0, --freeze-epochs >= 0 and 0 < --valid-pct < 1")
-    if not 0 <= args.early_epochs <= args.epochs or (args.early_epochs and args.early_size < 32):
-        p.error("need 0 <= --early-epochs <= --epochs and --early-size >= 32")
+    if args.final_epochs is not None and (args.final_epochs < 1 or args.early_size < 32):
+        p.error("need --final-epochs >= 1 (the served size must be trained on) and --early-size >= 32")
     if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.drop_path < 1 or not 0 <= args.ema < 1:
         p.error("need --mixup >= 0, --cutmix >= 0, 0 <= --drop-path < 1 and 0 <= --ema < 1")
     return args
 
 
+def early_epochs(args: argparse.Namespace) -> int:
+    """How many unfrozen epochs run at --early-size; a short run (fewer --epochs than
+    --final-epochs) trains at --size throughout."""
+    if args.final_epochs is None or args.early_size == args.size:
+        return 0
+    return max(0, args.epochs - args.final_epochs)
+
+
 def progressive(args: argparse.Namespace) -> bool:
-    return args.early_epochs > 0 and args.early_size != args.size
+    return early_epochs(args) > 0
 
 
 def build_dataloaders(args: argparse.Namespace, size: int | None = None):
@@ -214,11 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         learn.freeze_to(1)
     else:
         learn.unfreeze()
-    early_epochs = args.early_epochs if progressive(args) else 0
-    average = WeightAverage(args.ema, start_epoch=early_epochs) if args.ema else None
+    n_early = early_epochs(args)
+    average = WeightAverage(args.ema, start_epoch=n_early) if args.ema else None
     if args.epochs:
         learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2),
-                            cbs=[*mixing, SwitchSize(early, dls, early_epochs), *([average] if average else [])])
+                            cbs=[*mixing, SwitchSize(early, dls, n_early), *([average] if average else [])])
     learn.dls = dls
     if average is not None:
         loss, acc = learn.validate()

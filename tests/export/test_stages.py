@@ -50,7 +50,7 @@ def test_weight_average_skips_validation_and_leaves_an_untrained_model_alone():
 
 def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
     subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), "--size", "64",
-                    "--early-size", "48", "--early-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",
+                    "--early-size", "48", "--final-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",
                     "--batch-size", "8", "--cutmix", "1.0", "--ema", "0.9", "--drop-path", "0.1", "--quiet"],
                    check=True, cwd=ROOT)
     learn = load(tmp_path / "export.pkl")
@@ -59,11 +59,22 @@ def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
     # Training-only callbacks are not pickled into the learner.
     assert not {"CutMix", "SwitchSize", "WeightAverage"} & {type(cb).__name__ for cb in learn.cbs}
     training = json.loads((tmp_path / "export.pkl.json").read_text())["training"]
-    assert (training["early_size"], training["early_epochs"], training["cutmix"], training["ema"]) == (48, 1, 1.0, 0.9)
+    assert (training["early_size"], training["final_epochs"], training["cutmix"], training["ema"]) == (48, 1, 1.0, 0.9)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--epochs", "24", "--final-epochs", "8"], 16),
+    (["--epochs", "1", "--final-epochs", "8"], 0),             # a short run trains at the served size only
+    (["--epochs", "24", "--final-epochs", "8", "--early-size", "352"], 0),  # same size: nothing to switch
+])
+def test_early_epochs_are_those_before_the_final_ones(argv, expected):
+    from export.train import early_epochs, parse_args
+
+    assert early_epochs(parse_args([str(CARS), "--size", "352", *argv])) == expected
 
 
 def test_flags_that_cannot_work_together_are_refused(tmp_path):
-    for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--early-epochs", "5", "--epochs", "2"], ["--ema", "1.0"]):
+    for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--final-epochs", "0"], ["--ema", "1.0"]):
         result = subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), *extra],
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2, extra
