@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         command = json.loads(line)
         data = inputs[command["input"]]
         if command["op"] == "single":
-            answer = single_stream(preprocess, artifact.module, data, command["threads"], command["count"],
+            answer = single_stream(preprocess, artifact.runner, data, command["threads"], command["count"],
                                    command["seconds"])
         elif command["op"] == "streams":
-            answer = streams(preprocess, artifact.module, data, command["streams"], command["threads"],
+            answer = streams(preprocess, artifact.runner, data, command["streams"], command["threads"],
                              command["batch"], command["seconds"])
         else:
             answer = {"error": f"unknown op {command['op']!r}"}

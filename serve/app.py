@@ -139,7 +139,7 @@ class MetadataResource:
             return
         resp.media = {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
                       "classes": scorer.labels, "num_classes": len(scorer.labels), **scorer.manifest.describe(),
-                      "reload": reload}
+                      "runtime": scorer.runtime.as_dict(), "reload": reload}
 
 
 class StaticResource:
