@@ -105,7 +105,7 @@ def package_problem(package: dict | None, host: Host) -> str | None:
     if package["arch"] != host.arch:
         return f"the compiled package is for {package['arch']} and this host is {host.arch}"
     if not capability_ok(package["cpu_capability"], host.cpu_capability):
-        return (f"the compiled package needs a {package['cpu_capability']} CPU and this one offers "
+        return (f"the compiled package needs a CPU with {package['cpu_capability']} and this one offers "
                 f"{host.cpu_capability}")
     if not torch_ok(package["torch"], host.torch):
         return (f"the compiled package was built by torch {package['torch']}, and this server's torch "

@@ -50,7 +50,7 @@ def test_auto_serves_the_package_when_this_host_can():
 
 @pytest.mark.parametrize("package, host, reason", [
     (None, EPYC, "the artifact has no compiled package"),
-    ({**PACKAGE, "cpu_capability": "AVX512"}, EPYC, "needs a AVX512 CPU and this one offers AVX2"),
+    ({**PACKAGE, "cpu_capability": "AVX512"}, EPYC, "needs a CPU with AVX512 and this one offers AVX2"),
     (PACKAGE, Host("DEFAULT", "x86_64", "2.13.0"), "offers DEFAULT"),
     ({**PACKAGE, "torch": "2.11.0"}, EPYC, "built by torch 2.11.0"),
     (PACKAGE, Host("DEFAULT", "aarch64", "2.13.0"), "is for x86_64 and this host is aarch64"),
@@ -62,7 +62,7 @@ def test_auto_falls_back_to_torchscript_saying_why(package, host, reason):
 
 
 def test_compiled_makes_a_fallback_an_error_and_torchscript_needs_no_package():
-    with pytest.raises(RuntimeChoiceError, match="--runtime compiled cannot be served: .*needs a AVX512 CPU"):
+    with pytest.raises(RuntimeChoiceError, match="--runtime compiled cannot be served: .*needs a CPU with AVX512"):
         choose_runtime("compiled", {**PACKAGE, "cpu_capability": "AVX512"}, EPYC)
     assert choose_runtime("compiled", PACKAGE, EPYC).name == "compiled"
     choice = choose_runtime("torchscript", PACKAGE, EPYC)
