@@ -99,9 +99,14 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
     preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
     while True:
         started = time.perf_counter()
+        # TorchScript's profiling executor settles on the second run of a shape; compiled code has
+        # nothing to profile, and its second pass already runs at full speed (measured per thread
+        # and batch size), so one warm-up pass each is enough for it.
+        rounds = 1 if artifact.runtime.name == "compiled" else 2
         model = Model(artifact.runner, preprocessor, artifact.input_size, workers=config.inference_workers,
                       torch_threads=config.torch_threads, micro_batch=config.micro_batch,
-                      batch_wait=config.batch_wait_ms / 1000, solo_threads=config.solo_threads, observer=observer)
+                      batch_wait=config.batch_wait_ms / 1000, solo_threads=config.solo_threads, observer=observer,
+                      warm_up_rounds=rounds)
         scorer = Scorer(artifact, model, version)
         try:
             try:
