@@ -180,8 +180,18 @@ $(VENV)/torchserve/.stamp: requirements-torchserve.txt
 
 torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmark's peer server (needs Java)
 
-bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, learn.predict and TorchServe
+# The benchmark's forward-pass reference. Optional too: without it `make bench` says so and skips it.
+$(VENV)/openvino/.stamp: requirements-openvino.txt
+	rm -rf $(VENV)/openvino
+	$(PYTHON) -m venv $(VENV)/openvino
+	$(VENV)/openvino/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-openvino.txt
+	touch $@
+
+openvino-env: $(VENV)/openvino/.stamp ## build OpenVINO 2026.4, the benchmark's forward-pass reference
+
+bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, OpenVINO, learn.predict and TorchServe
 	$(MAKE) --no-print-directory torchserve-env || echo "bench: no TorchServe environment; the peer comparison is skipped"
+	$(MAKE) --no-print-directory openvino-env || echo "bench: no OpenVINO environment; its forward-pass reference is skipped"
 	$(SERVE_PY) -m bench --model-dir $(MODEL_DIR) --learner $(LEARNER) $(BENCH_ARGS)
 
 # The corpus grows across runs in $(BUILD)/fuzz/corpus; an input that breaks the check is saved as
