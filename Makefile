@@ -12,6 +12,8 @@ MODEL_DIR ?= artifacts
 HOST     ?=
 PORT     ?=
 TRAIN_ARGS ?=
+# make export QUANTIZE=int8: an int8 compiled package, kept only if validation top-1 stays within a point.
+QUANTIZE ?=
 BENCH_ARGS ?=
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 10000
@@ -30,8 +32,8 @@ BUILD    ?= build
 
 .DEFAULT_GOAL := help
 .PHONY: help serve reload rollback classify classify-ray test test-serve test-export test-cross test-client test-ray \
-        test-deploy train export triton bench clean serve-env train-env torchserve-env client-env fuzz soak chromium \
-        deploy deploy-rollback deploy-status systemd-analyze
+        test-deploy train export triton bench clean serve-env train-env torchserve-env openvino-env client-env fuzz soak \
+        chromium deploy deploy-rollback deploy-status systemd-analyze cxx
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -100,8 +102,21 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
-export: $(VENV)/train/.stamp ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
-	$(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR)
+export: $(VENV)/train/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
+	$(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))
+
+# AOTInductor compiles the artifact's compiled package with a C++ compiler at export time (serving
+# needs none): installed here when missing (as root). Without one, the export writes TorchScript only
+# and says so.
+cxx:
+	@command -v $${CXX:-g++} >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's g++ for the compiled package"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; \
+	  else \
+	    echo "no C++ compiler: the export writes no compiled package (sudo apt-get install g++)"; \
+	  fi; }
 
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
@@ -111,7 +126,7 @@ test: test-serve test-export test-cross test-client test-ray test-deploy ## run 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
 
-test-export: $(VENV)/train/.stamp-test
+test-export: $(VENV)/train/.stamp-test cxx
 	rm -rf $(BUILD)/cross
 	WHATCAR_CROSS_DIR=$(BUILD)/cross $(TRAIN_PY) -m pytest tests/export
 
@@ -165,8 +180,18 @@ $(VENV)/torchserve/.stamp: requirements-torchserve.txt
 
 torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmark's peer server (needs Java)
 
-bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, learn.predict and TorchServe
+# The benchmark's forward-pass reference. Optional too: without it `make bench` says so and skips it.
+$(VENV)/openvino/.stamp: requirements-openvino.txt
+	rm -rf $(VENV)/openvino
+	$(PYTHON) -m venv $(VENV)/openvino
+	$(VENV)/openvino/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-openvino.txt
+	touch $@
+
+openvino-env: $(VENV)/openvino/.stamp ## build OpenVINO 2026.4, the benchmark's forward-pass reference
+
+bench: $(VENV)/serve/.stamp $(VENV)/train/.stamp ## measure serving against its floor, OpenVINO, learn.predict and TorchServe
 	$(MAKE) --no-print-directory torchserve-env || echo "bench: no TorchServe environment; the peer comparison is skipped"
+	$(MAKE) --no-print-directory openvino-env || echo "bench: no OpenVINO environment; its forward-pass reference is skipped"
 	$(SERVE_PY) -m bench --model-dir $(MODEL_DIR) --learner $(LEARNER) $(BENCH_ARGS)
 
 # The corpus grows across runs in $(BUILD)/fuzz/corpus; an input that breaks the check is saved as

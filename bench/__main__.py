@@ -37,7 +37,8 @@ from serve.versions import current_folder
 
 from . import inputs as inputs_mod
 from . import peer
-from .load import Process, free_port, get_status, percentile, rss_mib, run_load, tree_cpu_seconds, tree_rss_mib
+from .load import (Process, free_port, get_body, get_status, percentile, rss_mib, run_load, tree_cpu_seconds,
+                   tree_rss_mib)
 from .report import Series, bracketed, evaluate, single_thread_counts, table
 from .workers import Worker, start_worker
 
@@ -141,12 +142,14 @@ def server_settings() -> dict:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("WHATCAR_")}
 
 
-def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
-    """Start the server `rounds` times, timing process start to /readyz 200; keep the last one."""
-    times, process, port = [], None, None
+def cold_starts(args, rounds: int) -> tuple[list[float], list[float], Process, int]:
+    """Start the server `rounds` times, timing process start to /readyz 200, each after timing a bare
+    `import torch` (so each start has its own reference, taken a moment before); keep the last one."""
+    times, imports, process, port = [], [], None, None
     for _ in range(rounds):
         if process is not None:
             process.stop()
+        imports += import_torch_seconds(1)
         port = free_port()
         process = Process(serve_command(args, port), env=os.environ.copy(), cwd=ROOT,
                           log=args.out.parent / "bench-serve.log")
@@ -155,7 +158,7 @@ def cold_starts(args, rounds: int) -> tuple[list[float], Process, int]:
             process.stop()
             raise RuntimeError(f"whatcar did not become ready; see {args.out.parent / 'bench-serve.log'}")
         times.append(seconds)
-    return times, process, port
+    return times, imports, process, port
 
 
 def classify_throughput(args, photo: Path, count: int) -> float:
@@ -178,6 +181,53 @@ def classify_throughput(args, photo: Path, count: int) -> float:
     return float(found.group(1))
 
 
+# ---------------------------------------------------------------- forward passes against OpenVINO
+
+
+def start_openvino(args, input_size: list[int], out: dict) -> Worker | None:
+    """The OpenVINO reference on an ONNX copy of the served module, or None with the reason in
+    out["openvino"]["skipped"]."""
+    if args.skip_openvino:
+        out["openvino"] = {"skipped": "--skip-openvino"}
+        return None
+    if not Path(args.openvino_python).is_file():
+        out["openvino"] = {"skipped": f"no OpenVINO virtualenv at {args.openvino_python} (make openvino-env)"}
+        return None
+    if not Path(args.train_python).is_file():
+        out["openvino"] = {"skipped": f"no training virtualenv at {args.train_python} to export ONNX with"}
+        return None
+    log("openvino: exporting the served module to ONNX, then loading it")
+    onnx = (args.out.parent / "bench-model.onnx").resolve()
+    done = subprocess.run([str(args.train_python), "-m", "bench.onnx_export", str(args.model_dir), str(onnx)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        out["openvino"] = {"skipped": f"the ONNX export failed: {tail}"}
+        return None
+    worker = start_worker("openvino", [str(args.openvino_python), "-m", "bench.openvino_worker", str(onnx),
+                                       *map(str, input_size)], args.out.parent / "bench-openvino.log", 300)
+    if isinstance(worker, str):
+        out["openvino"] = {"skipped": worker}
+        log(f"  skipped: {worker}")
+        return None
+    out["openvino"] = {"version": worker.hello["openvino"], "precision": worker.hello["precision"]}
+    return worker
+
+
+def forward_passes(floor: Worker, openvino: Worker | None, budget: Budget, s) -> None:
+    """One image's forward pass alone in each runtime, one after another on the same thread
+    counts: the compiled package and TorchScript (the floor process), OpenVINO fp32 (its own)."""
+    for threads in single_thread_counts(floor.hello["cpus"]):
+        command = {"op": "forward", "input": "jpeg400", "threads": threads, "batch": 1, "count": budget.n(25),
+                   "seconds": budget.s(5)}
+        for runtime in floor.hello["forward_runtimes"]:
+            a = floor.ask({**command, "runtime": runtime})
+            s(f"forward_{runtime}_t{threads}").add(a["forward_ms"], cpu_ms=percentile(a["cpu_ms"], 50))
+        if openvino is not None:
+            a = openvino.ask(command)
+            s(f"forward_openvino_t{threads}").add(a["forward_ms"], cpu_ms=percentile(a["cpu_ms"], 50))
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -192,16 +242,16 @@ def floor_streams(floor: Worker, layouts: list[tuple], budget: Budget, s, when: 
 
 
 def run(args, items: dict, files: dict, budget: Budget) -> dict:
-    out: dict = {"floor": {}, "fastai": {}, "whatcar": {}, "torchserve": {}}
+    out: dict = {"floor": {}, "fastai": {}, "whatcar": {}, "torchserve": {}, "openvino": {}}
     workers: list = []
     peer_server = None
     whatcar = None
     try:
         log("whatcar: cold starts")
-        starts, whatcar, port = cold_starts(args, 3 if not args.quick else 1)
-        out["whatcar"].update(cold_start_s=starts, import_torch_s=import_torch_seconds(3 if not args.quick else 1),
-                              settings=server_settings())
-        log(f"  ready after {', '.join(f'{s:.2f}' for s in starts)} s")
+        starts, imports, whatcar, port = cold_starts(args, 3 if not args.quick else 1)
+        out["whatcar"].update(cold_start_s=starts, import_torch_s=imports, settings=server_settings(),
+                              runtime=json.loads(get_body(port, "/metadata"))["runtime"])
+        log(f"  ready after {', '.join(f'{s:.2f}' for s in starts)} s, serving on {out['whatcar']['runtime']['name']}")
         counter = Counter()
         for name in ("jpeg400", "jpeg12mp", "png"):
             http(port, "/predict", items[name], 2, budget.n(10), budget.s(20), counter)
@@ -217,6 +267,11 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
         if isinstance(floor, str):
             raise RuntimeError(f"the floor could not run: {floor}")
         workers.append(floor)
+
+        out["floor"].update(runtime=floor.hello["runtime"], forward_missing=floor.hello["forward_missing"])
+        openvino = start_openvino(args, floor.hello["input_size"], out)
+        if openvino is not None:
+            workers.append(openvino)
 
         fastai = None
         if args.skip_fastai:
@@ -272,6 +327,7 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
                 s(f"floor_single_t{threads}").add(a["latencies_ms"], forward_ms=percentile(a["forward_ms"], 50),
                                                   preprocess_ms=percentile(a["preprocess_ms"], 50))
             http(port, "/predict", jpeg, 1, budget.n(80), budget.s(6), counter, s("whatcar_jpeg400_c1"))
+            forward_passes(floor, openvino, budget, s)
             if fastai is not None:
                 a = fastai.ask({"image": str(files["jpeg400"]), "count": budget.n(10), "seconds": budget.s(10)})
                 s("fastai_jpeg400").add(a["latencies_ms"])
@@ -338,6 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--photo", type=Path, default=inputs_mod.DEFAULT_PHOTO, help="the web photo the inputs come from")
     p.add_argument("--train-python", default=str(ROOT / ".venv" / "train" / "bin" / "python"))
     p.add_argument("--torchserve-venv", default=str(ROOT / ".venv" / "torchserve"))
+    p.add_argument("--openvino-python", default=str(ROOT / ".venv" / "openvino" / "bin" / "python"))
     p.add_argument("--ts-workers", type=int, default=available_cpus())
     p.add_argument("--ts-threads", type=int, default=1)
     p.add_argument("--ts-batch", type=int, default=1)
@@ -345,6 +402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny counts and one round, to check the benchmark runs")
     p.add_argument("--skip-fastai", action="store_true")
     p.add_argument("--skip-torchserve", action="store_true")
+    p.add_argument("--skip-openvino", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds = 1

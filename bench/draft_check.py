@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         data = phone_jpeg(photo)
         full, full_ms, _ = pixels(data, Preprocessor(steps, MAX_PIXELS, draft_margin=None))
         with torch.inference_mode():
-            p_full = artifact.module(full.unsqueeze(0))[0]
+            p_full = artifact.runner(full.unsqueeze(0))[0]
         row = {"photo": f"{photo.parent.name}/{photo.name}", "full_ms": full_ms,
                "full_top1": artifact.labels[int(p_full.argmax())], "true": photo.parent.name}
         for margin in margins:
             drafted, draft_ms, decoded = pixels(data, Preprocessor(steps, MAX_PIXELS, margin or DRAFT_MARGIN))
             with torch.inference_mode():
-                p_draft = artifact.module(drafted.unsqueeze(0))[0]
+                p_draft = artifact.runner(drafted.unsqueeze(0))[0]
             key = f"margin{margin}" if margin is not None else "server"
             row[key] = {"decoded": decoded, "ms": draft_ms, "agree": int(p_draft.argmax()) == int(p_full.argmax()),
                         "max_abs_diff": float((p_draft - p_full).abs().max()),

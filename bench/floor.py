@@ -14,12 +14,18 @@ machine is doing; each answer is one JSON line on stdout:
     python -m bench.floor --model-dir artifacts --image jpeg400=PATH [--image NAME=PATH ...]
     {"op": "single", "input": "jpeg400", "threads": 2, "count": 20, "seconds": 5}
     {"op": "streams", "input": "jpeg400", "streams": 2, "threads": 1, "batch": 1, "seconds": 4}
+    {"op": "forward", "runtime": "compiled", "input": "jpeg400", "threads": 1, "batch": 1, "count": 25, "seconds": 6}
+
+The forward op times passes alone in either runtime the artifact offers (the compiled package
+and TorchScript, both loaded as the server loads them), for the comparison with OpenVINO
+(bench/openvino_worker.py) on the same threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -28,9 +34,13 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
+from serve.openmp import passive_waits  # noqa: E402
+
+passive_waits()  # as the server does, before torch loads
+
 import torch  # noqa: E402
 
-from serve.artifact import load_artifact  # noqa: E402
+from serve.artifact import ArtifactError, load_artifact  # noqa: E402
 from serve.config import Config  # noqa: E402
 from serve.cpus import available_cpus  # noqa: E402
 from serve.preprocess import Preprocessor  # noqa: E402
@@ -77,6 +87,42 @@ def single_stream(preprocess: Preprocessor, module, data: bytes, threads: int, c
     return in_fresh_thread(work)
 
 
+def forward_passes(runner, pixels: torch.Tensor, threads: int, batch: int, count: int, seconds: float) -> dict:
+    """Wall and process-CPU milliseconds of forward passes alone, on `batch` copies of one
+    preprocessed image, on a fresh thread of `threads` intra-op threads."""
+
+    def work():
+        torch.set_num_threads(threads)
+        images = pixels.unsqueeze(0).repeat(batch, 1, 1, 1)
+        wall, cpu = [], []
+        with torch.inference_mode():
+            for _ in range(3):
+                runner(images)
+            deadline = time.perf_counter() + seconds
+            while len(wall) < count and time.perf_counter() < deadline:
+                c0, t0 = time.process_time(), time.perf_counter()
+                runner(images)
+                wall.append((time.perf_counter() - t0) * 1000)
+                cpu.append((time.process_time() - c0) * 1000)
+        return {"forward_ms": wall, "cpu_ms": cpu}
+
+    return in_fresh_thread(work)
+
+
+def forward_runners(folder, served, cpus: int) -> tuple[dict, dict]:
+    """Each runtime the artifact offers on this host, loaded as the server loads it, for forward
+    passes side by side; and why any is missing."""
+    runners, missing = {served.runtime.name: served.runner}, {}
+    for runtime in ("compiled", "torchscript"):
+        if runtime in runners:
+            continue
+        try:
+            runners[runtime] = load_artifact(folder, runtime=runtime, runners=cpus + 1).runner
+        except ArtifactError as exc:
+            missing[runtime] = str(exc)
+    return runners, missing
+
+
 def streams(preprocess: Preprocessor, module, data: bytes, count: int, threads: int, batch: int,
             seconds: float) -> dict:
     """`count` threads, each decoding `batch` images and running them as one forward pass."""
@@ -118,14 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     config = Config(model_dir=args.model_dir)
-    artifact = load_artifact(current_folder(config.model_dir))
+    folder = current_folder(config.model_dir)
+    # The runtime the server picks, with the same setting.
+    artifact = load_artifact(folder, runtime=os.environ.get("WHATCAR_RUNTIME", "auto"),
+                             runners=available_cpus() + 1)
+    runners, missing = forward_runners(folder, artifact, available_cpus())
     preprocess = Preprocessor(artifact.steps, config.max_image_pixels)
     inputs = {}
     for item in args.image:
         name, _, path = item.partition("=")
         inputs[name] = Path(path).read_bytes()
     print(json.dumps({"ready": True, "model": artifact.name, "cpus": available_cpus(), "torch": torch.__version__,
-                      "layouts": floor_layouts(available_cpus())}),
+                      "layouts": floor_layouts(available_cpus()), "runtime": artifact.runtime.as_dict(),
+                      "input_size": list(artifact.input_size), "forward_runtimes": sorted(runners),
+                      "forward_missing": missing}),
           flush=True)
     for line in sys.stdin:
         if not line.strip():
@@ -133,10 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         command = json.loads(line)
         data = inputs[command["input"]]
         if command["op"] == "single":
-            answer = single_stream(preprocess, artifact.module, data, command["threads"], command["count"],
+            answer = single_stream(preprocess, artifact.runner, data, command["threads"], command["count"],
                                    command["seconds"])
+        elif command["op"] == "forward":
+            runner = runners.get(command["runtime"])
+            if runner is None:
+                answer = {"skipped": missing.get(command["runtime"], f"no runtime {command['runtime']!r}")}
+            else:
+                answer = forward_passes(runner, preprocess(data), command["threads"], command["batch"],
+                                        command["count"], command["seconds"])
         elif command["op"] == "streams":
-            answer = streams(preprocess, artifact.module, data, command["streams"], command["threads"],
+            answer = streams(preprocess, artifact.runner, data, command["streams"], command["threads"],
                              command["batch"], command["seconds"])
         else:
             answer = {"error": f"unknown op {command['op']!r}"}

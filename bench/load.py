@@ -150,6 +150,20 @@ def get_status(port: int, path: str, timeout: float = 1.0) -> int | None:
         return None
 
 
+def get_body(port: int, path: str, timeout: float = 10.0) -> bytes:
+    """The body of a GET that must succeed (raises otherwise)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path} answered {resp.status}")
+        return body
+    finally:
+        conn.close()
+
+
 def rss_mib(pid: int) -> float | None:
     """Resident memory of one process, from /proc (Linux)."""
     try:

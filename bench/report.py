@@ -11,6 +11,8 @@ import statistics
 from .load import percentile
 
 MB = 1_000_000
+# HTTP throughput at c=8 against TorchServe serving the same model.pt.
+TORCHSERVE_LIMIT = 1.8
 
 
 def floor_layouts(cpus: int) -> list[tuple[int, int, int]]:
@@ -69,6 +71,33 @@ def target(name: str, per_round: list[float] | None, limit: float, higher_is_bet
             "met": met, "detail": detail, "direction": direction}
 
 
+FORWARD_RUNTIMES = (("compiled", "compiled package"), ("torchscript", "TorchScript"), ("openvino", "OpenVINO fp32"))
+FORWARD_LIMIT = 1.15
+
+
+def forward_targets(results: dict) -> list[dict]:
+    """The compiled package's forward pass against OpenVINO fp32's on the same number of threads,
+    per round, for each thread count measured."""
+    series = results["series"]
+    out = []
+    for threads in single_thread_counts(results["machine"]["cpus_available"]):
+        name = f"compiled forward pass / OpenVINO fp32's, {plural(threads, 'thread')} (one 352 px image)"
+        ours, theirs = series.get(f"forward_compiled_t{threads}"), series.get(f"forward_openvino_t{threads}")
+        if ours is None or theirs is None:
+            reason = (results.get("openvino", {}).get("skipped") if theirs is None else
+                      results.get("floor", {}).get("forward_missing", {}).get("compiled")) or "not measured"
+            out.append(target(name, None, FORWARD_LIMIT, False, reason))
+            continue
+        per_round = [a["p50_ms"] / b["p50_ms"] for a, b in zip(ours["rounds"], theirs["rounds"])]
+        cpu = [a["cpu_ms"] / b["cpu_ms"] for a, b in zip(ours["rounds"], theirs["rounds"])
+               if a.get("cpu_ms") and b.get("cpu_ms")]
+        detail = f"{ours['p50_ms']:.1f} ms vs {theirs['p50_ms']:.1f} ms"
+        if cpu:
+            detail += f"; process CPU per pass {statistics.median(cpu):.2f}x"
+        out.append(target(name, per_round, FORWARD_LIMIT, False, detail))
+    return out
+
+
 def evaluate(results: dict) -> list[dict]:
     series = results["series"]
 
@@ -112,7 +141,7 @@ def evaluate(results: dict) -> list[dict]:
         ts = series["torchserve_jpeg400_c8"]
         out.append(target("HTTP throughput at c=8 / TorchServe's",
                           per_round(lambda w, t: w["throughput"] / t["throughput"], "whatcar_jpeg400_c8",
-                                    "torchserve_jpeg400_c8"), 1.5, True,
+                                    "torchserve_jpeg400_c8"), TORCHSERVE_LIMIT, True,
                           f"{series['whatcar_jpeg400_c8']['throughput']:.1f} vs {ts['throughput']:.1f} req/s"))
         out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8",
                           per_round(lambda w, t: t["p99_ms"] / w["p99_ms"], "whatcar_jpeg400_c8",
@@ -120,7 +149,7 @@ def evaluate(results: dict) -> list[dict]:
                           f"{ts['p99_ms']:.1f} ms vs {series['whatcar_jpeg400_c8']['p99_ms']:.1f} ms"))
     else:
         reason = results["torchserve"].get("skipped", "not measured")
-        out.append(target("HTTP throughput at c=8 / TorchServe's", None, 1.5, True, reason))
+        out.append(target("HTTP throughput at c=8 / TorchServe's", None, TORCHSERVE_LIMIT, True, reason))
         out.append(target("TorchServe p99 at c=8 / HTTP p99 at c=8", None, 1.0, True, reason))
     out.append(target("12 MP JPEG p50 / 400 px JPEG p50 (HTTP, c=1)",
                       per_round(lambda b, w: b["p50_ms"] / w["p50_ms"], "whatcar_jpeg12mp_c1", "whatcar_jpeg400_c1"),
@@ -130,12 +159,15 @@ def evaluate(results: dict) -> list[dict]:
     out.append(target("cold start, process start to /readyz 200 (s)", http_["cold_start_s"], 2.0, False,
                       "runs: " + ", ".join(f"{v:.2f}" for v in http_["cold_start_s"])
                       + "; a bare `import torch` took " + ", ".join(f"{v:.2f}" for v in http_["import_torch_s"])))
+    out.append(target("cold start beyond a bare `import torch` timed just before it (s)",
+                      [a - b for a, b in zip(http_["cold_start_s"], http_["import_torch_s"])], 1.0, False,
+                      f"runtime {http_['runtime']['name']}" if http_.get("runtime") else "runtime not reported"))
     after = http_["rss_after_mib"] * (1 << 20) / MB
     warm = http_["rss_warm_mib"] * (1 << 20) / MB
     out.append(target(f"RSS after {http_['requests_total']} requests (MB)", [after], 300, False, f"{after:.0f} MB"))
     out.append(target("RSS after those requests / after warm-up", [after / warm], 1.10, False,
                       f"{after:.0f} MB vs {warm:.0f} MB"))
-    return out
+    return out + forward_targets(results)
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -152,7 +184,8 @@ def plural(count: int, word: str) -> str:
 
 def floor_rows(cpus: int) -> list[tuple[str, str]]:
     """(series key, row label) of the floor's measurements on `cpus` CPUs."""
-    rows = []
+    rows = [(f"forward_{runtime}_t{threads}", f"forward pass alone, {label}, {plural(threads, 'thread')}")
+            for threads in single_thread_counts(cpus) for runtime, label in FORWARD_RUNTIMES]
     for name, size in (("", "400 px JPEG"), ("jpeg12mp_", "12 MP JPEG")):
         for threads in single_thread_counts(cpus):
             rows.append((f"floor_single_{name}t{threads}", f"floor, {size}, single stream, {plural(threads, 'thread')}"))
@@ -191,8 +224,13 @@ def table(results: dict) -> str:
         st = ts["settings"]
         lines.append(f"TorchServe: {st['workers']} workers x {st['torch_threads']} thread(s), batch size "
                      f"{st['batch_size']}")
-    for name in ("fastai", "torchserve"):
-        if "skipped" in results[name]:
+    runtime = results["whatcar"].get("runtime")
+    if runtime:
+        lines.append(f"whatcar runtime: {runtime['name']} ({runtime['reason']})")
+    if results.get("openvino", {}).get("version"):
+        lines.append(f"OpenVINO {results['openvino']['version']}, precision {results['openvino']['precision']}")
+    for name in ("fastai", "torchserve", "openvino"):
+        if "skipped" in results.get(name, {}):
             lines.append(f"{name}: skipped ({results[name]['skipped']})")
     lines.append("")
     lines.append("| measurement | n | p50 ms | p95 ms | p99 ms | per second (median round) |")

@@ -1,12 +1,16 @@
 """`python -m export`: turn a fastai Learner pickle into a served artifact folder.
 
-    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--triton]
+    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--no-compiled]
+                             [--quantize int8] [--triton]
 
 Adds the next numbered version to the model folder (artifacts/2/, artifacts/3/, ...) and
-points artifacts/current at it: model.pt (traced, frozen TorchScript), labels.txt,
-manifest.json and checks/ (a few parity photos with the top-1 the module gave them), and
-with --triton a Triton model repository in triton/ too. The parity check runs first; if it
-fails nothing is added. Older versions beyond --keep are removed, never current or previous.
+points artifacts/current at it: model.pt (traced, frozen TorchScript), model.pt2 (the same
+module compiled for AVX2 CPUs, see export/compiled.py), labels.txt, manifest.json and checks/
+(a few parity photos with the top-1 the module gave them), and with --triton a Triton model
+repository in triton/ too. The parity check runs first; if it fails nothing is added. The
+compiled package passes the same check or is left out, with the reason printed (with
+--quantize int8, its accuracy check instead, and then nothing is added when it fails). Older
+versions beyond --keep are removed, never current or previous.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from serve.artifact import ArtifactError, load_artifact
+from serve.artifact import ArtifactError, TorchScriptRunner, first_line, load_artifact
 from serve.manifest import MANIFEST, Manifest, sha256_file
+from serve.preprocess import Preprocessor
 from serve.versions import KEEP, ModelFolder
 
-from . import acceptance, checks, parity, torchscript, triton
+from . import acceptance, checks, compiled, parity, quantize, torchscript, triton
 from . import learner as learner_io
 from .noncar_photos import MissingPhotos, noncar_photos
 from .transforms import read_pipeline
@@ -63,6 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None,
                    help="model name in the manifest (default: whatcar-<training data folder><classes>, e.g. "
                         "whatcar-cars30, or the output folder's name when the learner has no training record)")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                   help="write TorchScript only, without the compiled package (model.pt2) that needs a C++ compiler "
+                        "here and 30-80 s")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="make the compiled package int8 (PT2E, calibrated on training photos); refused, and nothing "
+                        "added, if its validation top-1 is more than 1 point below the float model's")
+    p.add_argument("--int8-float", default="", metavar="PARTS",
+                   help="with --quantize int8, parts left in float32: 'stem' (the first convolution), 'head' "
+                        "(fastai's classifier head), or 'stem,head' (default: none)")
+    p.add_argument("--calibration-images", type=int, default=quantize.CALIBRATION_IMAGES,
+                   help="training photos that calibrate int8 activations (default: %(default)s)")
     p.add_argument("--triton", action="store_true",
                    help="also write a Triton model repository (triton/<name>/) for the pytorch_libtorch backend; "
                         "`python -m export.triton` adds one to an existing artifact with more options")
@@ -154,6 +172,93 @@ def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_p
     )
 
 
+@dataclass
+class Package:
+    """A compiled package that passed its checks, and what the manifest says about it."""
+
+    built: compiled.Compiled
+    parity: parity.ParityReport
+    quantization: dict | None = None
+
+    def entry(self) -> dict:
+        built = self.built
+        return {"torch": built.torch, "cpu_capability": built.cpu_capability, "arch": built.arch,
+                "min_batch": built.min_batch, "max_batch": built.max_batch,
+                "quantization": "int8" if self.quantization else None, "parity": self.parity.as_dict(),
+                "compile_seconds": built.compile_seconds, "isa_check": built.isa_check,
+                **({"int8": self.quantization} if self.quantization else {})}
+
+
+def compiled_package(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path) -> Package | None:
+    """The compiled package of `served`, checked like model.pt was; None (saying why) when none
+    can be made. With --quantize int8 a failed check is an error: the int8 model was asked for."""
+    height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
+    started = time.perf_counter()
+    try:
+        if args.quantize:
+            calibration = quantize.calibration_files(info, args.calibration_images)
+            keep_float = [part for part in args.int8_float.split(",") if part]
+            program = quantize.int8_program(served, pipe.steps, calibration, height, width, keep_float)
+            print(f"int8: calibrated on {len(calibration)} training photos"
+                  + (f", {' and '.join(keep_float)} left in float32" if keep_float else "")
+                  + f" ({time.perf_counter() - started:.0f} s)")
+        else:
+            program = compiled.export_program(served, height, width)
+        exported = time.perf_counter()
+        built = compiled.compile_package(program, scratch, quantized=bool(args.quantize))
+        runner = compiled.load_runner(built, height, width)
+        try:
+            # The runner answers one row per image, the probabilities first (serve/inference.py's output_rows).
+            classes = len(learn.dls.vocab)
+            report = parity.check(learn, lambda images: runner(images)[:, :classes], pipe.steps, files,
+                                  served.temperature)
+            quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
+        finally:
+            runner.close()
+    except Exception as exc:  # noqa: BLE001 - torch.export and Inductor fail in many ways; any means no package
+        reason = str(exc) if isinstance(exc, compiled.CompileError) else first_line(exc)
+        if args.quantize:
+            raise compiled.CompileError(f"no int8 package: {reason}; nothing was added to {args.out}") from None
+        print(f"export: no compiled package, the artifact serves TorchScript only: {reason}")
+        return None
+    print(f"compiled package: {built.path.stat().st_size / 1e6:.1f} MB for {built.cpu_capability} CPUs, batches "
+          f"{built.min_batch}-{built.max_batch}, exported in {exported - started:.0f} s and compiled in "
+          f"{built.compile_seconds:.0f} s; {built.isa_check}; parity {report.top1_agree}/{report.images} top-1 "
+          f"agree, max |p - p_fastai| = {report.max_abs_diff:.2e}")
+    if not args.quantize and not report.passed:
+        print(f"export: no compiled package, the artifact serves TorchScript only: its parity check failed "
+              f"(tolerance {report.tolerance:g})")
+        return None
+    return Package(built, report, quantization)
+
+
+def judge_int8(args, runner, module, pipe, info: dict, learn, files: list[Path]) -> dict:
+    """Validation top-1 of the int8 package and the float module, printed; raises CompileError
+    when int8 loses more than a point, or names a check photo differently than the float module."""
+    valid = quantize.validation_files(info)
+    if not valid:
+        raise compiled.CompileError("the learner has no recorded validation photos to measure int8 accuracy on")
+    vocab = [str(label) for label in learn.dls.vocab]
+    float32 = quantize.accuracy(TorchScriptRunner(module), pipe.steps, valid, vocab)
+    int8 = quantize.accuracy(runner, pipe.steps, valid, vocab)
+    kept = quantize.acceptable(float32, int8)
+    print(f"int8: validation top-1 {int8} against float32 {float32}: "
+          + ("kept" if kept else f"refused (more than {100 * quantize.MAX_DROP:g} point lower)"))
+    if not kept:
+        raise compiled.CompileError(f"int8 validation top-1 {int8} is more than {100 * quantize.MAX_DROP:g} point "
+                                    f"below float32's {float32}")
+    # The photos kept as check photos must get the same answer from the package, or no server would load it.
+    preprocessor = Preprocessor(pipe.steps, parity.MAX_PIXELS)
+    for _, top1, path in checks.choose(checks.margins(module, preprocessor, files), args.checks):
+        with torch.no_grad():
+            got = int(runner(preprocessor(path.read_bytes()).unsqueeze(0))[0][:len(vocab)].argmax())
+        if got != top1:
+            raise compiled.CompileError(f"the int8 package names check photo {path.name} {vocab[got]!r}, the float "
+                                        f"module {vocab[top1]!r}")
+    return {"float32_top1": float32.top1, "int8_top1": int8.top1, "validation_images": int8.images,
+            "calibration_images": args.calibration_images, "float_parts": args.int8_float or None}
+
+
 def add_version(out: Path, fill, keep: int) -> str:
     """Build a new version beside `out`'s others, check it as the server would, then add it and
     make it current; returns its name. On any error `out` is untouched."""
@@ -166,7 +271,11 @@ def add_version(out: Path, fill, keep: int) -> str:
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
         fill(staging)
-        load_artifact(staging)  # the server's own check, before anything changes
+        # The server's own checks, before anything changes: TorchScript, and the compiled package
+        # if there is one (with `compiled`, a package this host cannot run is an error, not a fallback).
+        load_artifact(staging, runtime="torchscript")
+        if Manifest.read(staging).compiled is not None:
+            load_artifact(staging, runtime="compiled").close()
         version = models.add(staging)
     finally:
         if staging.exists():
@@ -182,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (learner_io.LearnerError, triton.TritonError, ArtifactError) as exc:
+    except (learner_io.LearnerError, triton.TritonError, ArtifactError, compiled.CompileError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
 
@@ -221,6 +330,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"export: parity check failed; nothing was added to {args.out}", file=sys.stderr)
         return 1
 
+    scratch = tempfile.TemporaryDirectory(prefix="whatcar-export-")
+    package = None
+    if args.compiled:
+        package = compiled_package(args, learn, served, pipe, info, files, module, Path(scratch.name))
+
     def fill(folder: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -229,14 +343,21 @@ def run(args: argparse.Namespace) -> int:
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
         manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted)
+        if package is not None:
+            shutil.copyfile(package.built.path, folder / compiled.FILE)
+            manifest.add_compiled(folder, compiled.FILE, **package.entry())
         manifest.write(folder)
         if args.triton:
             triton.write_model_repository(folder, manifest)
 
-    version = add_version(args.out, fill, args.keep)
+    try:
+        version = add_version(args.out, fill, args.keep)
+    finally:
+        scratch.cleanup()
     folder = args.out / version
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    print(f"wrote {folder}/ ({size / 1e6:.1f} MB): model.pt, labels.txt, {MANIFEST}, {checks.FOLDER}/"
+    print(f"wrote {folder}/ ({size / 1e6:.1f} MB): model.pt, "
+          + (f"{compiled.FILE}, " if package is not None else "") + f"labels.txt, {MANIFEST}, {checks.FOLDER}/"
           + (f", {triton.REPOSITORY}/" if args.triton else "")
           + f"; {args.out}/current is now version {version} (`make reload` to serve it)")
     return 0

@@ -144,7 +144,8 @@ class MetadataResource:
             return
         resp.media = {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
                       "classes": scorer.labels, "num_classes": len(scorer.labels), **scorer.manifest.describe(),
-                      "acceptance": describe_acceptance(scorer), "reload": reload}
+                      "runtime": scorer.runtime.as_dict(), "acceptance": describe_acceptance(scorer),
+                      "reload": reload}
 
 
 def describe_acceptance(scorer) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cpus import available_cpus
+from .runtime import RUNTIMES
 
 MiB = 1 << 20
 
@@ -38,6 +39,7 @@ class Config:
     channel_timeout: int = 30
     log_level: str = "INFO"
     model_control: str = "none"
+    runtime: str = "auto"
     pid_file: Path | None = None
     # From WHATCAR_ADMIN_TOKEN only: a flag would show in the process list.
     admin_token: str | None = field(default=None, repr=False)
@@ -73,6 +75,9 @@ OPTIONS = [
     ("--model-control", "model_control", str,
      "none, or explicit: serve the model repository API (/v2/repository/...: index, load, unload); "
      "it then needs WHATCAR_ADMIN_TOKEN unless the server listens on loopback only"),
+    ("--runtime", "runtime", str,
+     "auto, compiled or torchscript: which of the artifact's models runs; auto takes the compiled package when "
+     "this CPU and torch can run it and TorchScript otherwise, compiled refuses to start without it"),
     ("--pid-file", "pid_file", Path, "write the process id here (`make reload` signals it)"),
 ]
 ADMIN_TOKEN = "WHATCAR_ADMIN_TOKEN"
@@ -145,6 +150,9 @@ def validate(config: Config) -> None:
     if config.model_control not in MODEL_CONTROL:
         raise ConfigError(f"model_control must be none or explicit (got {config.model_control!r}); "
                           "set --model-control or WHATCAR_MODEL_CONTROL")
+    if config.runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be {', '.join(RUNTIMES)} (got {config.runtime!r}); "
+                          "set --runtime or WHATCAR_RUNTIME")
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigError(f"{ADMIN_TOKEN} must be at least 16 characters (e.g. `openssl rand -hex 16`)")
     problem = repository_exposure(config.model_control, config.admin_token, [config.host])

@@ -53,6 +53,19 @@ Item = Union[bytes, torch.Tensor]
 PassObserver = Callable[[float, int], None]
 
 
+def output_rows(outputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+    """A module's outputs as the one float tensor [N, width] a runner returns, for every runtime:
+    a tensor as it is; a tuple or list as its first tensor (the probabilities, [N, classes])
+    followed by the others, each flattened to N rows (a score [N] becomes one more column)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    first, *rest = outputs
+    if not rest:
+        return first
+    rows = first.shape[0]
+    return torch.cat([first] + [t.reshape(rows, -1).to(first.dtype) for t in rest], dim=1)
+
+
 class ModelClosed(RuntimeError):
     """The model was shut down before the request could run."""
 
@@ -140,7 +153,7 @@ class _Request:
 class Model:
     """Inference threads around one loaded model.
 
-    `runner` maps uint8 [N, 3, H, W] to float [N, classes]; `preprocess` maps an encoded image
+    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see output_rows); `preprocess` maps an encoded image
     to uint8 [3, H, W] or raises ImageRejected. The threads start and warm up at once;
     `wait_ready` returns when all of them have.
     """

@@ -40,6 +40,26 @@ class Acceptance:
 
 
 @dataclass(frozen=True)
+class CompiledPackage:
+    """The compiled package (files.compiled): the same module as model.pt, compiled to machine
+    code for one CPU capability by one torch, for batches of min_batch to max_batch images."""
+
+    file: str
+    sha256: str
+    bytes: int
+    torch: str            # torch.__version__ of the torch that compiled it
+    cpu_capability: str   # the least torch.backends.cpu.get_cpu_capability() that runs it (AVX2, ...)
+    arch: str             # platform.machine() it was compiled for
+    min_batch: int
+    max_batch: int
+    quantization: str | None = None  # None (float32 weights) or "int8"
+
+    def requirements(self) -> dict:
+        """What serve/runtime.py compares with the host."""
+        return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch}
+
+
+@dataclass(frozen=True)
 class Check:
     """A photo kept in the artifact with the top-1 the exported model gave it: a loaded model
     that names it differently is not the model that was exported."""
@@ -190,6 +210,41 @@ class Manifest:
             return [Check(str(c["file"]), str(c["sha256"]), str(c["top1"])) for c in checks]
         except (KeyError, TypeError):
             raise ArtifactError(f"{self.source}: each of 'checks' needs file, sha256 and top1") from None
+
+    @property
+    def compiled(self) -> CompiledPackage | None:
+        """The compiled package's entry, or None when the artifact has none (TorchScript only)."""
+        entry = self.data["files"].get("compiled") if isinstance(self.data["files"], dict) else None
+        if entry is None:
+            return None
+        try:
+            batch = entry["batch"]
+            package = CompiledPackage(
+                file=entry["file"], sha256=entry["sha256"], bytes=entry["bytes"], torch=entry["torch"],
+                cpu_capability=entry["cpu_capability"], arch=entry["arch"], min_batch=batch["min"],
+                max_batch=batch["max"], quantization=entry.get("quantization"))
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{self.source}: files.compiled needs file, sha256, bytes, torch, cpu_capability, "
+                                "arch and batch.min/batch.max") from None
+        texts = (package.file, package.sha256, package.torch, package.cpu_capability, package.arch)
+        counts = (package.bytes, package.min_batch, package.max_batch)
+        if not all(isinstance(v, str) and v for v in texts) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in counts) \
+                or not 1 <= package.min_batch <= package.max_batch:
+            raise ArtifactError(f"{self.source}: files.compiled has a field of the wrong type or an empty "
+                                "batch range")
+        return package
+
+    def add_compiled(self, folder: Path, file: str, *, torch: str, cpu_capability: str, arch: str, min_batch: int,
+                     max_batch: int, quantization: str | None = None, **facts) -> CompiledPackage:
+        """List the compiled package already written in `folder`, its checksum taken now; `facts`
+        (parity, compile time, ...) are kept as given."""
+        path = Path(folder) / file
+        self.data["files"]["compiled"] = {
+            "file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch,
+            "cpu_capability": cpu_capability, "arch": arch, "batch": {"min": min_batch, "max": max_batch},
+            "quantization": quantization, **facts}
+        return self.compiled
 
     def entry(self, role: str) -> tuple[str, str]:
         """(file name, sha256) of a listed file."""

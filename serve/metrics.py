@@ -1,5 +1,5 @@
 """Prometheus metrics for one app: requests, latencies, forward passes and their batch sizes,
-queue waits, rejected images, model info.
+queue waits, rejected images, model info and the runtime serving it.
 
 Every collector lives in the registry the app is given, never in prometheus_client's global
 one, so several apps (tests, or two models in one process) keep separate counts.
@@ -56,6 +56,8 @@ class Metrics:
             self.rejected.labels(reason=reason)
         self.model = Info("whatcar_model", "The artifact being served (all labels empty while none is)",
                           registry=registry)
+        self.runtime = Info("whatcar_runtime", "What runs the model served: compiled or torchscript, and why "
+                            "(empty while no model is served)", registry=registry)
         self.reloads = Counter("whatcar_model_reloads", "Model reloads and unloads, by outcome", ["outcome"],
                                registry=registry)
         for outcome in RELOAD_OUTCOMES:
@@ -65,9 +67,11 @@ class Metrics:
         """Say which model serves now (None: none does)."""
         if scorer is None:
             self.model.info({"name": "", "version": "", "sha256": "", "classes": ""})
+            self.runtime.info({"name": "", "reason": ""})
         else:
             self.model.info({"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
                              "classes": str(len(scorer.labels))})
+            self.runtime.info(scorer.runtime.as_dict())
 
     def model_changed(self, status, scorer) -> None:
         """Called by serve/serving.py after every reload or unload."""

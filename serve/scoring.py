@@ -18,6 +18,7 @@ from .inference import Item, Model, PassObserver, Scored
 from .manifest import Manifest
 from .postprocess import Output, Verdict, judge, split_row
 from .preprocess import Preprocessor
+from .runtime import RuntimeChoice
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -46,6 +47,10 @@ class Scorer:
         return self.artifact.manifest
 
     @property
+    def runtime(self) -> RuntimeChoice:
+        return self.artifact.runtime
+
+    @property
     def preprocessor(self) -> Preprocessor:
         return self.model.preprocess
 
@@ -65,7 +70,8 @@ class Scorer:
         """Stop the inference threads and let go of the model's weights at once, rather than
         whenever the last reference to this scorer goes, so their memory can be returned now."""
         self.model.close()
-        self.model.runner = self.artifact.module = None
+        self.model.runner = None
+        self.artifact.close()
 
 
 def verify_checks(scorer: Scorer, required: bool) -> int:
@@ -92,33 +98,63 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
                 require_checks: bool = False) -> Scorer:
     """Verify and load the artifact in `folder`, start and warm up its inference threads, and
     score its check photos; raises ArtifactError with a one-line reason (and leaves nothing
-    running). `observer` hears about every forward pass."""
+    running). `observer` hears about every forward pass.
+
+    The warm-up and the check photos run through the runtime that will serve. With
+    --runtime auto, a compiled package that fails either is replaced by TorchScript, and the
+    reason logged; TorchScript failing them fails the load."""
     torch.set_num_threads(config.torch_threads)
-    artifact = load_artifact(folder)
-    started = time.perf_counter()
-    model = Model(artifact.runner, Preprocessor(artifact.steps, config.max_image_pixels), artifact.input_size,
-                  workers=config.inference_workers, torch_threads=config.torch_threads,
-                  micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
-                  solo_threads=config.solo_threads, observer=observer)
-    scorer = Scorer(artifact, model, version)
-    try:
+    artifact = load_artifact(folder, runtime=config.runtime, runners=inference_threads(config))
+    preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
+    while True:
+        started = time.perf_counter()
+        # TorchScript's profiling executor settles on the second run of a shape; compiled code has
+        # nothing to profile, and its second pass already runs at full speed (measured per thread
+        # and batch size), so one warm-up pass each is enough for it.
+        rounds = 1 if artifact.runtime.name == "compiled" else 2
+        model = Model(artifact.runner, preprocessor, artifact.input_size, workers=config.inference_workers,
+                      torch_threads=config.torch_threads, micro_batch=config.micro_batch,
+                      batch_wait=config.batch_wait_ms / 1000, solo_threads=config.solo_threads, observer=observer,
+                      warm_up_rounds=rounds)
+        scorer = Scorer(artifact, model, version)
         try:
-            model.wait_ready()
-        except Exception as exc:
-            raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
-        warmed = time.perf_counter()
-        checked = verify_checks(scorer, require_checks)
-    except BaseException:
-        model.close()
-        raise
-    log.info("loaded %s version %s (%d classes, sha256 %s) in %.2fs, warmed up in %.2fs, %d check photos agree "
-             "(%.2fs); %d inference workers of %d torch threads, batches of up to %d, %s", artifact.name, version,
-             len(artifact.labels), artifact.sha256[:12], artifact.load_seconds, warmed - started, checked,
-             time.perf_counter() - warmed, config.inference_workers, config.torch_threads, config.micro_batch,
+            try:
+                model.wait_ready()
+            except Exception as exc:
+                raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
+            warmed = time.perf_counter()
+            checked = verify_checks(scorer, require_checks)
+            break
+        except ArtifactError as exc:
+            model.close()
+            if artifact.runtime.name != "compiled" or config.runtime == "compiled":
+                artifact.close()
+                raise
+            artifact.fall_back(f"it failed once loaded: {exc}")
+        except BaseException:
+            model.close()
+            artifact.close()
+            raise
+    # The one line that says which runtime serves and why; a warning when a package was passed over.
+    passed_over = artifact.runtime.name == "torchscript" and config.runtime == "auto" and \
+        artifact.manifest.compiled is not None
+    log.log(logging.WARNING if passed_over else logging.INFO, "%s version %s runs on %s: %s", artifact.name, version,
+            artifact.runtime.name, artifact.runtime.reason)
+    log.info("loaded %s version %s (%d classes, sha256 %s) on %s in %.2fs, warmed up in %.2fs, "
+             "%d check photos agree (%.2fs); %d inference workers of %d torch threads, batches of up to %d, %s",
+             artifact.name, version, len(artifact.labels), artifact.sha256[:12], artifact.runtime.name,
+             artifact.load_seconds, warmed - started, checked, time.perf_counter() - warmed,
+             config.inference_workers, config.torch_threads, config.micro_batch,
              f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
     if not checked:
         log.warning("%s lists no check photos: the loaded model was not compared with the exported one", folder)
     return scorer
+
+
+def inference_threads(config: Config) -> int:
+    """How many threads may run passes at once: the shared workers, and the solo thread if any
+    (as serve/inference.py's Model starts them)."""
+    return config.inference_workers + (1 if config.solo_threads > config.torch_threads else 0)
 
 
 def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:

@@ -418,7 +418,8 @@ class ModelMetadataResource:
         resp.media = {
             "name": scorer.name,
             "versions": [scorer.version],
-            "platform": "pytorch_torchscript",
+            # What runs it here: the artifact's compiled package, or its TorchScript module.
+            "platform": "pytorch_aotinductor" if scorer.runtime.name == "compiled" else "pytorch_torchscript",
             "inputs": [
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
                 {"name": scorer.manifest.input_name, "datatype": "UINT8", "shape": [-1, 3, height, width]},

@@ -1,24 +1,12 @@
 """An artifact exported under the train side's torch, scored under the serve side's torch."""
 
 import json
-import os
-from pathlib import Path
 
-import pytest
 import torch
 
 from serve.artifact import load_artifact
 from serve.preprocess import Preprocessor
 from tests.conftest import CARS
-
-
-@pytest.fixture(scope="module")
-def cross_dir() -> Path:
-    # Set by `make test`, which runs tests/export first; running this alone is a mistake, not a skip.
-    assert "WHATCAR_CROSS_DIR" in os.environ, "run through `make test` (needs the artifact tests/export writes)"
-    folder = Path(os.environ["WHATCAR_CROSS_DIR"])
-    assert (folder / "expected.json").is_file(), f"{folder} has no exported artifact; did tests/export run?"
-    return folder
 
 
 def test_exported_under_another_torch(cross_dir):
@@ -31,7 +19,7 @@ def test_exported_under_another_torch(cross_dir):
 
 def test_probabilities_match_what_the_exporter_saw(cross_dir):
     expected = json.loads((cross_dir / "expected.json").read_text())["probabilities"]
-    artifact = load_artifact(cross_dir / "artifact")  # optimised, as the server runs it
+    artifact = load_artifact(cross_dir / "artifact", runtime="torchscript")  # optimised, as the server runs it
     # The server's own preprocessing, JPEG draft decoding included (the export side used it too).
     preprocessor = Preprocessor(artifact.steps, 10**8)
     assert len(expected) == 24

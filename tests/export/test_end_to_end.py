@@ -6,6 +6,7 @@ tests/cross, which loads them under the serve side's torch.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import cli
+from export import cli, quantize
+from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
+from serve.compiled import CompiledRunner, extract_library
 from serve.manifest import Manifest
 from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
@@ -36,7 +39,8 @@ def learner(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(learner, tmp_path_factory) -> Path:
-    """The model folder the export wrote its first version into."""
+    """The model folder the export wrote its first version into, compiled package included (its
+    export and compile times are printed with -s)."""
     out = tmp_path_factory.mktemp("exported") / "tiny"
     assert cli.main([str(learner), "--out", str(out), "--images", str(CARS)]) == 0
     return out
@@ -98,14 +102,16 @@ def test_check_photos_are_kept_with_the_answer_the_module_gave(artifact):
     manifest = Manifest.read(artifact)
     checks = manifest.checks
     assert len(checks) == 6
-    loaded = load_artifact(artifact)
-    preprocessor = Preprocessor(loaded.steps, 10**8)
-    for check in checks:
-        path = manifest.verified(artifact, check.file, check.sha256, "check")
-        assert path.parent == artifact / "checks"
-        with torch.no_grad():
-            top1 = int(loaded.module(preprocessor(path.read_bytes()).unsqueeze(0))[0].argmax())
-        assert loaded.labels[top1] == check.top1
+    for runtime in ("torchscript", "compiled"):
+        loaded = load_artifact(artifact, runtime=runtime)
+        preprocessor = Preprocessor(loaded.steps, 10**8)
+        for check in checks:
+            path = manifest.verified(artifact, check.file, check.sha256, "check")
+            assert path.parent == artifact / "checks"
+            with torch.no_grad():
+                top1 = int(loaded.runner(preprocessor(path.read_bytes()).unsqueeze(0))[0].argmax())
+            assert loaded.labels[top1] == check.top1, runtime
+        loaded.close()
     # The surest answers, spread over the classes before any class repeats.
     assert len({check.top1 for check in checks}) == min(6, manifest.num_classes)
 
@@ -121,7 +127,7 @@ def test_model_name_comes_from_the_flag_the_training_data_or_the_folder(tmp_path
 
 
 def test_module_batches_any_size_and_matches_single_images(artifact):
-    loaded = load_artifact(artifact)
+    loaded = load_artifact(artifact, runtime="torchscript")
     preprocessor = Preprocessor(loaded.steps, 10**8)
     pixels = torch.stack([preprocessor(p.read_bytes()) for p in car_photos()[:5]])
     probabilities, familiarity = loaded.module(pixels)
@@ -154,7 +160,7 @@ def test_failed_parity_adds_nothing_to_the_model_folder(learner, exported, monke
 def test_each_export_adds_a_version_makes_it_current_and_keeps_the_last_few(learner, tmp_path):
     out = tmp_path / "models"
     args = [str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "2", "--checks", "2",
-            "--keep", "2"]
+            "--keep", "2", "--no-compiled"]
     for _ in range(4):
         assert cli.main(args) == 0
     models = ModelFolder(out)
@@ -166,7 +172,8 @@ def test_each_export_adds_a_version_makes_it_current_and_keeps_the_last_few(lear
 def test_an_unversioned_artifact_folder_is_not_overwritten(learner, artifact, tmp_path, capsys):
     flat = tmp_path / "flat"
     shutil.copytree(artifact, flat)
-    assert cli.main([str(learner), "--out", str(flat), "--images", str(CARS), "--parity-images", "2"]) == 1
+    assert cli.main([str(learner), "--out", str(flat), "--images", str(CARS), "--parity-images", "2",
+                     "--no-compiled"]) == 1
     assert "single unversioned artifact" in capsys.readouterr().err
     assert sorted(p.name for p in flat.iterdir()) == sorted(p.name for p in artifact.iterdir())
 
@@ -195,6 +202,113 @@ def test_missing_learner_says_how_to_make_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_compiled_package_is_listed_and_scores_like_torchscript(artifact):
+    manifest = Manifest.read(artifact)
+    package = manifest.compiled
+    assert package is not None, "the export wrote no compiled package (see its output)"
+    assert (package.file, package.cpu_capability, package.torch, package.min_batch, package.max_batch) == \
+        ("model.pt2", "AVX2", torch.__version__, 1, 64)
+    entry = manifest.data["files"]["compiled"]
+    assert entry["parity"]["passed"] and entry["parity"]["top1_agree"] == entry["parity"]["images"] == 24
+    assert entry["quantization"] is None and entry["compile_seconds"] > 0
+    assert package.bytes == (artifact / "model.pt2").stat().st_size < 25_000_000
+    compiled, scripted = load_artifact(artifact, runtime="compiled"), load_artifact(artifact, runtime="torchscript")
+    assert compiled.runtime.name == "compiled" and compiled.module is None
+    preprocessor = Preprocessor(scripted.steps, 10**8)
+    pixels = torch.stack([preprocessor(p.read_bytes()) for p in car_photos()[:5]])
+    with torch.inference_mode():
+        together, reference = compiled.runner(pixels), scripted.runner(pixels)
+        one_by_one = torch.cat([compiled.runner(pixels[i:i + 1]) for i in range(5)])
+    assert together.shape == (5, 3)
+    assert torch.allclose(together, reference, atol=1e-4) and torch.allclose(together, one_by_one, atol=1e-5)
+    compiled.close()
+
+
+def test_compiled_package_has_no_avx512_instruction_and_the_count_would_see_one(artifact, tmp_path):
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed: the export notes it skipped this check")
+    library = extract_library(artifact / "model.pt2", tmp_path)
+    assert compiled_mod.evex_instructions(library) == 0
+    assert "no AVX-512" in Manifest.read(artifact).data["files"]["compiled"]["isa_check"]
+    # The same count on a library that does hold AVX-512 instructions.
+    source = tmp_path / "wide.c"
+    source.write_text("void add(float *a) { __asm__ volatile(\"vaddps %%zmm0, %%zmm1, %%zmm2\" ::: \"memory\"); "
+                      "__asm__ volatile(\"vmovups %%zmm2, (%0)\" :: \"r\"(a) : \"memory\"); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-mavx512f", "-o", str(tmp_path / "wide.so"), str(source)], check=True)
+    assert compiled_mod.evex_instructions(tmp_path / "wide.so") == 2
+
+
+@pytest.mark.parametrize("failure", ["parity", "compile", "no compiler"])
+def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_says_why(
+        failure, learner, artifact, tmp_path, monkeypatch, capsys):
+    """Each way the package can fail leaves a TorchScript-only version, and the output says why. The
+    package the module's export compiled stands in for a new compile, so these take seconds."""
+    def reuse(program, out_dir, max_batch=64, quantized=False):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(artifact / "model.pt2", out_dir / "model.pt2")
+        return compiled_mod.Compiled(out_dir / "model.pt2", torch.__version__, "AVX2", "x86_64", 1, max_batch, 1.0,
+                                     compiled_mod.check_library(out_dir / "model.pt2"))
+
+    real_check = cli.parity.check
+
+    def compiled_disagrees(learn, module, steps, files):
+        report = real_check(learn, module, steps, files)
+        if isinstance(module, CompiledRunner):
+            report.max_abs_diff = 0.5
+        return report
+
+    if failure == "parity":
+        monkeypatch.setattr(cli.compiled, "compile_package", reuse)
+        monkeypatch.setattr(cli.parity, "check", compiled_disagrees)
+        expected = "its parity check failed"
+    elif failure == "compile":
+        def broken(program, out_dir, max_batch=64, quantized=False):
+            raise compiled_mod.CompileError("AOTInductor failed: g++ exited 1")
+        monkeypatch.setattr(cli.compiled, "compile_package", broken)
+        expected = "AOTInductor failed: g++ exited 1"
+    else:
+        monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, no c++
+        monkeypatch.delenv("CXX", raising=False)
+        expected = "no C++ compiler"
+    out = tmp_path / "models"
+    assert cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4",
+                     "--checks", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "export: no compiled package, the artifact serves TorchScript only: " in printed and expected in printed
+    version = out / ModelFolder(out).current()
+    assert Manifest.read(version).compiled is None and not (version / "model.pt2").exists()
+    assert load_artifact(version).runtime.name == "torchscript"
+
+
+def test_int8_package_is_kept_only_within_a_point_of_float_accuracy(learner, tmp_path, capsys):
+    """The tiny learner's few validation photos make either outcome possible; each must be consistent."""
+    out = tmp_path / "int8"
+    code = cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4", "--checks", "2",
+                     "--quantize", "int8", "--calibration-images", "16"])
+    printed = capsys.readouterr()
+    verdict = [line for line in printed.out.splitlines() if line.startswith("int8: validation top-1 ")]
+    assert len(verdict) == 1, printed.out + printed.err
+    float32, int8 = (float(x) for x in re.findall(r"([0-9.]+) % \(", verdict[0]))
+    if code == 0:
+        assert verdict[0].endswith("kept") and float32 - int8 <= 1.0
+        entry = Manifest.read(out / "1").data["files"]["compiled"]
+        assert entry["quantization"] == "int8" and entry["int8"]["calibration_images"] == 16
+        assert round(100 * entry["int8"]["int8_top1"], 1) == int8
+        artifact = load_artifact(out / "1", runtime="compiled")
+        assert artifact.runtime.name == "compiled"
+        artifact.close()
+    else:
+        assert "refused" in verdict[0] and float32 - int8 > 1.0
+        assert "nothing was added" in printed.err and not out.exists()
+
+
+def test_int8_acceptance_rule():
+    assert quantize.acceptable(quantize.Accuracy(190, 222), quantize.Accuracy(188, 222))      # 0.9 point lower
+    assert not quantize.acceptable(quantize.Accuracy(190, 222), quantize.Accuracy(187, 222))  # 1.4 points lower
+    assert quantize.acceptable(quantize.Accuracy(100, 100), quantize.Accuracy(99, 100))       # exactly 1 point
+    assert not quantize.acceptable(quantize.Accuracy(0, 0), quantize.Accuracy(0, 0))
+
+
 def test_leaves_artifact_for_the_cross_version_check(artifact):
     target = os.environ.get("WHATCAR_CROSS_DIR")
     if not target:
@@ -202,21 +316,25 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
     target = Path(target)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(artifact, target / "artifact")
-    loaded = load_artifact(target / "artifact", optimize=False)
+    loaded = load_artifact(target / "artifact", optimize=False, runtime="torchscript")
     # The server's own preprocessing, JPEG draft decoding included, as tests/cross uses it.
     preprocessor = Preprocessor(loaded.steps, 10**8)
-    rows = {}
+    package = load_artifact(target / "artifact", runtime="compiled")
+    rows, compiled_rows = {}, {}
     for path in car_photos():
         pixels = preprocessor(path.read_bytes())
         with torch.no_grad():
             rows[str(path.relative_to(CARS))] = loaded.runner(pixels.unsqueeze(0))[0].tolist()
-    (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows}))
+            compiled_rows[str(path.relative_to(CARS))] = package.runner(pixels.unsqueeze(0))[0].tolist()
+    package.close()
+    (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows,
+                                                      "compiled_probabilities": compiled_rows}))
 
 
 def test_triton_flag_adds_a_model_repository_to_the_export(learner, tmp_path):
     models = tmp_path / "with-triton"
     assert cli.main([str(learner), "--out", str(models), "--images", str(CARS), "--parity-images", "4",
-                     "--triton"]) == 0
+                     "--triton", "--no-compiled"]) == 0
     out = models / "1"
     manifest = json.loads((out / "manifest.json").read_text())
     model_dir = out / "triton" / manifest["name"]

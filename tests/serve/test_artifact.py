@@ -94,4 +94,4 @@ def test_not_torchscript_is_refused(copy):
     model.write_bytes(b"not a zip archive at all")
     rewrite_manifest(copy, lambda m: m["files"]["model"].update(sha256=sha256_file(model)))
     with pytest.raises(ArtifactError, match="not a loadable TorchScript module"):
-        load_artifact(copy)
+        load_artifact(copy, runtime="torchscript")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 from bench.report import Series, bracketed, evaluate, floor_layouts, floor_rows, table
 
 
@@ -31,11 +33,17 @@ def results(**overrides) -> dict:
         "classify_jpeg400": rounds(throughput=[40.0, 30.0, 22.0]),
         "fastai_jpeg400": rounds(p50_ms=[220.0, 150.0, 140.0]),
         "torchserve_jpeg400_c8": rounds(throughput=[24.0, 20.0, 30.0], p99_ms=[600.0, 300.0, 330.0]),
+        "forward_compiled_t1": rounds(p50_ms=[30.0, 36.0, 26.0], cpu_ms=[30.0, 36.0, 26.0]),
+        "forward_torchscript_t1": rounds(p50_ms=[55.0, 60.0, 50.0]),
+        "forward_openvino_t1": rounds(p50_ms=[25.0, 30.0, 20.0], cpu_ms=[20.0, 24.0, 20.0]),
+        "forward_compiled_t2": rounds(p50_ms=[20.0, 22.0, 18.0]),
+        "forward_openvino_t2": rounds(p50_ms=[20.0, 20.0, 20.0]),
     }
     data = {
-        "series": series, "fastai": {}, "torchserve": {},
-        "whatcar": {"cold_start_s": [3.0, 1.5, 1.9], "import_torch_s": [1.0], "rss_after_mib": 250.0,
-                    "rss_warm_mib": 240.0, "requests_total": 2100, "settings": {}},
+        "series": series, "fastai": {}, "torchserve": {}, "openvino": {"version": "2026.4.1", "precision": "f32"},
+        "whatcar": {"cold_start_s": [3.0, 1.5, 1.9], "import_torch_s": [1.2, 1.0, 1.1], "rss_after_mib": 250.0,
+                    "rss_warm_mib": 240.0, "requests_total": 2100, "settings": {},
+                    "runtime": {"name": "compiled", "reason": "AVX2 package"}},
         "machine": {"cpu": "test", "cpus_available": 2, "date": "today", "loadavg_before": [0.1],
                     "loadavg_after": [0.2]},
         "inputs": {"jpeg400": "a photo"}, "rounds": 3,
@@ -66,13 +74,49 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert t[C8]["ratio"] == 0.9 and t[C8]["met"]
     # 220/44, 150/30, 140/35.
     assert t[FASTAI]["ratio"] == 5.0 and t[FASTAI]["met"]
-    # 36/24, 36/20, 30/30; then 600/300, 300/310, 330/320.
-    assert t[TS]["ratio"] == 1.5 and t[TS]["met"]
+    # 36/24, 36/20, 30/30 against 1.8; then 600/300, 300/310, 330/320.
+    assert t[TS]["ratio"] == 1.5 and t[TS]["met"] is False and t[TS]["limit"] == 1.8
     assert round(t[TS_P99]["ratio"], 3) == 1.031 and t[TS_P99]["met"]
     assert t[PHONE]["ratio"] == 2.0 and t[PHONE]["met"]  # 2, 2, 4
     assert t[COLD]["ratio"] == 1.9 and t[COLD]["met"]
     # 40/40, 30/40, 22/44 against the same rounds' best layouts.
     assert t[CLASSIFY]["ratio"] == 0.75 and t[CLASSIFY]["range"] == [0.5, 1.0] and t[CLASSIFY]["met"] is False
+
+
+FORWARD_T1 = "compiled forward pass / OpenVINO fp32's, 1 thread (one 352 px image)"
+FORWARD_T2 = "compiled forward pass / OpenVINO fp32's, 2 threads (one 352 px image)"
+COLD_DELTA = "cold start beyond a bare `import torch` timed just before it (s)"
+
+
+def test_compiled_forward_pass_is_held_to_openvinos_on_the_same_threads():
+    t = by_name(evaluate(results()))
+    # 30/25, 36/30, 26/20 -> 1.2, 1.2, 1.3; at 2 threads 1.0, 1.1, 0.9.
+    assert t[FORWARD_T1]["ratio"] == 1.2 and t[FORWARD_T1]["met"] is False and t[FORWARD_T1]["limit"] == 1.15
+    assert "process CPU per pass 1.50x" in t[FORWARD_T1]["detail"]  # 30/20, 36/24, 26/20
+    assert t[FORWARD_T2]["ratio"] == 1.0 and t[FORWARD_T2]["met"]
+    report = table({**results(), "targets": evaluate(results())})
+    assert "| forward pass alone, TorchScript, 1 thread | 3 | 55.0 |" in report
+    assert "whatcar runtime: compiled (AVX2 package)" in report
+
+
+def test_cold_start_is_judged_against_the_import_timed_just_before_it():
+    t = by_name(evaluate(results()))
+    # 3.0-1.2, 1.5-1.0, 1.9-1.1
+    assert t[COLD_DELTA]["ratio"] == pytest.approx(0.8) and t[COLD_DELTA]["met"]
+    assert t[COLD_DELTA]["detail"] == "runtime compiled"
+
+
+def test_a_missing_openvino_or_compiled_package_leaves_the_forward_target_unjudged():
+    data = results(openvino={"skipped": "no OpenVINO virtualenv"})
+    for key in ("forward_openvino_t1", "forward_openvino_t2"):
+        del data["series"][key]
+    t = by_name(evaluate(data))
+    assert t[FORWARD_T1]["met"] is None and t[FORWARD_T1]["detail"] == "no OpenVINO virtualenv"
+    assert "openvino: skipped (no OpenVINO virtualenv)" in table({**data, "targets": evaluate(data)})
+    data = results(floor={"forward_missing": {"compiled": "the artifact has no compiled package"}})
+    for key in ("forward_compiled_t1", "forward_compiled_t2"):
+        del data["series"][key]
+    assert by_name(evaluate(data))[FORWARD_T2]["detail"] == "the artifact has no compiled package"
 
 
 def test_targets_not_met_are_reported_as_such():
@@ -83,6 +127,7 @@ def test_targets_not_met_are_reported_as_such():
     t = by_name(evaluate(data))
     assert t[C8]["met"] is False and t[TS]["met"] is False and t[TS_P99]["met"] is False
     assert t[COLD]["ratio"] == 2.1 and t[COLD]["met"] is False
+    assert t[COLD_DELTA]["ratio"] == pytest.approx(1.1) and t[COLD_DELTA]["met"] is False  # 1.3, 1.1, -0.1
     rss = [x for x in evaluate(data) if x["target"].startswith("RSS after 2100")][0]
     assert rss["met"] is False and round(rss["ratio"]) == 419  # 400 MiB is 419 MB
     assert [x for x in evaluate(data) if x["target"].startswith("RSS after those")][0]["met"] is False

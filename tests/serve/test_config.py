@@ -51,3 +51,26 @@ def test_quota_caps_the_cpu_count(monkeypatch):
     monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda: 1.5)
     monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert cpus.available_cpus() == 2
+
+
+def test_openmp_waits_passively_unless_the_operator_chose_otherwise():
+    from serve.openmp import passive_waits
+
+    environ = {}
+    assert passive_waits(environ) and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "100000"}):
+        environ = dict(chosen)
+        assert not passive_waits(environ) and environ == chosen
+
+
+def test_the_server_sets_the_wait_policy_before_torch_loads():
+    """libgomp reads the policy once, when torch loads it: serve/__main__.py must set it first."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "serve" / "__main__.py").read_text())
+    calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "passive_waits"]
+    server_import = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.module == "server"]
+    assert calls and server_import and calls[0] < server_import[0]

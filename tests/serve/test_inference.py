@@ -314,13 +314,13 @@ def test_photos_scored_together_get_the_answers_they_get_alone(scorer):
     alone = {}
     for path in photos:
         with torch.inference_mode():
-            alone[path] = artifact.module(preprocessor(path.read_bytes()).unsqueeze(0))[0]
+            alone[path] = artifact.runner(preprocessor(path.read_bytes()).unsqueeze(0))[0]
     sizes = []
 
     def module(batch):
         if batch.any():
             sizes.append(batch.shape[0])
-        return artifact.module(batch)
+        return artifact.runner(batch)
 
     model = Model(module, preprocessor, artifact.input_size, workers=1, micro_batch=4)
     answers = {}

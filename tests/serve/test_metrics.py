@@ -49,7 +49,7 @@ def observed(config, scorer, state):
 
     def slow(batch):
         time.sleep(0.2)
-        return scorer.artifact.module(batch)
+        return scorer.artifact.runner(batch)
 
     model = Model(slow, scorer.preprocessor, scorer.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)

@@ -1,0 +1,205 @@
+"""The compiled package: the wrapped module that model.pt holds, exported with torch.export and
+compiled ahead of time by AOTInductor into one .pt2 file that the server runs with torch alone
+(serve/compiled.py). No compiler is needed where it is served; one is needed here.
+
+Compiled at export rather than on each server: compiling takes 25-80 s and g++, and code for
+the serving machine's own CPU gained at most ~10 % over this portable build, because nearly all
+of a pass is oneDNN, which picks its kernels for the CPU it runs on.
+
+The package must run on any x86-64 CPU with AVX2 (AMD EPYC servers without AVX-512 included),
+whatever CPU exports it, so the compiling process is told so three ways:
+  * cpp.simdlen=256: Inductor's own kernels use AVX2 vectors, not the widest the host has;
+  * cpp.march=x86-64-v3: gcc gets that target instead of -march=native, which alone still
+    emitted 91 AVX-512 instructions on an AVX-512 host;
+  * ONEDNN_MAX_CPU_ISA=AVX2: the weights freezing prepacks for oneDNN come out in AVX2 layouts.
+    oneDNN reads it once, when it starts, so the compile runs in a child process of its own:
+    `python -m export.compiled PROGRAM OUT` (this module's main).
+Freezing (BatchNorm folded into the convolutions, oneDNN fusions) happens only when grad mode
+is off while compiling, silently otherwise: hence torch.no_grad(). The batch dimension stays
+dynamic: a static batch gained nothing once freezing ran, and bakes weight layouts for the
+compiling thread count (70 ms instead of 32 ms a pass at 1 thread, measured). Kernels follow
+the calling thread's intra-op thread count (cpp.dynamic_threads), so one package serves the
+single-threaded workers and the all-cores solo thread alike.
+
+`check_library` then proves the result runs where it should: no AVX-512 (EVEX-encoded)
+instruction in its code, and no call that would need torch's proxy executor, which the
+server's loader does not provide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serve.compiled import CompiledModel, CompiledRunner, extract_library
+
+ROOT = Path(__file__).resolve().parent.parent
+FILE = "model.pt2"
+# The capability the package targets, as torch.backends.cpu.get_cpu_capability() names it.
+CPU_CAPABILITY = "AVX2"
+# The server scores up to --max-batch images (32 by default) in one pass; larger batches are
+# split by serve/compiled.py, so the bound only needs to cover the common case.
+MAX_BATCH = 64
+INDUCTOR_CONFIGS = {
+    "freezing": True,
+    "cpp.dynamic_threads": True,
+    "cpp.simdlen": 256,
+    "cpp.march": "x86-64-v3",
+}
+COMPILE_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+COMPILE_TIMEOUT = 1800
+# The C shim function a package calls for operators outside it; the server passes no executor.
+PROXY_CALL = b"aoti_torch_proxy_executor_call_function"
+
+
+class CompileError(Exception):
+    """No compiled package can be made or kept; the message says why in one line."""
+
+
+@dataclass
+class Compiled:
+    """A compiled package in a scratch folder, with the facts the manifest records."""
+
+    path: Path
+    torch: str
+    cpu_capability: str
+    arch: str
+    min_batch: int
+    max_batch: int
+    compile_seconds: float
+    isa_check: str
+
+
+def export_program(module: torch.nn.Module, height: int, width: int, max_batch: int = MAX_BATCH):
+    """torch.export of `module` (uint8 [N, 3, H, W] in, already in eval mode) with N free from 1 to
+    `max_batch`."""
+    from torch.export import Dim
+
+    # An example batch of 1 would specialise the batch dimension to 1.
+    example = torch.zeros((2, 3, height, width), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, (example,),
+                                   dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
+
+
+def compile_package(program, out_dir: Path, max_batch: int = MAX_BATCH, quantized: bool = False) -> Compiled:
+    """Compile an exported program into `out_dir`/model.pt2 in a child process set up for AVX2,
+    then check the library; raises CompileError. `quantized`: the program holds torchao's
+    quantisation operators (PT2E int8), which the child must register before loading it."""
+    if not cxx_compiler():
+        raise CompileError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
+                           "serving it needs none")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    program_path, package = out_dir / "program.pt2", out_dir / FILE
+    with warnings.catch_warnings():
+        # "No complete tensor found in the group": channels-last weights are saved as they are.
+        warnings.simplefilter("ignore", UserWarning)
+        torch.export.save(program, str(program_path))
+    started = time.perf_counter()
+    try:
+        command = [sys.executable, "-m", "export.compiled", str(program_path), str(package)]
+        done = subprocess.run(command + (["--quantized"] if quantized else []), cwd=ROOT,
+                              env={**os.environ, **COMPILE_ENV}, capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CompileError(f"compiling took more than {COMPILE_TIMEOUT} s") from None
+    finally:
+        program_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0 or not package.is_file():
+        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {done.returncode}"]
+        raise CompileError(f"AOTInductor failed: {tail[0]}")
+    return Compiled(path=package, torch=torch.__version__, cpu_capability=CPU_CAPABILITY, arch=platform.machine(),
+                    min_batch=1, max_batch=max_batch, compile_seconds=round(seconds, 1),
+                    isa_check=check_library(package))
+
+
+def cxx_compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def check_library(package: Path) -> str:
+    """Raise CompileError if the package's code holds an AVX-512 instruction or needs a proxy
+    executor; returns what was checked, for the export's output and the manifest."""
+    with tempfile.TemporaryDirectory(prefix="whatcar-check-") as scratch:
+        library = extract_library(package, Path(scratch))
+        if PROXY_CALL in library.read_bytes():
+            raise CompileError("the package calls operators outside torch's C shim (through a proxy executor), "
+                               "which the server's loader does not provide")
+        evex = evex_instructions(library)
+    if evex is None:
+        return "AVX-512 instructions not counted: objdump (binutils) is not installed"
+    if evex:
+        raise CompileError(f"the package holds {evex} AVX-512 (EVEX-encoded) instructions: it would crash AVX2-only "
+                           "CPUs with SIGILL")
+    return "no AVX-512 (EVEX-encoded) instruction in its code (objdump)"
+
+
+def evex_instructions(library: Path) -> int | None:
+    """How many EVEX-encoded (AVX-512) instructions `objdump -d` finds, or None without objdump.
+
+    In 64-bit code an instruction whose first byte is 0x62 (after an optional 0x67 address-size
+    prefix) is EVEX: that byte was BOUND, which 64-bit mode dropped. Only the first line of an
+    instruction carries its mnemonic, so continuation lines of long encodings are not counted.
+    """
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        return None
+    count = 0
+    with subprocess.Popen([objdump, "-d", str(library)], stdout=subprocess.PIPE, text=True,
+                          errors="replace") as proc:
+        for line in proc.stdout:
+            fields = line.split("\t")
+            if len(fields) >= 3 and fields[2].strip() and fields[1].startswith(("62 ", "67 62 ")):
+                count += 1
+    if proc.returncode != 0:
+        raise CompileError(f"objdump -d failed on the package's library (exit {proc.returncode})")
+    return count
+
+
+def load_runner(compiled: Compiled, height: int, width: int) -> CompiledRunner:
+    """The package loaded exactly as the server loads it (serve/compiled.py)."""
+    model = CompiledModel(compiled.path, runners=1)
+    return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process: compile PROGRAM (torch.export.save's file) into OUT (.pt2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    quantized = "--quantized" in argv
+    argv = [arg for arg in argv if arg != "--quantized"]
+    if len(argv) != 2:
+        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--quantized]", file=sys.stderr)
+        return 2
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") != COMPILE_ENV["ONEDNN_MAX_CPU_ISA"]:
+        print("export.compiled: run through compile_package(), which sets ONEDNN_MAX_CPU_ISA", file=sys.stderr)
+        return 2
+    if quantized:
+        # Its operators must be registered before the program that names them loads (an import of
+        # 8 s under load, so only when needed).
+        import torchao.quantization.pt2e  # noqa: F401
+    program = torch.export.load(argv[0])
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # A copy: the call adds its own keys to the dict it is given.
+        torch._inductor.aoti_compile_and_package(program, package_path=argv[1],
+                                                 inductor_configs=dict(INDUCTOR_CONFIGS))
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

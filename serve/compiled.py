@@ -1,0 +1,162 @@
+"""Running a compiled package (AOTInductor .pt2) with torch alone: no compiler, no torch._inductor.
+
+The package is a zip holding one shared library with the model's code and weights. It is run
+through that library's own C entry points (AOTInductorModelContainerCreateWithDevice, ...Run,
+...Delete: torch/csrc/inductor/aoti_runtime/interface.h) called with ctypes, which releases
+the GIL for the whole pass. torch's own loaders do not suit a server: the pybind
+AOTIModelPackageLoader.run holds the GIL for the whole pass (measured: two inference threads
+then never overlap, and no HTTP thread runs meanwhile), and torch._inductor.aoti_load_package
+imports torch._dynamo and compiles CPU probe programs with g++ on first use (2-3 s per load,
+15 s on a fresh machine).
+
+The compiled code checks nothing about its input: given a float tensor it reads its bytes as
+pixels, given more images than it was exported for it runs anyway. `CompiledRunner` checks
+every batch first. Nor does anything check the package's instruction set against the CPU: that
+is serve/runtime.py's decision, made before loading.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .inference import output_rows
+
+MODEL_FOLDER = "/data/aotinductor/model/"
+
+
+class PackageError(Exception):
+    """The package cannot be loaded or run; the message says why in one line."""
+
+
+# torch hands AtenTensorHandles over as nameless PyCapsules; ctypes passes raw pointers.
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.argtypes, _capsule_pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.argtypes, _capsule_new.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p], ctypes.py_object
+
+_handle = ctypes.c_void_p
+_ENTRY_POINTS = {
+    # (container handle out, models, device, cubin/weights folder)
+    "AOTInductorModelContainerCreateWithDevice": [ctypes.POINTER(_handle), ctypes.c_size_t, ctypes.c_char_p,
+                                                  ctypes.c_char_p],
+    # (container, inputs, count, outputs, count, stream, proxy executor)
+    "AOTInductorModelContainerRun": [_handle, ctypes.POINTER(_handle), ctypes.c_size_t, ctypes.POINTER(_handle),
+                                     ctypes.c_size_t, _handle, _handle],
+    "AOTInductorModelContainerGetNumOutputs": [_handle, ctypes.POINTER(ctypes.c_size_t)],
+    "AOTInductorModelContainerDelete": [_handle],
+}
+
+
+def extract_library(package: Path, folder: Path) -> Path:
+    """The package's compiled model library, copied out of the zip into `folder` (zipfile checks
+    its CRC while copying: a flipped bit is an error here, where torch's own loader would not see it)."""
+    try:
+        with zipfile.ZipFile(package) as archive:
+            names = [n for n in archive.namelist() if MODEL_FOLDER in "/" + n and n.endswith(".so")]
+            if len(names) != 1:
+                raise PackageError(f"{package} holds {len(names)} compiled model libraries, not one "
+                                   "(a package of sources alone would need a C++ compiler to build)")
+            target = folder / "model.so"
+            with archive.open(names[0]) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+            return target
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise PackageError(f"{package} is not a readable package: {exc}") from None
+
+
+class CompiledModel:
+    """One loaded package: `runners` model instances sharing one copy of the weights.
+
+    A pass takes a free instance (and waits for one if none is free), so make `runners` the
+    number of threads that run passes at once. Calls return the module's outputs as a list.
+    """
+
+    def __init__(self, package: str | Path, runners: int = 1):
+        package = Path(package)
+        self._lib, self._container = None, _handle()
+        scratch = Path(tempfile.mkdtemp(prefix="whatcar-compiled-"))
+        try:
+            library = extract_library(package, scratch)
+            try:
+                # Every symbol resolved now: a torch without one of the C shim functions the package
+                # calls fails here, not in the middle of a pass. RTLD_LOCAL keeps its symbols private;
+                # libtorch and libgomp, which it needs, are the ones `import torch` already loaded.
+                self._lib = ctypes.CDLL(str(library), mode=os.RTLD_NOW | os.RTLD_LOCAL)
+            except OSError as exc:
+                raise PackageError(f"{package}: its compiled model does not load here: {exc}") from None
+        finally:
+            # The mapping outlives the file, so nothing is left on disk.
+            shutil.rmtree(scratch, ignore_errors=True)
+        for name, argtypes in _ENTRY_POINTS.items():
+            function = getattr(self._lib, name, None)
+            if function is None:
+                raise PackageError(f"{package}: its compiled model has no {name}")
+            function.argtypes, function.restype = argtypes, ctypes.c_int32  # 0 = success
+        # The weights are inside the library: no folder to pass. Failures are printed by the
+        # library to stderr; the return code is all that comes back.
+        if self._lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._container), max(1, runners), b"cpu",
+                                                               None):
+            raise PackageError(f"{package}: the compiled model failed to start (its reason is on stderr)")
+        count = ctypes.c_size_t()
+        self._lib.AOTInductorModelContainerGetNumOutputs(self._container, ctypes.byref(count))
+        self.outputs = count.value
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        # The container takes over the input handles (new references to the same tensor) and hands
+        # back output handles that become ours.
+        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([images])
+        inputs = (_handle * 1)(*[_capsule_pointer(h, None) for h in handles])
+        outputs = (_handle * self.outputs)()
+        if self._lib.AOTInductorModelContainerRun(self._container, inputs, 1, outputs, self.outputs, None, None):
+            raise PackageError("the compiled model failed on this batch (its reason is on stderr)")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule_new(p, None, None) for p in outputs])
+
+    def close(self) -> None:
+        if self._lib is not None and self._container:
+            self._lib.AOTInductorModelContainerDelete(self._container)
+            self._container = _handle()
+
+    def __del__(self):
+        self.close()
+
+
+class CompiledRunner:
+    """What the inference threads call: uint8 [N, 3, H, W] in, one float tensor [N, width] out.
+
+    Checks each batch against what the package was exported for, since its code does not. A
+    batch larger than the package's largest is run in slices of that size: rows do not depend
+    on each other, and one runtime per process keeps TorchScript from loading at all.
+    """
+
+    def __init__(self, model: CompiledModel, height: int, width: int, min_batch: int, max_batch: int):
+        self.model = model
+        self.height, self.width = height, width
+        self.min_batch, self.max_batch = min_batch, max_batch
+
+    def check(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.device.type != "cpu":
+            raise ValueError(f"the compiled model takes a uint8 CPU tensor, got "
+                             f"{getattr(images, 'dtype', type(images).__name__)}")
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, self.height, self.width):
+            raise ValueError(f"the compiled model takes [N, 3, {self.height}, {self.width}], "
+                             f"got {list(images.shape)}")
+        if images.shape[0] < self.min_batch:
+            raise ValueError(f"the compiled model takes at least {self.min_batch} images, got {images.shape[0]}")
+        # Its kernels assume the dense strides of the example it was exported with.
+        return images.contiguous()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = self.check(images)
+        if images.shape[0] <= self.max_batch:
+            return output_rows(self.model(images))
+        return torch.cat([output_rows(self.model(part)) for part in images.split(self.max_batch)])
+
+    def close(self) -> None:
+        self.model.close()

@@ -1,0 +1,118 @@
+"""Which runtime runs the model, decided once per load, and what every runtime hands back.
+
+An artifact carries the traced TorchScript module (model.pt), which loads under other torch
+releases, and may carry a compiled package (model.pt2, AOTInductor) of the same module, which
+is machine code: faster, but only for the instruction sets and torch releases it was built
+for. `choose_runtime` decides from the manifest and this host alone, before anything loads,
+because a wrong package is not an exception but a dead process: an AVX-512 package on an
+AVX2-only CPU is SIGILL, and neither torch nor the package checks. Pure functions, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RUNTIMES = ("auto", "compiled", "torchscript")
+
+# torch.backends.cpu.get_cpu_capability() on x86-64, weakest first. Each level includes the one
+# before (an AVX512 CPU runs AVX2 code). ATEN_CPU_CAPABILITY can lower what a host reports.
+X86_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+
+
+class RuntimeChoiceError(Exception):
+    """`--runtime compiled` was asked for and the compiled package cannot serve; says why."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime serving a model, and the reason, for the start-up log line, /metadata and /metrics."""
+
+    name: str  # "compiled" or "torchscript"
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the serving machine offers a compiled package."""
+
+    cpu_capability: str  # torch.backends.cpu.get_cpu_capability()
+    arch: str            # platform.machine()
+    torch: str           # torch.__version__
+
+
+def capability_ok(package: str, host: str) -> bool:
+    """Whether a host reporting `host` runs code compiled for `package`. Names outside the x86
+    order (another architecture's, or one this server does not know) must match exactly."""
+    if package in X86_CAPABILITIES and host in X86_CAPABILITIES:
+        return X86_CAPABILITIES.index(host) >= X86_CAPABILITIES.index(package)
+    return package == host
+
+
+def release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a torch version string such as '2.14.1+cu130'; None if unreadable."""
+    parts = version.split("+", 1)[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def torch_ok(compiled_with: str, serving_with: str) -> bool:
+    """Whether a package compiled under one torch may run under another.
+
+    The compiled library calls torch only through its C shim (aoti_torch_* functions, plus the
+    C++ and OpenMP runtimes): a torch that lacks one of them fails the load itself, cleanly,
+    because the library is opened with every symbol resolved at once. What the shim does not
+    cover is the oneDNN weight blobs that freezing packs into the package, which the serving
+    torch's own oneDNN reads back: a changed format there is not a load error. So only the
+    torch that compiled the package and the release before it are accepted, the pair whatcar
+    exports and serves with (2.14 and 2.13), which `make test` loads and compares on real photos
+    every run (tests/cross). Anything else serves TorchScript until the model is re-exported.
+    """
+    built, here = release(compiled_with), release(serving_with)
+    if built is None or here is None:
+        return False
+    return here[0] == built[0] and built[1] - 1 <= here[1] <= built[1]
+
+
+def choose_runtime(requested: str, package: dict | None, host: Host) -> RuntimeChoice:
+    """The runtime to load, before loading anything.
+
+    `requested` is auto, compiled or torchscript; `package` holds the manifest's facts about the
+    compiled package (cpu_capability, arch, torch), or is None when the artifact has none. With
+    `compiled`, a reason not to use the package raises RuntimeChoiceError instead of falling back.
+    """
+    if requested not in RUNTIMES:
+        raise ValueError(f"unknown runtime {requested!r}; expected one of {', '.join(RUNTIMES)}")
+    if requested == "torchscript":
+        return RuntimeChoice("torchscript", "--runtime torchscript was asked for")
+    problem = package_problem(package, host)
+    if problem is None:
+        return RuntimeChoice("compiled", f"{package['cpu_capability']} package compiled by torch {package['torch']}, "
+                                         f"this host offers {host.cpu_capability} and runs torch {host.torch}")
+    if requested == "compiled":
+        raise RuntimeChoiceError(f"--runtime compiled cannot be served: {problem}")
+    return fallback(problem)
+
+
+def package_problem(package: dict | None, host: Host) -> str | None:
+    """Why the compiled package cannot run here, or None when it can."""
+    if package is None:
+        return "the artifact has no compiled package"
+    if package["arch"] != host.arch:
+        return f"the compiled package is for {package['arch']} and this host is {host.arch}"
+    if not capability_ok(package["cpu_capability"], host.cpu_capability):
+        return (f"the compiled package needs a CPU with {package['cpu_capability']} and this one offers "
+                f"{host.cpu_capability}")
+    if not torch_ok(package["torch"], host.torch):
+        return (f"the compiled package was built by torch {package['torch']}, and this server's torch "
+                f"{host.torch} is neither that release nor the one before it")
+    return None
+
+
+def fallback(problem: str) -> RuntimeChoice:
+    return RuntimeChoice("torchscript", f"compiled package not used: {problem}")
+

@@ -1,0 +1,13 @@
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cross_dir() -> Path:
+    # Set by `make test`, which runs tests/export first; running this alone is a mistake, not a skip.
+    assert "WHATCAR_CROSS_DIR" in os.environ, "run through `make test` (needs the artifact tests/export writes)"
+    folder = Path(os.environ["WHATCAR_CROSS_DIR"])
+    assert (folder / "expected.json").is_file(), f"{folder} has no exported artifact; did tests/export run?"
+    return folder

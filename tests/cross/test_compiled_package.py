@@ -1,0 +1,160 @@
+"""The compiled package tests/export built under the train side's torch, served under this side's.
+
+The package is machine code for AVX2 CPUs, built by torch 2.14 with a C++ compiler; here it
+must load with torch 2.13 and no compiler, answer like the TorchScript module on real photos,
+and be passed over (with the reason logged) or refused exactly when the rules say so.
+"""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from serve.artifact import ArtifactError, load_artifact
+from serve.compiled import CompiledRunner
+from serve.config import Config
+from serve.manifest import Manifest
+from serve.preprocess import Preprocessor
+from serve.scoring import load_scorer
+from tests.conftest import CARS, ROOT
+from tests.serve.test_server_process import Server, request
+
+
+@pytest.fixture()
+def copy(cross_dir, tmp_path) -> Path:
+    folder = tmp_path / "artifact"
+    shutil.copytree(cross_dir / "artifact", folder)
+    return folder
+
+
+def edit_package_entry(folder: Path, **changes) -> None:
+    manifest = Manifest.read(folder)
+    manifest.data["files"]["compiled"].update(changes)
+    manifest.write(folder)
+
+
+def test_the_package_built_by_the_train_torch_runs_here_like_torchscript(cross_dir):
+    expected = json.loads((cross_dir / "expected.json").read_text())
+    package = Manifest.read(cross_dir / "artifact").compiled
+    assert package is not None and package.torch == expected["torch"]
+    assert package.torch.split("+")[0] != torch.__version__.split("+")[0], "the cross check would prove nothing"
+    compiled = load_artifact(cross_dir / "artifact", runtime="compiled")
+    scripted = load_artifact(cross_dir / "artifact", runtime="torchscript")
+    assert isinstance(compiled.runner, CompiledRunner) and compiled.module is None
+    preprocessor = Preprocessor(compiled.steps, 10**8)
+    names = sorted(expected["compiled_probabilities"])
+    assert len(names) == 24
+    pixels = torch.stack([preprocessor((CARS / name).read_bytes()) for name in names])
+    with torch.inference_mode():
+        ours, theirs = compiled.runner(pixels), scripted.runner(pixels)
+    there = torch.tensor([expected["compiled_probabilities"][name] for name in names])
+    assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1))
+    assert float((ours - theirs).abs().max()) < 1e-4, "compiled vs TorchScript, both under this torch"
+    assert float((ours - there).abs().max()) < 1e-4, "the same package under the exporting torch"
+    compiled.close()
+
+
+def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_path, monkeypatch):
+    """`python -m serve` with nothing that compiles C reachable: it loads the package, proves it on
+    the check photos, and scores a photo as the exporter saw it."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    for name in ("CC", "CXX", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    environ = {"PATH": str(empty), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    probe = subprocess.run([sys.executable, "-c", "import shutil; print([shutil.which(c) for c in "
+                            "('gcc', 'g++', 'cc', 'c++', 'clang')])"], env={**os.environ, **environ},
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[None, None, None, None, None]"
+    server = Server(cross_dir / "artifact", tmp_path / "serve.log", environ=environ)
+    try:
+        status, _, body = request(server.port, "GET", "/metadata")
+        assert status == 200 and json.loads(body)["runtime"]["name"] == "compiled"
+        name, row = next(iter(json.loads((cross_dir / "expected.json").read_text())["compiled_probabilities"].items()))
+        status, _, body = request(server.port, "POST", "/predict?top_k=1", (CARS / name).read_bytes(),
+                               {"Content-Type": "image/jpeg"})
+        labels = (cross_dir / "artifact" / "labels.txt").read_text().splitlines()
+        assert status == 200 and json.loads(body)["predictions"][0]["label"] == labels[max(range(len(row)),
+                                                                                             key=row.__getitem__)]
+    finally:
+        server.stop()
+    log = server.log()
+    assert log.count(" runs on compiled: AVX2 package compiled by torch ") == 1
+    assert not (tmp_path / "inductor-cache").exists(), "loading compiled something"
+
+
+def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
+    """load_scorer, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
+    read when torch starts); returns the runtime it chose and what it logged."""
+    script = ("import json, logging, sys; from pathlib import Path; from serve.config import Config; "
+              "from serve.scoring import load_scorer; logging.basicConfig(level=logging.INFO); "
+              f"folder = Path({str(folder)!r}); "
+              "s = load_scorer(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
+              "print(json.dumps(s.runtime.as_dict())); s.close()")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **environ},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("marked, host, reason", [
+    ("AVX512", "avx2", "needs a CPU with AVX512 and this one offers AVX2"),    # an AVX-512 package on an AVX2-only CPU
+    ("AVX2", "default", "needs a CPU with AVX2 and this one offers DEFAULT"),  # the real package on a CPU without AVX2
+])
+def test_a_package_for_a_wider_cpu_than_this_one_falls_back_with_one_line(copy, marked, host, reason):
+    if marked != "AVX2":
+        edit_package_entry(copy, cpu_capability=marked)
+    runtime, log = load_in_subprocess(copy, {"ATEN_CPU_CAPABILITY": host})
+    assert runtime["name"] == "torchscript" and reason in runtime["reason"]
+    lines = [line for line in log.splitlines() if " runs on " in line]
+    assert len(lines) == 1 and lines[0].startswith("WARNING:whatcar:") and reason in lines[0]
+
+
+def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, caplog):
+    edit_package_entry(copy, torch="2.11.0")
+    with caplog.at_level(logging.INFO, logger="whatcar"):
+        scorer = load_scorer(copy, "1", Config(model_dir=copy, inference_workers=1), require_checks=True)
+    assert scorer.runtime.name == "torchscript"
+    scorer.close()
+    lines = [r for r in caplog.records if " runs on " in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "built by torch 2.11.0" in lines[0].getMessage()
+    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: .*built by torch 2.11.0"):
+        load_artifact(copy, runtime="compiled")
+
+
+def test_a_tampered_package_is_refused_like_a_tampered_model(copy):
+    package = copy / "model.pt2"
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the compiled library, which the zip stores as it is
+    package.write_bytes(bytes(data))
+    for runtime in ("auto", "compiled", "torchscript"):
+        with pytest.raises(ArtifactError, match="model.pt2 sha256 is .*the manifest says"):
+            load_artifact(copy, runtime=runtime)
+    # Listed with the damaged file's own checksum, it still does not load: the zip's CRC catches it
+    # (torch's C++ loader would have run it).
+    from serve.manifest import sha256_file
+    edit_package_entry(copy, sha256=sha256_file(package))
+    artifact = load_artifact(copy, runtime="auto")
+    assert artifact.runtime.name == "torchscript" and "Bad CRC-32" in artifact.runtime.reason
+    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: .*Bad CRC-32"):
+        load_artifact(copy, runtime="compiled")
+
+
+def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
+    folder = cross_dir / "artifact"
+    config = Config(model_dir=folder, inference_workers=2, solo_threads=2, micro_batch=2)
+    with caplog.at_level(logging.INFO, logger="whatcar"):
+        scorer = load_scorer(folder, "1", config, require_checks=True)
+    try:
+        assert scorer.runtime.name == "compiled" and isinstance(scorer.model.runner, CompiledRunner)
+        loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+        assert len(loaded) == 1 and " on compiled in " in loaded[0] and "6 check photos agree" in loaded[0]
+    finally:
+        scorer.close()
