@@ -18,7 +18,6 @@ from serve.config import Config
 from serve.manifest import Acceptance
 from serve.metrics import Metrics
 from serve.postprocess import Output, judge
-from tests.conftest import car_photos
 from tests.serve.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -130,15 +129,27 @@ def test_v2_returns_accepted_as_an_extra_output(judged):
     assert {"name": "accepted", "datatype": "BOOL", "shape": [-1]} in meta["outputs"]
 
 
-def test_without_thresholds_answers_are_not_judged_unless_asked(client):
-    """The committed default of format 1 recorded no thresholds: served as before, and said so."""
-    photo = car_photos()[0].read_bytes()
-    body = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"}).json
+@pytest.fixture(scope="module")
+def unjudged(tmp_path_factory):
+    """An export made before thresholds existed: probabilities only, no acceptance in the manifest."""
+    folder = write_tiny_artifact(tmp_path_factory.mktemp("unjudged") / "artifact", LABELS)
+    config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
+    metrics = Metrics(CollectorRegistry())
+    serving = start_serving(config, metrics)
+    yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
+    serving.close()
+
+
+def test_without_thresholds_answers_are_not_judged_unless_asked(unjudged):
+    """An export that recorded no thresholds is served as before, and says so."""
+    client = unjudged
+    photo = png(SURE)
+    body = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/png"}).json
     assert body["accepted"] is None and "reason" not in body
     acceptance = client.simulate_get("/metadata").json["acceptance"]
     assert acceptance["enabled"] is False and "no acceptance threshold" in acceptance["reason"]
     asked = client.simulate_post("/predict", body=photo, params={"min_probability": "0.5"},
-                                 headers={"Content-Type": "image/jpeg"}).json
+                                 headers={"Content-Type": "image/png"}).json
     assert asked["accepted"] is (asked["predictions"][0]["probability"] >= 0.5)
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                            "data": [base64.b64encode(photo).decode()]}], "outputs": [{"name": "accepted"}]}

@@ -378,6 +378,9 @@ def newer_format(folder: Path, manifest: dict) -> None:
 
 def not_torchscript(folder: Path, manifest: dict) -> None:
     (folder / "model.pt").write_bytes(b"PK\x03\x04 this is not a TorchScript archive" * 100)
+    # Without a compiled package, so that model.pt is what has to load.
+    if manifest["files"].pop("compiled", None):
+        (folder / "model.pt2").unlink()
     write_manifest(folder, manifest)
 
 
