@@ -90,7 +90,7 @@ def test_a_photo_without_a_car_is_shown_as_not_sure(page, server, metadata):
     """The committed model turns away a photo unlike its car photos, and the page says so while
     still showing the closest models."""
     assert metadata["acceptance"]["enabled"], "the committed model should carry acceptance thresholds"
-    photo = ROOT / "tests" / "data" / "noncar" / "astronaut.jpg"
+    photo = ROOT / "tests" / "data" / "noncar" / "coffee.jpg"
     answer = server.predict(photo.read_bytes())
     assert answer["accepted"] is False
     page.set_input_files("#file", str(photo))
