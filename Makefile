@@ -39,37 +39,32 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
 
+# Every virtualenv is built the same way, from scratch whenever a requirements file it depends on
+# changes (never upgraded in place, so a failed install cannot leave a half-changed one behind the
+# stamp): $(call build-venv,NAME,REQUIREMENTS-FILE).
+define build-venv
+rm -rf $(VENV)/$(1)
+$(PYTHON) -m venv $(VENV)/$(1)
+$(VENV)/$(1)/bin/pip install --quiet --no-input $(PIP_ARGS) -r $(2)
+touch $(VENV)/$(1)/.stamp
+endef
+
 $(VENV)/serve/.stamp: requirements-serve.txt
-	rm -rf $(VENV)/serve
-	$(PYTHON) -m venv $(VENV)/serve
-	$(VENV)/serve/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-serve.txt
-	touch $@
+	$(call build-venv,serve,requirements-serve.txt)
 
 $(VENV)/train/.stamp: requirements-train.txt
-	rm -rf $(VENV)/train
-	$(PYTHON) -m venv $(VENV)/train
-	$(VENV)/train/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-train.txt
-	touch $@
+	$(call build-venv,train,requirements-train.txt)
 
 # Test-only: tritonclient and Playwright bring numpy and gevent, which the serve side must never have.
 $(VENV)/client/.stamp: requirements-client.txt requirements-test.txt
-	rm -rf $(VENV)/client
-	$(PYTHON) -m venv $(VENV)/client
-	$(VENV)/client/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-client.txt
-	touch $@
+	$(call build-venv,client,requirements-client.txt)
 
 # Ray and its dependencies (numpy, pandas, pyarrow) never go into the serve venv.
 $(VENV)/ray/.stamp: requirements-ray.txt requirements-serve.txt
-	rm -rf $(VENV)/ray
-	$(PYTHON) -m venv $(VENV)/ray
-	$(VENV)/ray/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-ray.txt
-	touch $@
+	$(call build-venv,ray,requirements-ray.txt)
 
 $(VENV)/fuzz/.stamp: requirements-fuzz.txt requirements-serve.txt
-	rm -rf $(VENV)/fuzz
-	$(PYTHON) -m venv $(VENV)/fuzz
-	$(VENV)/fuzz/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-fuzz.txt
-	touch $@
+	$(call build-venv,fuzz,requirements-fuzz.txt)
 
 $(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements-test.txt
 	$(VENV)/$*/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-test.txt
@@ -173,19 +168,13 @@ chromium:
 
 # The benchmark's peer server. Optional: if it cannot be built, `make bench` says so and skips it.
 $(VENV)/torchserve/.stamp: requirements-torchserve.txt
-	rm -rf $(VENV)/torchserve
-	$(PYTHON) -m venv $(VENV)/torchserve
-	$(VENV)/torchserve/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-torchserve.txt
-	touch $@
+	$(call build-venv,torchserve,requirements-torchserve.txt)
 
 torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmark's peer server (needs Java)
 
 # The benchmark's forward-pass reference. Optional too: without it `make bench` says so and skips it.
 $(VENV)/openvino/.stamp: requirements-openvino.txt
-	rm -rf $(VENV)/openvino
-	$(PYTHON) -m venv $(VENV)/openvino
-	$(VENV)/openvino/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-openvino.txt
-	touch $@
+	$(call build-venv,openvino,requirements-openvino.txt)
 
 openvino-env: $(VENV)/openvino/.stamp ## build OpenVINO 2026.4, the benchmark's forward-pass reference
 
