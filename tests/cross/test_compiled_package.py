@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.compiled import CompiledRunner
+from serve.compiled import CompiledModel, CompiledRunner
 from serve.config import Config
 from serve.manifest import Manifest
 from serve.preprocess import Preprocessor
@@ -158,3 +158,23 @@ def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
         assert len(loaded) == 1 and " on compiled in " in loaded[0] and "6 check photos agree" in loaded[0]
     finally:
         scorer.close()
+
+
+def test_loading_a_package_again_reuses_its_library(cross_dir):
+    """glibc cannot unload a package's library, so each load would map (and page in) another copy;
+    a reload of the same package must reuse the one already loaded, and its models stay apart."""
+    def mapped_libraries() -> set[str]:
+        return {line.split(None, 5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "whatcar-compiled-" in line}
+
+    path = cross_dir / "artifact" / "model.pt2"
+    first = CompiledModel(path, runners=1)
+    before = mapped_libraries()
+    second = CompiledModel(path, runners=1)
+    assert before and mapped_libraries() == before and first._lib is second._lib
+    images = torch.randint(0, 256, (1, 3, *Manifest.read(cross_dir / "artifact").input_size), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = first(images)[0]
+        first.close()  # the other model, from the same library, keeps working
+        assert torch.equal(second(images)[0], expected)
+    second.close()
