@@ -54,7 +54,10 @@ class WhatcarHandler:
     def handle(self, data, context):
         batch = torch.stack([self.pixels(row.get("data") or row.get("body")) for row in data])
         with torch.inference_mode():
-            probabilities = self.module(batch)
+            outputs = self.module(batch)
+        # A model with acceptance thresholds also returns each photo's familiarity; ranking needs
+        # only the probabilities (the comparison still pays for computing both, as whatcar does).
+        probabilities = outputs if isinstance(outputs, torch.Tensor) else outputs[0]
         out = []
         for row in probabilities:
             values, indices = row.topk(min(5, len(self.labels)))
