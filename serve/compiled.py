@@ -18,7 +18,6 @@ is serve/runtime.py's decision, made before loading.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .inference import output_rows
+from .manifest import sha256_file
 
 MODEL_FOLDER = "/data/aotinductor/model/"
 
@@ -84,18 +84,10 @@ _LIBRARIES: dict[str, ctypes.CDLL] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
-def package_digest(package: Path) -> str:
-    digest = hashlib.sha256()
-    with open(package, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def open_library(package: Path) -> ctypes.CDLL:
     """The package's compiled model library, loaded once per process and package contents."""
     try:
-        key = package_digest(package)
+        key = sha256_file(package)
     except OSError as exc:
         raise PackageError(f"{package} is not a readable package: {exc}") from None
     with _LIBRARIES_LOCK:
