@@ -11,7 +11,9 @@ Copies the model folder's current version twice into a temporary model folder (v
              alternating the two versions (each load checks and warms the new version while the
              old one serves);
   memory     resident memory before the first swap, the highest seen while swapping, after each
-             swap once it settled, and of a freshly started server on the same version.
+             swap once it settled, and at the end under the same load and once the clients have
+             stopped; then the same two figures for a freshly started server on the same version,
+             so that each is compared with its like.
 
 Failed or refused requests are counted; there should be none.
 """
@@ -85,6 +87,14 @@ def start_server(model_dir: Path, log: Path) -> tuple[Process, int]:
     return server, port
 
 
+def settled(pid: int, clients: Clients, seconds: float = 3.0) -> dict:
+    """Resident memory while `clients` still post, then `seconds` after they stopped."""
+    loaded = rss_mib(pid)
+    clients.close()
+    time.sleep(seconds)
+    return {"loaded": loaded, "idle": rss_mib(pid)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.swap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 during += clients.between(asked, loaded)
                 time.sleep(2)  # the old model's last requests end and its memory goes back
                 after.append(rss_mib(server.pid))
+            time.sleep(args.steady_seconds)
+            swapped = settled(server.pid, clients)
         finally:
             clients.close()
             server.stop()
@@ -146,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         fresh, fresh_port = start_server(models, work / "fresh.log")
         try:
             warm = Clients(fresh_port, photo, args.concurrency)
-            time.sleep(args.steady_seconds)
-            warm.close()
-            rss_fresh = rss_mib(fresh.pid)
+            time.sleep(3 + args.steady_seconds)
+            rss_fresh = settled(fresh.pid, warm)
         finally:
+            warm.close()
             fresh.stop()
         steady_ms, during_ms = latencies(steady), latencies(during)
         results.update(
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                           "p99_ms": percentile(during_ms, 99)},
             load_seconds={"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)},
             rss_mib={"before": rss_before, "peak_while_swapping": peak, "after_each_swap": after,
-                     "fresh_server_same_version": rss_fresh})
+                     "after_swaps": swapped, "fresh_server_same_version": rss_fresh})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{results['during_swaps']['p99_ms'] / results['steady']['p99_ms']:.2f})")
     print(f"load call:     median {results['load_seconds']['median']:.2f} s "
           f"({results['load_seconds']['min']:.2f}-{results['load_seconds']['max']:.2f})")
+    swapped, fresh = rss["after_swaps"], rss["fresh_server_same_version"]
     print(f"RSS (MiB):     before {rss['before']:.0f}, peak while swapping {rss['peak_while_swapping']:.0f}, after "
-          f"swap 1 {rss['after_each_swap'][0]:.0f}, after swap {args.swaps} {rss['after_each_swap'][-1]:.0f}; "
-          f"fresh server {rss['fresh_server_same_version']:.0f} "
-          f"(after / fresh {rss['after_each_swap'][-1] / rss['fresh_server_same_version']:.2f})")
+          f"swap 1 {rss['after_each_swap'][0]:.0f}, after swap {args.swaps} {rss['after_each_swap'][-1]:.0f}")
+    for state in ("loaded", "idle"):
+        print(f"  {state + ':':8} after {args.swaps} swaps {swapped[state]:.0f}, fresh server {fresh[state]:.0f} "
+              f"(ratio {swapped[state] / fresh[state]:.2f})")
     return 0 if results["failed"] == 0 else 1
 
 
