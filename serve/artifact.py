@@ -171,7 +171,8 @@ def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, clas
                   runners: int) -> CompiledRunner:
     height, width = manifest.input_size
     try:
-        model = CompiledModel(path, runners)
+        # load_artifact has checked the file against this sha256.
+        model = CompiledModel(path, runners, sha256=package.sha256)
     except PackageError as exc:
         raise ArtifactError(str(exc)) from None
     runner = CompiledRunner(model, height, width, package.min_batch, package.max_batch)

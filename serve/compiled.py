@@ -84,10 +84,12 @@ _LIBRARIES: dict[str, ctypes.CDLL] = {}
 _LIBRARIES_LOCK = threading.Lock()
 
 
-def open_library(package: Path) -> ctypes.CDLL:
-    """The package's compiled model library, loaded once per process and package contents."""
+def open_library(package: Path, sha256: str | None = None) -> ctypes.CDLL:
+    """The package's compiled model library, loaded once per process and package contents.
+    `sha256` is the package's when the caller has already checked it (the artifact loader does,
+    against the manifest); without it the file is hashed here."""
     try:
-        key = sha256_file(package)
+        key = sha256 or sha256_file(package)
     except OSError as exc:
         raise PackageError(f"{package} is not a readable package: {exc}") from None
     with _LIBRARIES_LOCK:
@@ -125,10 +127,10 @@ class CompiledModel:
     number of threads that run passes at once. Calls return the module's outputs as a list.
     """
 
-    def __init__(self, package: str | Path, runners: int = 1):
+    def __init__(self, package: str | Path, runners: int = 1, sha256: str | None = None):
         package = Path(package)
         self._lib, self._container = None, _handle()
-        self._lib = open_library(package)
+        self._lib = open_library(package, sha256)
         # The weights are inside the library: no folder to pass. Failures are printed by the
         # library to stderr; the return code is all that comes back.
         if self._lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._container), max(1, runners), b"cpu",
