@@ -39,6 +39,15 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: DATA=$(DATA) LEARNER=$(LEARNER) MODEL_DIR=$(MODEL_DIR) HOST=$(HOST) PORT=$(PORT) PIP_ARGS=$(PIP_ARGS)"
 
+# Tools that pip cannot provide: when COMMAND is missing, install Debian's PACKAGE (as root, with
+# apt-get), and otherwise run OTHERWISE: $(call install-missing,COMMAND,PACKAGE,WHAT-FOR,OTHERWISE).
+install-missing = command -v $(1) >/dev/null 2>&1 || { \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's $(2) $(3)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	else $(strip $(4)); fi; }
+
 # Every virtualenv is built the same way, from scratch whenever a requirements file it depends on
 # changes (never upgraded in place, so a failed install cannot leave a half-changed one behind the
 # stamp): $(call build-venv,NAME,REQUIREMENTS-FILE).
@@ -104,14 +113,8 @@ export: $(VENV)/train/.stamp cxx ## turn LEARNER into a checked artifact: the ne
 # needs none): installed here when missing (as root). Without one, the export writes TorchScript only
 # and says so.
 cxx:
-	@command -v $${CXX:-g++} >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's g++ for the compiled package"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; \
-	  else \
-	    echo "no C++ compiler: the export writes no compiled package (sudo apt-get install g++)"; \
-	  fi; }
+	@$(call install-missing,$${CXX:-g++},g++,for the compiled package,\
+	  echo "no C++ compiler: the export writes no compiled package (sudo apt-get install g++)")
 
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
@@ -145,26 +148,14 @@ test-deploy: $(VENV)/serve/.stamp-test systemd-analyze
 
 # The unit files are checked with systemd-analyze verify, installed here when missing (as root).
 systemd-analyze:
-	@command -v systemd-analyze >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's systemd for systemd-analyze (the unit file test)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; \
-	  else \
-	    echo "the unit file test needs systemd-analyze: sudo apt-get install systemd"; exit 1; \
-	  fi; }
+	@$(call install-missing,systemd-analyze,systemd,for systemd-analyze (the unit file test),\
+	  echo "the unit file test needs systemd-analyze: sudo apt-get install systemd"; exit 1)
 
 # pip cannot provide a browser and Playwright's own download needs the open internet, so the browser
 # test uses Debian's Chromium, installed here when missing (as root, or ask for it by name).
 chromium:
-	@[ -n "$$WHATCAR_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the browser test"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
-	  else \
-	    echo "the browser test needs Chromium: sudo apt-get install chromium (or set WHATCAR_CHROMIUM)"; exit 1; \
-	  fi; }
+	@[ -n "$$WHATCAR_CHROMIUM" ] || $(call install-missing,chromium,chromium,for the browser test,\
+	  echo "the browser test needs Chromium: sudo apt-get install chromium (or set WHATCAR_CHROMIUM)"; exit 1)
 
 # The benchmark's peer server. Optional: if it cannot be built, `make bench` says so and skips it.
 $(VENV)/torchserve/.stamp: requirements-torchserve.txt
