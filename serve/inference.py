@@ -27,8 +27,9 @@ that state and follow the decisions.
 Each inference thread keeps one intra-op thread count for its whole life. Torch's count is per
 calling thread, and oneDNN caches its convolution kernels per thread along with the thread
 count they were built for, so a thread that kept switching would rebuild them every time. For
-the same reason each thread warms itself up, at every batch size it will see, before the model
-counts as ready.
+the same reason each thread warms a model up, at every batch size it will see, before the model
+counts as ready. The threads outlive the models: a reload hands the same threads the new model
+(InferenceThreads says why).
 
 Big batches do not pay on a small CPU: with EfficientNet-Lite0 on two cores, a batch of 4 or 8
 costs more per image than a batch of 1 or 2 (its activations no longer fit in cache), so the
@@ -38,6 +39,7 @@ default stays small; it is the queue that keeps every core busy.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,6 +138,7 @@ class Scored:
 
 @dataclass
 class _Request:
+    model: "Model"
     items: list
     all_or_nothing: bool
     handed_over: float = field(default_factory=time.perf_counter)
@@ -150,129 +153,171 @@ class _Request:
 # ---------------------------------------------------------------------- the threads
 
 
-class Model:
-    """Inference threads around one loaded model.
+class InferenceThreads:
+    """The threads that run forward passes, and the queue they take requests from.
 
-    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see output_rows); `preprocess` maps an encoded image
-    to uint8 [3, H, W] or raises ImageRejected. The threads start and warm up at once;
-    `wait_ready` returns when all of them have.
+    They outlive the models they run: a model attaches, is warmed up on every thread, gets its
+    requests scored, and detaches; a reload attaches the new model while the old one still has
+    requests inside, and a pass only ever holds one model's requests. The threads start when the
+    first model attaches and stop when the last one detaches.
+
+    Why not a set of threads per model: every new thread that allocates gets a glibc malloc
+    arena of its own, and the space a pass frees stays in the arena, at the top of its heap,
+    where malloc_trim does not reach. Starting a new set for each model left the old sets'
+    arenas resident: on two cores at eight clients, 1.4x a fresh server's memory after 10 swaps
+    and 1.7x after 20 (docs/benchmark.md, "Model swaps under load").
     """
 
-    def __init__(self, runner, preprocess, input_size: tuple[int, int], workers: int = 1, torch_threads: int = 1,
-                 micro_batch: int = 1, batch_wait: float = 0.0, solo_threads: int = 1,
-                 observer: PassObserver | None = None, warm_up_rounds: int = 2):
-        self.runner = runner
-        self.preprocess = preprocess
-        self.input_size = input_size
+    def __init__(self, workers: int = 1, torch_threads: int = 1, micro_batch: int = 1, batch_wait: float = 0.0,
+                 solo_threads: int = 1):
+        self.shared = max(1, workers)
         self.torch_threads = max(1, torch_threads)
         self.micro_batch = max(1, micro_batch)
         self.batch_wait = max(0.0, batch_wait)
         # A solo thread with no more intra-op threads than the shared ones would gain nothing.
         self.solo_threads = solo_threads if solo_threads > self.torch_threads else 0
-        self.observer = observer
-        self.warm_up_rounds = warm_up_rounds
         self._queue: collections.deque[_Request] = collections.deque()
         self._idle_shared = 0
         self._running = 0
         self._solo_running = False
-        self._closed = False
         self._changed = threading.Condition()
-        self._warming = max(1, workers) + (1 if self.solo_threads else 0)
-        self._warm_up_errors: list[BaseException] = []
-        self._ready = threading.Event()
-        self._threads = [threading.Thread(target=self._serve, args=(False,), name=f"whatcar-inference-{i}",
-                                          daemon=True) for i in range(max(1, workers))]
-        if self.solo_threads:
-            self._threads.append(threading.Thread(target=self._serve, args=(True,), name="whatcar-inference-solo",
-                                                  daemon=True))
-        for thread in self._threads:
-            thread.start()
+        self._models: set[Model] = set()
+        # Per thread, the models it has yet to warm up; it does that before taking requests.
+        self._warm_ups: list[collections.deque[Model]] = []
+        self._threads: list[threading.Thread] = []
+        # Bumped to stop the threads: each one runs for the generation it was started in.
+        self._generation = 0
+        self._lifecycle = threading.Lock()  # one attach or detach at a time
 
     @property
     def workers(self) -> int:
-        return len(self._threads)
+        """How many threads run passes (and so may run at once): the shared ones and the solo one."""
+        return self.shared + (1 if self.solo_threads else 0)
 
-    def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
-        """Score one request's images together, on an inference thread, possibly in one pass with
-        other requests. With `all_or_nothing`, a rejected image keeps the others out of the
-        forward pass (the request will fail as a whole anyway)."""
-        request = _Request(list(items), all_or_nothing)
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The threads running now (none while no model is attached)."""
+        return list(self._threads)
+
+    def attach(self, model: "Model") -> None:
+        """Run `model` too: every thread warms it up before taking more requests. Starts the
+        threads if none run."""
+        with self._lifecycle, self._changed:
+            if not self._threads:
+                self._start()
+            self._models.add(model)
+            model._warming = len(self._warm_ups)
+            for pending in self._warm_ups:
+                pending.append(model)
+            self._changed.notify_all()
+
+    def detach(self, model: "Model", timeout: float = 5.0) -> None:
+        """Stop running `model` once the requests it was handed are done; stop the threads once
+        no model is left."""
         with self._changed:
-            if self._closed:
+            for pending in self._warm_ups:
+                if model in pending:
+                    pending.remove(model)
+                    model._warmed(ModelClosed("the model was shut down before it warmed up"))
+            deadline = time.monotonic() + timeout
+            while model._outstanding or model._warming:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+        with self._lifecycle:
+            with self._changed:
+                if model not in self._models:
+                    return
+                self._models.discard(model)
+                if self._models:
+                    return
+                stopping, self._threads, self._warm_ups = self._threads, [], []
+                self._generation += 1
+                self._changed.notify_all()
+            for thread in stopping:
+                thread.join(timeout)
+
+    def submit(self, request: _Request) -> None:
+        with self._changed:
+            if request.model.closed:
                 raise ModelClosed("the model is shut down")
             self._queue.append(request)
+            request.model._outstanding += 1
             self._changed.notify_all()
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.scored
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until every thread has warmed up; raise what a warm-up raised."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the inference threads did not warm up within {timeout} s")
-        if self._warm_up_errors:
-            raise self._warm_up_errors[0]
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Finish the requests already handed over, then stop the inference threads."""
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+    def _start(self) -> None:
+        roles = [(f"whatcar-inference-{i}", False) for i in range(self.shared)]
+        if self.solo_threads:
+            roles.append(("whatcar-inference-solo", True))
+        self._warm_ups = [collections.deque() for _ in roles]
+        self._threads = [threading.Thread(target=self._serve, args=(index, solo, self._generation), name=name,
+                                          daemon=True) for index, (name, solo) in enumerate(roles)]
         for thread in self._threads:
-            thread.join(timeout)
+            thread.start()
 
     # ------------------------------------------------------------------ on an inference thread
 
-    def _serve(self, solo: bool) -> None:
+    def _serve(self, index: int, solo: bool, generation: int) -> None:
         # A thread's first torch call adopts the count last set by any thread; make that happen
         # now, so the setting below is the one this thread keeps.
         torch.get_num_threads()
         torch.set_num_threads(self.solo_threads if solo else self.torch_threads)
-        try:
-            self._warm_up([1] if solo else warm_up_sizes(self.micro_batch))
-        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready
-            self._warm_up_errors.append(exc)
-        finally:
-            with self._changed:
-                self._warming -= 1
-                if self._warming == 0:
-                    self._ready.set()
+        pending = self._warm_ups[index]
         while True:
-            requests = self._take(solo)
-            if requests is None:
+            job = self._take(pending, solo, generation)
+            if job is None:
                 return
+            if isinstance(job, Model):
+                self._warm_up(job, [1] if solo else warm_up_sizes(self.micro_batch))
+                continue
+            model, requests = job
             try:
-                self._run_pass(requests)
+                self._run_pass(model, requests)
             finally:
                 with self._changed:
                     self._running -= 1
                     if solo:
                         self._solo_running = False
+                    model._outstanding -= len(requests)
                     self._changed.notify_all()
                 for request in requests:
                     request.done.set()
 
-    def _warm_up(self, sizes: list[int]) -> None:
-        """The first passes, on this thread, at each batch size it will see: TorchScript profiles
-        and optimises during the first runs of each shape, and oneDNN builds kernels per thread."""
-        height, width = self.input_size
-        with torch.inference_mode():
-            for size in sizes:
-                probe = torch.zeros((size, 3, height, width), dtype=torch.uint8)
-                for _ in range(self.warm_up_rounds):
-                    self.runner(probe)
+    def _warm_up(self, model: "Model", sizes: list[int]) -> None:
+        """The model's first passes on this thread, at each batch size it will see: TorchScript
+        profiles and optimises during the first runs of each shape, and oneDNN builds kernels
+        per thread."""
+        height, width = model.input_size
+        error = None
+        try:
+            with torch.inference_mode():
+                for size in sizes:
+                    probe = torch.zeros((size, 3, height, width), dtype=torch.uint8)
+                    for _ in range(model.warm_up_rounds):
+                        model.runner(probe)
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready
+            error = exc
+        with self._changed:
+            model._warmed(error)
+            self._changed.notify_all()
 
-    def _take(self, solo: bool) -> list[_Request] | None:
-        """The requests for this thread's next pass, or None once closed and drained."""
+    def _take(self, pending: collections.deque, solo: bool, generation: int):
+        """This thread's next job: a model to warm up, (model, requests) for a pass, or None
+        once stopped and drained."""
         with self._changed:
             found_work = None
             while True:
-                waiting = [len(request.items) for request in self._queue]
+                if pending:
+                    return pending.popleft()
+                # A pass holds one model's requests: those at the front of the queue.
+                front = self._queue[0].model if self._queue else None
+                waiting = [len(request.items) for request in
+                           itertools.takewhile(lambda request: request.model is front, self._queue)]
                 take = plan_pass(waiting, solo=solo, solo_enabled=bool(self.solo_threads), running=self._running,
                                  solo_running=self._solo_running, idle_shared=self._idle_shared,
                                  micro_batch=self.micro_batch)
-                if take and not solo and not self._closed:
+                if take and not solo:
                     found_work = found_work if found_work is not None else time.monotonic()
                     wait = hold_open(sum(waiting), self.micro_batch, time.monotonic() - found_work, self.batch_wait)
                     if wait > 0:
@@ -280,7 +325,7 @@ class Model:
                         continue
                 if take:
                     break
-                if self._closed and not self._queue:
+                if generation != self._generation and not self._queue:
                     return None
                 found_work = None
                 if not solo:
@@ -293,9 +338,9 @@ class Model:
             if solo:
                 self._solo_running = True
             self._changed.notify_all()
-            return requests
+            return front, requests
 
-    def _run_pass(self, requests: list[_Request]) -> None:
+    def _run_pass(self, model: "Model", requests: list[_Request]) -> None:
         started = time.perf_counter()
         pixels, owners = [], []
         for request in requests:
@@ -303,7 +348,7 @@ class Model:
             scored.queue = started - request.handed_over
             t0 = time.perf_counter()
             try:
-                mine = self._prepare(request)
+                mine = _prepare(model.preprocess, request)
             except Exception as exc:  # noqa: BLE001 - not a bad image but a fault: that caller raises it
                 request.error = exc
                 mine = []
@@ -317,29 +362,103 @@ class Model:
             with torch.inference_mode():
                 batch = pixels[0].unsqueeze(0) if len(pixels) == 1 else torch.stack(pixels)
                 t0 = time.perf_counter()
-                probabilities = self.runner(batch)
+                probabilities = model.runner(batch)
                 forward = time.perf_counter() - t0
             for (scored, index), row in zip(owners, probabilities):
                 scored.rows[index] = row
                 scored.forward, scored.batch_size = forward, len(pixels)
-            if self.observer is not None:
-                self.observer(forward, len(pixels))
+            if model.observer is not None:
+                model.observer(forward, len(pixels))
         except BaseException as exc:  # noqa: BLE001 - every caller in the pass gets the error
             for request in requests:
                 request.error = request.error or exc
 
-    def _prepare(self, request: _Request) -> list[tuple[int, torch.Tensor]]:
-        """(index, pixels) of each of the request's images that can be scored; rejections go in
-        its rows."""
-        ready = []
-        for index, item in enumerate(request.items):
-            if isinstance(item, torch.Tensor):
-                ready.append((index, item))
-                continue
-            try:
-                ready.append((index, self.preprocess(item)))
-            except ImageRejected as exc:
-                request.scored.rows[index] = exc
-                if request.all_or_nothing:
-                    return []
-        return ready
+
+def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
+    """(index, pixels) of each of the request's images that can be scored; rejections go in
+    its rows."""
+    ready = []
+    for index, item in enumerate(request.items):
+        if isinstance(item, torch.Tensor):
+            ready.append((index, item))
+            continue
+        try:
+            ready.append((index, preprocess(item)))
+        except ImageRejected as exc:
+            request.scored.rows[index] = exc
+            if request.all_or_nothing:
+                return []
+    return ready
+
+
+# ---------------------------------------------------------------------- a model on the threads
+
+
+class Model:
+    """One loaded model, run by inference threads.
+
+    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see output_rows); `preprocess` maps an
+    encoded image to uint8 [3, H, W] or raises ImageRejected. `threads` are the inference
+    threads to run on, shared with the models before and after this one; without them the model
+    starts a set of its own from `settings` (InferenceThreads' arguments), which stops with it.
+    Every thread warms the model up at once; `wait_ready` returns when all of them have.
+    """
+
+    def __init__(self, runner, preprocess, input_size: tuple[int, int], threads: InferenceThreads | None = None,
+                 observer: PassObserver | None = None, warm_up_rounds: int = 2, **settings):
+        if threads is not None and settings:
+            raise TypeError(f"thread settings {sorted(settings)} belong to the InferenceThreads passed in")
+        self.runner = runner
+        self.preprocess = preprocess
+        self.input_size = input_size
+        self.observer = observer
+        self.warm_up_rounds = warm_up_rounds
+        self.threads = threads if threads is not None else InferenceThreads(**settings)
+        self.closed = False
+        # Kept under the threads' lock: requests handed over and not done, warm-ups not done.
+        self._outstanding = 0
+        self._warming = 0
+        self._warm_up_errors: list[BaseException] = []
+        self._ready = threading.Event()
+        self.threads.attach(self)
+
+    @property
+    def workers(self) -> int:
+        return self.threads.workers
+
+    @property
+    def solo_threads(self) -> int:
+        return self.threads.solo_threads
+
+    def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
+        """Score one request's images together, on an inference thread, possibly in one pass with
+        other requests. With `all_or_nothing`, a rejected image keeps the others out of the
+        forward pass (the request will fail as a whole anyway)."""
+        request = _Request(self, list(items), all_or_nothing)
+        self.threads.submit(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.scored
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every thread has warmed up; raise what a warm-up raised."""
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the inference threads did not warm up within {timeout} s")
+        if self._warm_up_errors:
+            raise self._warm_up_errors[0]
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the requests already handed over, then leave the inference threads (which
+        stop if no other model uses them)."""
+        with self.threads._changed:
+            self.closed = True
+        self.threads.detach(self, timeout)
+
+    def _warmed(self, error: BaseException | None) -> None:
+        """One thread is done warming up (under the threads' lock)."""
+        if error is not None:
+            self._warm_up_errors.append(error)
+        self._warming -= 1
+        if self._warming == 0:
+            self._ready.set()

@@ -14,7 +14,7 @@ import torch
 from .artifact import Artifact, first_line, load_artifact
 from .errors import ArtifactError
 from .config import Config
-from .inference import Item, Model, PassObserver, Scored
+from .inference import InferenceThreads, Item, Model, PassObserver, Scored
 from .manifest import Manifest
 from .postprocess import Output, Verdict, judge, split_row
 from .preprocess import Preprocessor
@@ -67,8 +67,8 @@ class Scorer:
         return judge(output, self.manifest.acceptance, self.labels, min_probability)
 
     def close(self) -> None:
-        """Stop the inference threads and let go of the model's weights at once, rather than
-        whenever the last reference to this scorer goes, so their memory can be returned now."""
+        """Take the model off the inference threads and let go of its weights at once, rather
+        than whenever the last reference to this scorer goes, so their memory can be returned now."""
         self.model.close()
         self.model.runner = None
         self.artifact.close()
@@ -95,16 +95,18 @@ def verify_checks(scorer: Scorer, required: bool) -> int:
 
 
 def load_scorer(folder: Path, version: str, config: Config, observer: PassObserver | None = None,
-                require_checks: bool = False) -> Scorer:
-    """Verify and load the artifact in `folder`, start and warm up its inference threads, and
-    score its check photos; raises ArtifactError with a one-line reason (and leaves nothing
-    running). `observer` hears about every forward pass.
+                require_checks: bool = False, threads: InferenceThreads | None = None) -> Scorer:
+    """Verify and load the artifact in `folder`, warm it up on the inference threads, and score
+    its check photos; raises ArtifactError with a one-line reason (and leaves nothing running).
+    `threads` are the ones the model before it runs on (by default new ones, from `config`);
+    `observer` hears about every forward pass.
 
     The warm-up and the check photos run through the runtime that will serve. With
     --runtime auto, a compiled package that fails either is replaced by TorchScript, and the
     reason logged; TorchScript failing them fails the load."""
     torch.set_num_threads(config.torch_threads)
-    artifact = load_artifact(folder, runtime=config.runtime, runners=inference_threads(config))
+    threads = threads if threads is not None else inference_threads(config)
+    artifact = load_artifact(folder, runtime=config.runtime, runners=threads.workers)
     preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
     while True:
         started = time.perf_counter()
@@ -112,9 +114,7 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
         # nothing to profile, and its second pass already runs at full speed (measured per thread
         # and batch size), so one warm-up pass each is enough for it.
         rounds = 1 if artifact.runtime.name == "compiled" else 2
-        model = Model(artifact.runner, preprocessor, artifact.input_size, workers=config.inference_workers,
-                      torch_threads=config.torch_threads, micro_batch=config.micro_batch,
-                      batch_wait=config.batch_wait_ms / 1000, solo_threads=config.solo_threads, observer=observer,
+        model = Model(artifact.runner, preprocessor, artifact.input_size, threads, observer=observer,
                       warm_up_rounds=rounds)
         scorer = Scorer(artifact, model, version)
         try:
@@ -151,10 +151,11 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
     return scorer
 
 
-def inference_threads(config: Config) -> int:
-    """How many threads may run passes at once: the shared workers, and the solo thread if any
-    (as serve/inference.py's Model starts them)."""
-    return config.inference_workers + (1 if config.solo_threads > config.torch_threads else 0)
+def inference_threads(config: Config) -> InferenceThreads:
+    """Inference threads as `config` sets them up; they start when the first model attaches."""
+    return InferenceThreads(workers=config.inference_workers, torch_threads=config.torch_threads,
+                            micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
+                            solo_threads=config.solo_threads)
 
 
 def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:

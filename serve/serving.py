@@ -4,8 +4,8 @@ Every request scores inside `serving.lease()`, which hands it the scorer that is
 moment and keeps that scorer alive until the request is done. A reload loads the new version
 beside the old one (verify, warm up, check photos: serve/scoring.py's load_scorer), and only
 when all of that has passed makes it the live one. Requests already inside finish on the model
-they started with; the old model's threads stop when its last lease ends, and its memory is
-handed back to the system. A reload that fails at any step leaves the old model serving, and
+they started with, on the same inference threads as the new one; when its last lease ends the
+old model leaves them, and its memory is handed back to the system. A reload that fails at any step leaves the old model serving, and
 says why in the log, the metrics and /metadata.
 """
 
@@ -63,6 +63,8 @@ class Serving:
         self.loader = loader
         self.status = ReloadStatus(serving=scorer.version if scorer else None)
         self._live = _Live(scorer) if scorer is not None else None
+        # Every version runs on the same inference threads (serve/inference.py says why).
+        self.threads = scorer.model.threads if scorer is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time
 
@@ -105,7 +107,9 @@ class Serving:
                 folder = self.folder.folder(version)
                 if self._is_live(version, folder):
                     return self._finish("unchanged", started, f"version {version} is already serving")
-                scorer = self.loader(folder, version, self.config, self.observer, require_checks=True)
+                scorer = self.loader(folder, version, self.config, self.observer, require_checks=True,
+                                     threads=self.threads)
+                self.threads = scorer.model.threads
             except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
                 if not isinstance(exc, (ArtifactError, VersionError)):
                     log.exception("unexpected error while loading version %s", version)
@@ -132,7 +136,7 @@ class Serving:
             return self.status
 
     def close(self) -> None:
-        """Retire the live model (its threads stop once the requests inside have finished)."""
+        """Retire the live model (the inference threads stop once the requests inside have finished)."""
         self._swap(None)
 
     # ------------------------------------------------------------------ internals

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serve.errors import UndecodableImage
-from serve.inference import Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
+from serve.inference import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
 
 # ---------------------------------------------------------------------- the policy, no threads
 
@@ -391,8 +391,66 @@ def test_concurrent_requests_share_the_cores_and_never_overlap_a_solo_pass():
 
 def test_all_threads_stop_on_close():
     model = model_with(Recorder(), workers=2, torch_threads=1, micro_batch=2, solo_threads=2)
+    threads = model.threads.threads
+    assert len(threads) == 3 and all(thread.is_alive() for thread in threads)
     model.close(timeout=5)
-    assert not any(thread.is_alive() for thread in model._threads)
+    assert not any(thread.is_alive() for thread in threads) and not model.threads.threads
+
+
+def test_models_on_shared_threads_never_share_a_pass_and_the_threads_outlive_each():
+    threads = InferenceThreads(workers=1, torch_threads=1, micro_batch=8)
+    old_module, new_module = Recorder(delay=0.05), Recorder(delay=0.05)
+    old = Model(old_module, decode_number, (4, 4), threads, warm_up_rounds=1)
+    old.wait_ready(10)
+    started = threads.threads
+    new = Model(new_module, decode_number, (4, 4), threads, warm_up_rounds=1)
+    results, start = {}, threading.Barrier(8)
+
+    def one(model, v):
+        start.wait()
+        results[(model is new, v)] = model.score([image(v)]).rows[0]
+
+    try:
+        new.wait_ready(10)
+        # Both models' requests wait in one queue, interleaved.
+        run_concurrently(one, [(old if v % 2 else new, v) for v in range(1, 9)])
+        assert threads.threads == started, "the new model got threads of its own"
+        # The new model warmed up on the very thread that serves the old one.
+        assert {name for _, name, _ in new_module.warm_ups} == {started[0].name}
+        old.close()
+        assert all(thread.is_alive() for thread in started), "closing one model stopped the other's threads"
+        assert new.score([image(9)]).rows[0].tolist() == row(9)
+        with pytest.raises(ModelClosed):
+            old.score([image(1)])
+    finally:
+        new.close()
+    assert {(is_new, v) for is_new, v in results} == {(v % 2 == 0, v) for v in range(1, 9)}
+    for (_, v), got in results.items():
+        assert got.tolist() == row(v)
+    # Each module saw only its own model's images: no pass mixed the two.
+    assert sum(size for size, _, _ in old_module.calls) == 4
+    assert sum(size for size, _, _ in new_module.calls) == 5
+    assert max(size for size, _, _ in old_module.calls + new_module.calls) > 1, "nothing was batched"
+    assert not any(thread.is_alive() for thread in started)
+
+
+def test_threads_stopped_with_their_last_model_start_again_for_the_next():
+    threads = InferenceThreads(workers=1)
+    first = Model(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
+    first.wait_ready(10)
+    first.close()
+    assert not threads.threads
+    second = Model(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
+    try:
+        second.wait_ready(10)
+        assert second.score([image(3)]).rows[0].tolist() == row(3)
+    finally:
+        second.close()
+
+
+def test_thread_settings_belong_to_the_threads_not_to_a_model_that_shares_them():
+    with pytest.raises(TypeError, match="micro_batch"):
+        Model(Recorder(), decode_number, (4, 4), InferenceThreads(), micro_batch=4)
 
 
 def test_no_solo_thread_when_it_would_not_have_more_threads():

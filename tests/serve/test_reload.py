@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from serve.app import State, create_app, start_serving
 from serve.config import Config, ConfigError, load_config
+from serve.inference import ModelClosed
 from serve.metrics import Metrics
 from serve.serving import NotServing
 from serve.versions import ModelFolder
@@ -143,11 +144,17 @@ def test_a_request_inside_finishes_on_the_model_it_started_with(model_dir):
             assert predict(client)["model"]["version"] == "2"
             scored = old.score([red_png()])
             assert old.version == "1" and OLD_LABELS[int(scored.rows[0].argmax())] == OLD_LABELS[0]
-            assert all(thread.is_alive() for thread in old.model._threads)
-        # Its last lease ended: its inference threads stop.
-        for thread in old.model._threads:
-            thread.join(5)
-        assert not any(thread.is_alive() for thread in old.model._threads)
+            # Both versions run on the same inference threads.
+            new = serving.current
+            assert new.version == "2" and new.model.threads is old.model.threads
+            threads = old.model.threads.threads
+            assert threads and all(thread.is_alive() for thread in threads)
+        # Its last lease ended: the old model is closed, the threads go on serving the new one.
+        with pytest.raises(ModelClosed):
+            old.score([red_png()])
+        assert old.model.runner is None
+        assert all(thread.is_alive() for thread in threads) and new.model.threads.threads == threads
+        assert predict(client)["model"]["version"] == "2"
     finally:
         serving.close()
 
