@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .config import Config
@@ -67,6 +68,10 @@ class Serving:
         self.threads = scorer.model.threads if scorer is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time
+        # Every reload loads on this one thread, whoever asked (an HTTP thread, SIGHUP). What a
+        # load allocates stays in its thread's malloc arena; loading on whichever HTTP thread
+        # took the call left each model's freed weights in another arena (docs/benchmark.md).
+        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whatcar-load")
 
     # ------------------------------------------------------------------ requests
 
@@ -107,8 +112,8 @@ class Serving:
                 folder = self.folder.folder(version)
                 if self._is_live(version, folder):
                     return self._finish("unchanged", started, f"version {version} is already serving")
-                scorer = self.loader(folder, version, self.config, self.observer, require_checks=True,
-                                     threads=self.threads)
+                scorer = self._loads.submit(self.loader, folder, version, self.config, self.observer,
+                                            require_checks=True, threads=self.threads).result()
                 self.threads = scorer.model.threads
             except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
                 if not isinstance(exc, (ArtifactError, VersionError)):
@@ -138,6 +143,7 @@ class Serving:
     def close(self) -> None:
         """Retire the live model (the inference threads stop once the requests inside have finished)."""
         self._swap(None)
+        self._loads.shutdown(wait=False)
 
     # ------------------------------------------------------------------ internals
 
