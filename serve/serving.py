@@ -5,8 +5,8 @@ moment and keeps that scorer alive until the request is done. A reload loads the
 beside the old one (verify, warm up, check photos: serve/scoring.py's load_scorer), and only
 when all of that has passed makes it the live one. Requests already inside finish on the model
 they started with, on the same inference threads as the new one; when its last lease ends the
-old model leaves them, and its memory is handed back to the system. A reload that fails at any step leaves the old model serving, and
-says why in the log, the metrics and /metadata.
+old model leaves them, and its memory is handed back to the system. A reload that fails at any
+step leaves the old model serving, and says why in the log, the metrics and /metadata.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from serve.app import State, create_app, start_serving
 from serve.config import Config, ConfigError, load_config
 from serve.inference import ModelClosed
 from serve.metrics import Metrics
-from serve.serving import NotServing
+from serve.scoring import build_scorer, load_scorer
+from serve.serving import NotServing, Serving
 from serve.versions import ModelFolder
 from tests.serve.tiny_artifact import add_tiny_version, write_manifest
 from tests.serve.test_metrics import scrape, value
@@ -157,6 +158,35 @@ def test_a_request_inside_finishes_on_the_model_it_started_with(model_dir):
         assert predict(client)["model"]["version"] == "2"
     finally:
         serving.close()
+
+
+def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
+    config = Config(model_dir=model_dir, inference_workers=1, solo_threads=1)
+    loaded_on = []
+
+    def loader(*args, **kwargs):
+        loaded_on.append(threading.current_thread())
+        return load_scorer(*args, **kwargs)
+
+    serving = Serving(config, build_scorer(config), loader=loader)
+    models = ModelFolder(model_dir)
+    add_tiny_version(model_dir, labels=NEW_LABELS)
+    outcomes = []
+
+    def reload(version):
+        models.switch_to(version)
+        outcomes.append(serving.reload().outcome)
+
+    try:
+        # Asked from three different threads, as HTTP threads and SIGHUP would.
+        for version in ["2", "1", "2"]:
+            asker = threading.Thread(target=reload, args=(version,))
+            asker.start()
+            asker.join(60)
+    finally:
+        serving.close()
+    assert outcomes == ["ok", "ok", "ok"]
+    assert len(set(loaded_on)) == 1 and loaded_on[0].name.startswith("whatcar-load")
 
 
 def test_concurrent_requests_during_reloads_all_succeed_on_one_of_the_versions(model_dir):
