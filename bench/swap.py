@@ -1,6 +1,6 @@
 """What a model swap costs a running server: latency while it happens, and memory after.
 
-    python -m bench.swap [--model-dir artifacts] [--swaps 20] [--concurrency 8]
+    python -m bench.swap [--model-dir artifacts] [--swaps 20] [--concurrency 8] [--runtime auto]
 
 Copies the model folder's current version twice into a temporary model folder (versions 1 and
 2), starts `python -m serve` on it with the repository API on loopback, and then, under
@@ -76,10 +76,10 @@ def latencies(records) -> list[float]:
     return [(end - start) * 1000 for start, end, ok in records if ok]
 
 
-def start_server(model_dir: Path, log: Path) -> tuple[Process, int]:
+def start_server(model_dir: Path, log: Path, runtime: str) -> tuple[Process, int]:
     port = free_port()
     server = Process([sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", str(port),
-                      "--model-control", "explicit"], env={k: v for k, v in os.environ.items()
+                      "--model-control", "explicit", "--runtime", runtime], env={k: v for k, v in os.environ.items()
                                                             if not k.startswith("WHATCAR_")}, cwd=ROOT, log=log)
     if server.wait_until(lambda: get_status(port, "/readyz") == 200, timeout=180) is None:
         server.stop()
@@ -102,20 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swaps", type=int, default=20)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--steady-seconds", type=float, default=20.0)
+    p.add_argument("--runtime", choices=["auto", "compiled", "torchscript"], default="auto")
     p.add_argument("--out", type=Path, default=Path("build/swap.json"))
     args = p.parse_args(argv)
     photo = DEFAULT_PHOTO.read_bytes()
     source = current_folder(args.model_dir)
     name = Manifest.read(source).name
     work = Path(tempfile.mkdtemp(prefix="whatcar-swap-"))
-    results: dict = {"source": str(source), "concurrency": args.concurrency, "swaps": args.swaps}
+    results: dict = {"source": str(source), "runtime": args.runtime, "concurrency": args.concurrency,
+                     "swaps": args.swaps}
     try:
         models = work / "models"
         models.mkdir()
         for version in ("1", "2"):
             shutil.copytree(source, models / version)
         os.symlink("1", models / "current")
-        server, port = start_server(models, work / "serve.log")
+        server, port = start_server(models, work / "serve.log", args.runtime)
         clients = Clients(port, photo, args.concurrency)
         try:
             time.sleep(3)  # every client connected and every thread warm
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             clients.close()
             server.stop()
         all_records = clients.records
-        fresh, fresh_port = start_server(models, work / "fresh.log")
+        fresh, fresh_port = start_server(models, work / "fresh.log", args.runtime)
         try:
             warm = Clients(fresh_port, photo, args.concurrency)
             time.sleep(3 + args.steady_seconds)
