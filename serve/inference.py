@@ -165,7 +165,8 @@ class InferenceThreads:
     arena of its own, and the space a pass frees stays in the arena, at the top of its heap,
     where malloc_trim does not reach. Starting a new set for each model left the old sets'
     arenas resident: on two cores at eight clients, 1.4x a fresh server's memory after 10 swaps
-    and 1.7x after 20 (docs/benchmark.md, "Model swaps under load").
+    and 1.7x after 20; with the threads kept (and loads on one thread, serve/serving.py), 0.97x
+    after 20 (docs/benchmark.md, "Model swaps under load").
     """
 
     def __init__(self, workers: int = 1, torch_threads: int = 1, micro_batch: int = 1, batch_wait: float = 0.0,
