@@ -150,7 +150,7 @@ class MetadataResource:
 
 def describe_acceptance(scorer) -> dict:
     """The thresholds /predict judges by, and the figures the export measured them with."""
-    acceptance = scorer.manifest.acceptance
+    acceptance = scorer.acceptance
     if acceptance is None:
         return {"enabled": False,
                 "reason": "this export recorded no acceptance threshold (exported before whatcar did); answers are "

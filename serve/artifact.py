@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import torch
 from .compiled import CompiledModel, CompiledRunner, PackageError
 from .errors import ArtifactError
 from .inference import output_rows
-from .manifest import MANIFEST, CompiledPackage, Manifest, sha256_file
+from .manifest import MANIFEST, Acceptance, CompiledPackage, Manifest, sha256_file
 from .preprocess import SpecError, validate_steps
 from .runtime import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback
 
@@ -47,6 +47,10 @@ class Artifact:
     # What the inference threads call: uint8 [N, 3, H, W] in, float [N, width] out.
     runner: Callable[[torch.Tensor], torch.Tensor]
     runtime: RuntimeChoice
+    # What the module returns after the probabilities, and when its top answer counts: read
+    # from the manifest once, at load, so that a malformed block is refused then.
+    extra_outputs: list[str] = field(default_factory=list)
+    acceptance: Acceptance | None = None
     # The TorchScript module, when it is what serves (None when the compiled package does).
     module: torch.jit.ScriptModule | None = None
     load_seconds: float = 0.0
@@ -117,6 +121,7 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     labels = read_labels(manifest.verified_file(folder, "labels"))
     package = manifest.compiled
     package_path = manifest.verified_file(folder, "compiled") if package is not None else None
+    extra_outputs, acceptance = manifest.extra_outputs, manifest.acceptance
     if len(labels) != manifest.num_classes:
         raise ArtifactError(f"labels file has {len(labels)} classes but the manifest says {manifest.num_classes}")
     try:
@@ -141,7 +146,8 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     if runner is None:
         module = load_torchscript(model_path, manifest, len(labels), optimize)
         runner = TorchScriptRunner(module)
-    return Artifact(folder=folder, manifest=manifest, labels=labels, runner=runner, runtime=choice, module=module,
+    return Artifact(folder=folder, manifest=manifest, labels=labels, runner=runner, runtime=choice,
+                    extra_outputs=extra_outputs, acceptance=acceptance, module=module,
                     load_seconds=time.perf_counter() - started)
 
 

@@ -15,7 +15,7 @@ from .artifact import Artifact, first_line, load_artifact
 from .errors import ArtifactError
 from .config import Config
 from .inference import InferenceThreads, Item, Model, PassObserver, Scored
-from .manifest import Manifest
+from .manifest import Acceptance, Manifest
 from .postprocess import Output, Verdict, judge, split_row
 from .preprocess import Preprocessor
 from .runtime import RuntimeChoice
@@ -47,6 +47,11 @@ class Scorer:
         return self.artifact.manifest
 
     @property
+    def acceptance(self) -> Acceptance | None:
+        """When the top answer counts as an answer (None: the export recorded no thresholds)."""
+        return self.artifact.acceptance
+
+    @property
     def runtime(self) -> RuntimeChoice:
         return self.artifact.runtime
 
@@ -60,11 +65,11 @@ class Scorer:
 
     def read(self, row: torch.Tensor) -> Output:
         """One image's output row, split into what its columns mean."""
-        return split_row(row, len(self.labels), self.manifest.extra_outputs)
+        return split_row(row, len(self.labels), self.artifact.extra_outputs)
 
     def verdict(self, output: Output, min_probability: float | None = None) -> Verdict:
         """Whether the top answer is one of the known models (serve/postprocess.py's judge)."""
-        return judge(output, self.manifest.acceptance, self.labels, min_probability)
+        return judge(output, self.acceptance, self.labels, min_probability)
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather

@@ -274,7 +274,7 @@ class InferRequest:
         return value
 
     def available_outputs(self) -> list[str]:
-        judged = self.scorer.manifest.acceptance is not None or self.min_probability is not None
+        judged = self.scorer.acceptance is not None or self.min_probability is not None
         return [PROBABILITIES, LABELS] + ([ACCEPTED] if judged else [])
 
     def requested_outputs(self, outputs) -> list[tuple[str, bool, int | None]]:
@@ -427,7 +427,7 @@ class ModelMetadataResource:
             "outputs": [
                 {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(scorer.labels)]},
                 {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
-                *([{"name": ACCEPTED, "datatype": "BOOL", "shape": [-1]}] if scorer.manifest.acceptance else []),
+                *([{"name": ACCEPTED, "datatype": "BOOL", "shape": [-1]}] if scorer.acceptance else []),
             ],
         }
 

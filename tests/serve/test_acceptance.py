@@ -14,7 +14,9 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from serve.app import State, create_app, start_serving
+from serve.artifact import load_artifact
 from serve.config import Config
+from serve.errors import ArtifactError
 from serve.manifest import Acceptance
 from serve.metrics import Metrics
 from serve.postprocess import Output, judge
@@ -55,6 +57,13 @@ def test_the_probability_threshold_and_the_familiarity_gate():
     assert unfamiliar.reason == "this does not look like the car photos I know; closest: Beta Van 2002"
     # Exactly at a threshold is in.
     assert judge(output(0.6, 0.4, 0.0, familiarity=0.1), rule, LABELS).accepted is True
+
+
+@pytest.mark.parametrize("block", [{"min_probability": "high"}, {"min_familiarity": 0.1}])
+def test_a_malformed_threshold_is_refused_when_the_model_loads(tmp_path, block):
+    folder = write_tiny_artifact(tmp_path / "artifact", LABELS, acceptance=block)
+    with pytest.raises(ArtifactError, match="'acceptance' needs a numeric min_probability"):
+        load_artifact(folder)
 
 
 def test_a_request_threshold_replaces_the_exports():
