@@ -104,8 +104,8 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
     min_probability = calibration.choose_threshold(top, keep=ACCEPT_SHARE)
 
     def accepted(batch_logits, batch_features) -> torch.Tensor:
-        return (calibration.familiarity(batch_features, directions) >= min_familiarity) & \
-            (calibration.top_probability(batch_logits, temperature) >= min_probability)
+        return calibration.acceptance(calibration.familiarity(batch_features, directions), min_familiarity) & \
+            calibration.acceptance(calibration.top_probability(batch_logits, temperature), min_probability)
 
     kept = accepted(logits, features)
     right = logits.argmax(dim=1) == valid.labels

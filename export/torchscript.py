@@ -17,6 +17,8 @@ import warnings
 import torch
 from torch import nn
 
+from .calibration import familiarity
+
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | None:
     """(body, pooling, rest of the head) of a fastai vision model, or None for another shape.
@@ -61,8 +63,7 @@ class ServedModel(nn.Module):
         probabilities = torch.softmax(logits / self.temperature, dim=-1)
         if not self.familiar:
             return probabilities
-        familiarity = (nn.functional.normalize(features, dim=-1) @ self.directions.T).max(dim=-1).values
-        return probabilities, familiarity
+        return probabilities, familiarity(features, self.directions)
 
 
 def probabilities_of(outputs) -> torch.Tensor:
