@@ -5,11 +5,9 @@ writes what they return into the artifact.
 
 - `fit_temperature`: the T that makes softmax(logits / T) best match the labels (lowest NLL).
 - `expected_calibration_error`: how far stated confidence is from accuracy, in equal-width bins.
-- `top_probability`, `energy`: scores that are high when the model recognises the photo.
+- `top_probability`: the calibrated top probability, high when the model recognises the photo.
 - `class_directions`, `familiarity`: how close a photo's pooled features come to those of the
   training photos of any class; low for photos with no car at all.
-- `fit_class_gaussians`, `mahalanobis_score`: a score from the model's features, high near the
-  training photos of some class, for photos unlike anything it was trained on.
 - `roc_auc`: how well a score separates photos of known classes from others (rank-based).
 - `choose_threshold`: the strictest acceptance threshold that still keeps a given share of
   photos of the known classes.
@@ -70,15 +68,6 @@ def top_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return calibrated_probabilities(logits, temperature).max(dim=-1).values
 
 
-def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The negative free energy T * logsumexp(logits / T): high for photos like the training data.
-
-    Unlike the top probability it keeps the logits' overall size, which softmax throws away;
-    it needs the logits, not just the probabilities.
-    """
-    return temperature * torch.logsumexp(logits / temperature, dim=-1)
-
-
 def class_directions(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
     """The unit-length mean feature vector of each class, [classes, D], for `familiarity`."""
     if features.dim() != 2 or labels.shape != (features.shape[0],):
@@ -100,40 +89,6 @@ def familiarity(features: torch.Tensor, directions: torch.Tensor) -> torch.Tenso
     into the served module.
     """
     return (torch.nn.functional.normalize(features, dim=-1) @ directions.T).max(dim=-1).values
-
-
-def fit_class_gaussians(features: torch.Tensor, labels: torch.Tensor, classes: int,
-                        shrink: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means and a whitening matrix W of features, for `mahalanobis_score`.
-
-    One covariance shared by all classes (the features of each class around its own mean), shrunk
-    towards a multiple of the identity with the same trace: with a few dozen photos per class and
-    hundreds of feature dimensions the raw estimate is close to singular. W satisfies
-    W W^T = covariance^-1, so the distance is a plain Euclidean one after multiplying by W.
-    """
-    if features.dim() != 2 or labels.shape != (features.shape[0],):
-        raise ValueError("need features [N, D] and one label per row")
-    if not 0.0 < shrink <= 1.0:
-        raise ValueError(f"shrink must be in (0, 1], not {shrink}")
-    x, labels = features.detach().double(), labels.detach().long()
-    counts = torch.bincount(labels, minlength=classes)
-    if len(counts) != classes or (counts == 0).any():
-        raise ValueError("every class needs at least one photo and labels must be below `classes`")
-    means = torch.zeros(classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x) / counts[:, None]
-    centred = x - means[labels]
-    covariance = centred.T @ centred / len(x)
-    dims = covariance.shape[0]
-    covariance = (1 - shrink) * covariance + shrink * covariance.trace() / dims * torch.eye(dims, dtype=torch.float64)
-    whitening = torch.linalg.cholesky(torch.linalg.inv(covariance))
-    return means.float(), whitening.float()
-
-
-def mahalanobis_score(features: torch.Tensor, means: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
-    """Minus the squared Mahalanobis distance to the nearest class mean, one per row (higher is
-    more like the training photos). Two small matrix products, cheap enough to run in the served
-    module beside the classifier."""
-    z, centres = features @ whitening, means @ whitening
-    return -torch.cdist(z, centres).pow(2).min(dim=-1).values
 
 
 def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
