@@ -8,11 +8,12 @@ Writes `<out>/export.pkl` with `learn.export()`; `python -m export` turns it int
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import backbones
+from . import backbones, checkpoint, datafolder, progress
 from . import learner as learner_io
 
 # Chosen by measurement on the 30-class car set (see README, "Training recipe"): 2 head epochs and
@@ -72,7 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=DEFAULTS["ema"], metavar="DECAY",
                    help="keep an exponential moving average of the weights over the steps at --size and save it "
                         "instead of the last weights; 0 turns it off (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines with the time left stay)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over even if OUT holds a checkpoint of this or another run (it is replaced)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop once this many epochs of the run have finished (head-only epochs included); the "
+                        "checkpoint is saved, and the same command without it goes on from there")
     args = p.parse_args(argv)
     if not args.data.is_dir():
         p.error(f"DATA {args.data} is not a folder")
@@ -80,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --size >= 32, --epochs >= 0, --freeze-epochs >= 0 and 0 < --valid-pct < 1")
     if args.final_epochs is not None and (args.final_epochs < 1 or args.early_size < 32):
         p.error("need --final-epochs >= 1 (the served size must be trained on) and --early-size >= 32")
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error("need --stop-after >= 1")
     if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.drop_path < 1 or not 0 <= args.ema < 1:
         p.error("need --mixup >= 0, --cutmix >= 0, 0 <= --drop-path < 1 and 0 <= --ema < 1")
     return args
@@ -171,16 +179,16 @@ def resume_learner(dls, args: argparse.Namespace):
 
 def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict:
     """What `python -m export` needs to know about this run, stored beside the learner."""
-    data = args.data.resolve()
-    valid = [str(Path(item).resolve().relative_to(data)) for item in dls.valid_ds.items]
-    training = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("quiet",)}
+    # Item paths are kept as fastai found them, under DATA: resolving them would follow symlinked
+    # class folders out of the data folder.
+    valid = [os.path.relpath(item, args.data) for item in dls.valid_ds.items]
     return {
         "versions": learner_io.installed_versions(),
-        "data": str(data),
+        "data": str(args.data.resolve()),
         "valid_files": valid,
         "validation": {"accuracy": round(float(acc), 4), "loss": round(float(loss), 4), "images": len(valid),
                        "split": f"random {args.valid_pct:.0%} of the data, seed {args.seed}"},
-        "training": training,
+        "training": checkpoint.recipe(args),
         # A resumed run's recipe is the whole chain: this run on top of the one it resumed.
         "resumed_from": learner_io.read_sidecar(args.resume).get("training") if args.resume else None,
     }
@@ -197,18 +205,44 @@ def training_callbacks(args: argparse.Namespace) -> list:
     return []
 
 
+def run_plan(args: argparse.Namespace, train_batches: int, valid_batches: int) -> progress.Plan:
+    """Every epoch of the run in order: the head-only ones (unless continuing an exported learner),
+    then the unfrozen ones, each with the size it trains at."""
+    early = args.early_size if progressive(args) else args.size
+    n_early = early_epochs(args)
+    head = [] if args.resume else [(checkpoint.HEAD, e, early) for e in range(args.freeze_epochs)]
+    body = [(checkpoint.BODY, e, early if e < n_early else args.size) for e in range(args.epochs)]
+    return progress.Plan(head + body, train_batches, valid_batches)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    from fastai.vision.all import set_seed
+    from fastai.vision.all import get_image_files, set_seed, trainable_params
 
     from .stages import SwitchSize, WeightAverage
+
+    items = get_image_files(args.data)
+    try:
+        datafolder.check(items, args.data)
+    except datafolder.DataFolderError as exc:
+        raise SystemExit(f"make train: {exc}") from None
+    checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
+                                         checkpoint.data_fingerprint(items, args.data))
+    if args.fresh:
+        checkpoints.remove()
+    try:
+        saved = checkpoints.read()
+    except checkpoint.CheckpointMismatch as exc:
+        raise SystemExit(f"make train: {exc}") from None
 
     set_seed(args.seed, reproducible=True)
     dls = build_dataloaders(args)
     early = build_dataloaders(args, args.early_size) if progressive(args) else dls
     if list(early.vocab) != list(dls.vocab) or len(early.train) != len(dls.train):
         raise SystemExit("the early-size dataloaders differ from the final ones")  # same items by construction
+    # Each dataloader shuffles with a generator of its own, which a resumed run must restore too.
+    loaders = [early.train, early.valid] + ([dls.train, dls.valid] if early is not dls else [])
     print(f"{len(dls.vocab)} classes, {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, "
           f"{args.size} px {args.resize}" + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
@@ -216,20 +250,62 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         from fastai.callback.progress import ProgressCallback
         learn.remove_cb(ProgressCallback)
+
+    plan = run_plan(args, len(dls.train), len(dls.valid))
+    done = plan.index(saved.position.phase, saved.position.epoch) + 1 if saved else 0
+    if saved:
+        plan.measured = {int(k): v for k, v in saved.seconds.items()}
+        print(f"going on from the checkpoint after epoch {done} of {len(plan.epochs)} ({checkpoints.path})",
+              file=sys.stderr)
+    if done < len(plan.epochs):
+        plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size)
+                                  for size in plan.sizes() if size not in plan.measured})
+        print(f"training: {plan.describe(done)}", file=sys.stderr, flush=True)
+    clock = progress.Clock(plan)
     mixing = training_callbacks(args)
-    started = time.perf_counter()
-    if args.freeze_epochs and not args.resume:
-        learn.freeze()
-        learn.fit_one_cycle(args.freeze_epochs, args.lr, cbs=[*mixing, SwitchSize(early, dls, args.freeze_epochs)])
-    if args.arch == "lite0":
-        learn.freeze_to(1)
-    else:
-        learn.unfreeze()
     n_early = early_epochs(args)
     average = WeightAverage(args.ema, start_epoch=n_early) if args.ema else None
-    if args.epochs:
-        learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2),
-                            cbs=[*mixing, SwitchSize(early, dls, n_early), *([average] if average else [])])
+    started = time.perf_counter()
+
+    def phase_start(phase: str, epochs: int) -> int | None:
+        return 0 if saved is None else saved.position.start_of(phase, epochs)
+
+    def saving(phase: str, start: int, before: int) -> list:
+        return [checkpoint.SaveEachEpoch(checkpoints, phase, start, loaders, clock,
+                                         average if phase == checkpoint.BODY else None, args.stop_after, before)]
+
+    def continue_from_checkpoint(phase: str) -> None:
+        """Put the saved state back into a learner frozen for `phase`, right before its fit."""
+        if saved is not None and saved.position.phase == phase:
+            saved.load_into(learn, loaders, average)
+
+    try:
+        head_epochs = 0 if args.resume else args.freeze_epochs
+        start = phase_start(checkpoint.HEAD, head_epochs)
+        if head_epochs and start is not None:
+            learn.freeze()
+            continue_from_checkpoint(checkpoint.HEAD)
+            learn.fit_one_cycle(head_epochs, args.lr, start_epoch=start,
+                                cbs=[*mixing, SwitchSize(early, dls, head_epochs), *saving(checkpoint.HEAD, start, 0)])
+        if saved is not None and saved.position.phase == checkpoint.HEAD and start is None:
+            learn.freeze()  # the head phase is over: its state goes back, and freeze_to below clears the optimiser
+            saved.load_into(learn, loaders)
+        if args.arch == "lite0":
+            learn.freeze_to(1)
+        else:
+            learn.unfreeze()
+        start = phase_start(checkpoint.BODY, args.epochs)
+        if args.epochs and start is not None:
+            continue_from_checkpoint(checkpoint.BODY)
+            learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2), start_epoch=start,
+                                cbs=[*mixing, SwitchSize(early, dls, n_early), *([average] if average else []),
+                                     *saving(checkpoint.BODY, start, head_epochs)])
+        elif saved is not None and saved.position.phase == checkpoint.BODY:
+            saved.load_into(learn, loaders, average)  # every epoch had run: only the saving was left
+    except checkpoint.StopRun as stop:
+        print(f"stopped after epoch {stop.epochs_done} of {len(plan.epochs)}; the checkpoint is {checkpoints.path}: "
+              "run the same command without --stop-after to go on", file=sys.stderr)
+        return 0
     learn.dls = dls
     if average is not None:
         loss, acc = learn.validate()
@@ -239,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     loss, acc = learn.validate()
     # The closure-based splitter is only needed for training; the exported learner keeps fastai's
     # own. The optimizer goes too: its state is shaped by the old splitter and is not exported.
-    from fastai.vision.all import trainable_params
     learn.splitter, learn.opt = trainable_params, None
     args.out.mkdir(parents=True, exist_ok=True)
     target = (args.out / "export.pkl").resolve()
+    # The weights are written before anything that could fail while describing the run.
     learn.export(target)
     learner_io.write_sidecar(target, describe_run(args, dls, loss, acc))
     minutes = (time.perf_counter() - started) / 60

@@ -1,0 +1,219 @@
+"""Checkpoints of a training run: one after every epoch, so that a run stopped at any point goes on
+from the last finished epoch and ends with the weights an uninterrupted run would have had.
+
+A checkpoint holds the weights, the optimiser's state, where the run is in its schedule (the phase
+and the epoch within it), every random number generator the epochs draw from (Python's, NumPy's,
+torch's and each dataloader's own shuffling generator) and, with --ema, the running average. It
+also holds the run's arguments and a fingerprint of the data folder, so that a checkpoint is only
+ever continued by the run that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastcore.foundation import L
+
+FILE = "checkpoint.pth"
+FORMAT = 1
+HEAD, BODY = "head", "body"
+# Arguments that do not change what is trained: where it goes, how it is shown, when to pause.
+NOT_RECIPE = ("out", "quiet", "stop_after", "fresh")
+
+
+class CheckpointMismatch(Exception):
+    """The checkpoint was made by another run; the message says what differs."""
+
+
+class StopRun(Exception):
+    """--stop-after was reached: the checkpoint is saved and the run ends here."""
+
+    def __init__(self, epochs_done: int):
+        super().__init__(epochs_done)
+        # fastai rewrites the args of an exception raised in a callback; an attribute survives.
+        self.epochs_done = epochs_done
+
+
+def recipe(args) -> dict:
+    """The arguments that decide the weights, as plain values."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+
+
+def data_fingerprint(items: list[Path], root: Path) -> str:
+    """sha256 over every photo's path in the data folder and its size: a file added, removed,
+    renamed or rewritten to another size changes it. Reading every byte would cost seconds on
+    each start for little more."""
+    digest = hashlib.sha256()
+    for item in sorted(os.path.relpath(p, root) for p in items):
+        digest.update(f"{item}\0{os.path.getsize(os.path.join(root, item))}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Position:
+    """The last finished epoch: `epoch` (counted from 0) of `phase` (HEAD, then BODY)."""
+
+    phase: str
+    epoch: int
+
+    def start_of(self, phase: str, epochs_in_phase: int) -> int | None:
+        """The epoch `phase` goes on from, or None when it has nothing left to run."""
+        if phase == HEAD and self.phase == BODY:
+            return None
+        if phase == BODY and self.phase == HEAD:
+            return 0
+        following = self.epoch + 1
+        return following if following < epochs_in_phase else None
+
+
+def _plain(value):
+    """The optimiser's state in plain containers and numbers: the weights-only loader takes no
+    NumPy scalars and no fastcore lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, L):
+        return [_plain(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def rng_state(loaders: list) -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "loaders": [loader.rng.getstate() for loader in loaders]}
+
+
+def restore_rng(state: dict, loaders: list) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    for loader, saved in zip(loaders, state["loaders"], strict=True):
+        loader.rng.setstate(_tuples(saved))
+
+
+def _tuples(state):
+    """random.setstate wants the tuples getstate gave; a saved state may come back with lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+@dataclass
+class Saved:
+    """A checkpoint read back: where the run was, and what to restore."""
+
+    position: Position
+    model: dict
+    optimizer: dict
+    rng: dict
+    average: dict | None
+    average_steps: int
+    seconds: dict
+
+    def load_into(self, learn, loaders: list, average=None) -> None:
+        """Weights and optimiser state into `learn` (whose optimiser must already be frozen as the
+        phase being continued was), and the generators and running average back as they were."""
+        learn.model.load_state_dict(self.model)
+        learn.opt.load_state_dict(self.optimizer)
+        if average is not None:
+            average.average = self.average
+            average.steps = self.average_steps
+        restore_rng(self.rng, loaders)
+
+
+class Checkpoints:
+    """The checkpoint file of one run folder."""
+
+    def __init__(self, folder: Path, recipe: dict, data: str):
+        self.path = folder / FILE
+        self.recipe, self.data = recipe, data
+
+    def read(self) -> Saved | None:
+        """The run's last checkpoint; None if there is none. Raises CheckpointMismatch when it
+        belongs to another run, naming what differs."""
+        if not self.path.is_file():
+            return None
+        try:
+            # Plain tensors, numbers and strings only: the weights-only loader refuses anything else.
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file fails in many ways
+            raise CheckpointMismatch(f"{self.path} cannot be read ({type(exc).__name__}); "
+                                     "pass --fresh to start the run over") from None
+        if state.get("format") != FORMAT:
+            raise CheckpointMismatch(f"{self.path} has format {state.get('format')}, this code writes {FORMAT}; "
+                                     "pass --fresh to start the run over")
+        differs = [f"--{k.replace('_', '-')} {state['recipe'].get(k)!r} (now {v!r})"
+                   for k, v in self.recipe.items() if state["recipe"].get(k) != v]
+        differs += [f"--{k.replace('_', '-')} {v!r} (now unset)" for k, v in state["recipe"].items()
+                    if k not in self.recipe]
+        if state["data"] != self.data:
+            differs.append("the photos in the data folder (files added, removed or changed)")
+        if differs:
+            raise CheckpointMismatch(f"{self.path} is from another run: it was made with " + ", ".join(differs)
+                                     + "; run with the same arguments and data to go on, or pass --fresh to "
+                                     "start over")
+        return Saved(Position(state["phase"], state["epoch"]), state["model"], state["optimizer"], state["rng"],
+                     state.get("average"), state.get("average_steps", 0), state.get("seconds", {}))
+
+    def write(self, learn, position: Position, loaders: list, average=None, seconds: dict | None = None) -> None:
+        state = {
+            "format": FORMAT, "recipe": self.recipe, "data": self.data,
+            "phase": position.phase, "epoch": position.epoch,
+            "model": learn.model.state_dict(), "optimizer": _plain(learn.opt.state_dict()),
+            "rng": rng_state(loaders),
+            "average": average.average if average is not None else None,
+            "average_steps": average.steps if average is not None else 0,
+            "seconds": seconds or {},
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # A run killed while writing keeps the previous checkpoint: the new one replaces it whole.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with open(temporary, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SaveEachEpoch(Callback):
+    """Writes a checkpoint after every epoch of one phase's fit that actually ran (fastai still
+    calls after_epoch for the epochs a resumed fit skips), after `clock` has reported it, then
+    stops the run if --stop-after is reached."""
+
+    order = 90  # after the optimizer, the recorder and the running average are done with the epoch
+
+    def __init__(self, checkpoints: Checkpoints, phase: str, start_epoch: int, loaders: list, clock,
+                 average=None, stop_after: int | None = None, epochs_before: int = 0):
+        self.checkpoints, self.phase, self.start_epoch, self.loaders = checkpoints, phase, start_epoch, loaders
+        self.clock, self.average, self.stop_after, self.epochs_before = clock, average, stop_after, epochs_before
+
+    def before_epoch(self):
+        if self.epoch >= self.start_epoch:
+            self.clock.epoch_started()
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:
+            return
+        values = self.learn.recorder.values
+        accuracy = float(values[-1][-1]) if values and values[-1] else None
+        seconds = self.clock.epoch_done(self.phase, self.epoch, accuracy)
+        self.checkpoints.write(self.learn, Position(self.phase, self.epoch), self.loaders, self.average, seconds)
+        done = self.epochs_before + self.epoch + 1
+        if self.stop_after is not None and done >= self.stop_after:
+            raise StopRun(done)

@@ -1,0 +1,108 @@
+"""How long a training run will take: an estimate before the first epoch, and the time left after each.
+
+The estimate times a few training steps on a synthetic batch at each input size and scales them
+by the number of batches; once an epoch at a size has run, its measured time replaces the estimate.
+The weights, BatchNorm statistics, gradients and random generators are put back as they were, so
+timing changes nothing about the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# A validation batch is a forward pass only: about a third of a training step (forward + backward).
+VALID_SHARE = 1 / 3
+
+
+def step_seconds(model: torch.nn.Module, batch_size: int, size: int, repeats: int = 2) -> float:
+    """The fastest of `repeats` forward + backward passes at `size`, after one warm-up pass."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    x = torch.rand(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    with torch.random.fork_rng():
+        model.train()
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            out = model(x)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().logsumexp(dim=1).sum().backward()
+            if i:
+                best = min(best, time.perf_counter() - started)
+            for p in model.parameters():
+                p.grad = None
+    model.load_state_dict(saved)
+    model.train(was_training)
+    return best
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+@dataclass
+class Plan:
+    """The epochs of a run in order, each as (phase, epoch within the phase, input size)."""
+
+    epochs: list[tuple[str, int, int]]
+    train_batches: int
+    valid_batches: int
+    estimate: dict[int, float] = field(default_factory=dict)  # seconds per epoch, by size
+    measured: dict[int, list[float]] = field(default_factory=dict)
+
+    def sizes(self) -> list[int]:
+        return sorted({size for *_, size in self.epochs})
+
+    def estimate_from_steps(self, steps: dict[int, float]) -> None:
+        for size, step in steps.items():
+            self.estimate[size] = step * (self.train_batches + VALID_SHARE * self.valid_batches)
+
+    def epoch_seconds(self, size: int) -> float:
+        seen = self.measured.get(size)
+        return sorted(seen)[len(seen) // 2] if seen else self.estimate.get(size, 0.0)
+
+    def left_after(self, index: int) -> float:
+        """Seconds the epochs after the `index`-th (counted from 0) are expected to take."""
+        return sum(self.epoch_seconds(size) for *_, size in self.epochs[index + 1:])
+
+    def index(self, phase: str, epoch: int) -> int:
+        return next(i for i, (p, e, _) in enumerate(self.epochs) if (p, e) == (phase, epoch))
+
+    def describe(self, done: int) -> str:
+        counts: dict[int, int] = {}
+        for *_, size in self.epochs[done:]:
+            counts[size] = counts.get(size, 0) + 1
+        parts = ", ".join(f"{n} at {size} px" for size, n in counts.items())
+        total = sum(self.epoch_seconds(size) for *_, size in self.epochs[done:])
+        steps = "; ".join(f"{size} px {self.epoch_seconds(size) / 60:.1f} min an epoch" for size in counts)
+        left = len(self.epochs) - done
+        return (f"expected to take about {duration(total)} for {left} epoch{'s' * (left != 1)} ({parts}; "
+                f"{steps}, {self.train_batches} training batches each)")
+
+
+class Clock:
+    """Per-epoch progress lines: the epoch, its time, validation accuracy and the time left."""
+
+    def __init__(self, plan: Plan, stream=sys.stderr):
+        self.plan, self.stream = plan, stream
+        self.started = time.perf_counter()
+
+    def epoch_started(self) -> None:
+        self.started = time.perf_counter()
+
+    def epoch_done(self, phase: str, epoch: int, accuracy: float | None) -> dict:
+        took = time.perf_counter() - self.started
+        i = self.plan.index(phase, epoch)
+        size = self.plan.epochs[i][2]
+        self.plan.measured.setdefault(size, []).append(took)
+        acc = f", validation accuracy {accuracy:.4f}" if accuracy is not None else ""
+        left = self.plan.left_after(i)
+        print(f"epoch {i + 1} of {len(self.plan.epochs)} ({phase}, {size} px): {took / 60:.1f} min{acc}; "
+              + (f"about {duration(left)} left" if left else "the last one"), file=self.stream, flush=True)
+        self.started = time.perf_counter()
+        return {str(k): v for k, v in self.plan.measured.items()}

@@ -1,0 +1,153 @@
+"""Training checkpoints: a run stopped after any epoch and started again ends with the weights an
+uninterrupted run has; a checkpoint of another run, or a bad data folder, stops training at once."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from export import checkpoint
+from export.learner import load
+from tests.conftest import CARS, ROOT
+
+# Random weights and tiny sizes keep each run to seconds; one head epoch, then one unfrozen epoch at
+# the early size and one at the final size, so a stop can fall in each phase and across the switch.
+RECIPE = ["--size", "48", "--early-size", "32", "--final-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",
+          "--batch-size", "8", "--no-pretrained", "--quiet"]
+
+
+def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export.train", str(data), "--out", str(out), *RECIPE, *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load(out / "export.pkl").model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run = train(CARS, out)
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_a_stopped_run_resumes_to_the_same_weights(uninterrupted, tmp_path, stop_after):
+    first = train(CARS, tmp_path, "--stop-after", str(stop_after))
+    assert first.returncode == 0, first.stderr
+    assert f"stopped after epoch {stop_after} of 3" in first.stderr
+    assert not (tmp_path / "export.pkl").exists() and (tmp_path / checkpoint.FILE).is_file()
+    second = train(CARS, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"going on from the checkpoint after epoch {stop_after} of 3" in second.stderr
+    # Only the epochs after the checkpoint ran the second time.
+    ran = [line for line in second.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" (")[0] for line in ran] == [f"epoch {n} of 3" for n in range(stop_after + 1, 4)]
+    expected, got = weights(uninterrupted), weights(tmp_path)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_the_run_says_how_long_it_will_take_before_the_first_epoch(uninterrupted, tmp_path):
+    run = train(CARS, tmp_path, "--stop-after", "1")
+    lines = run.stderr.splitlines()
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("training: expected to take about"))
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1 of 3"))
+    assert estimate < first_epoch
+    assert "about" in lines[first_epoch] and "left" in lines[first_epoch]
+
+
+def test_a_checkpoint_of_other_arguments_is_refused(tmp_path):
+    assert train(CARS, tmp_path, "--stop-after", "1").returncode == 0
+    other = train(CARS, tmp_path, "--lr", "0.001")
+    assert other.returncode != 0
+    assert "is from another run" in other.stderr and "--lr 0.003 (now 0.001)" in other.stderr
+    assert not (tmp_path / "export.pkl").exists()
+    fresh = train(CARS, tmp_path, "--lr", "0.001", "--fresh", "--stop-after", "1")
+    assert fresh.returncode == 0, fresh.stderr and "going on" not in fresh.stderr
+
+
+def test_a_checkpoint_of_another_data_folder_is_refused(tmp_path):
+    data = tmp_path / "cars"
+    shutil.copytree(CARS, data)
+    out = tmp_path / "out"
+    assert train(data, out, "--stop-after", "1").returncode == 0
+    victim = sorted(data.glob("*/*.jpg"))[0]
+    victim.unlink()
+    run = train(data, out)
+    assert run.returncode != 0
+    assert "the photos in the data folder" in run.stderr
+
+
+def test_a_class_with_too_few_photos_stops_training_before_any_epoch(tmp_path):
+    data = tmp_path / "cars"
+    shutil.copytree(CARS, data)
+    thin = sorted(data.iterdir())[0]
+    for photo in sorted(thin.glob("*.jpg"))[4:]:
+        photo.unlink()
+    run = train(data, tmp_path / "out")
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert str(thin) in last and "has 4 photos" in last
+    assert "epoch 1" not in run.stderr
+
+
+def test_an_unreadable_photo_stops_training_before_any_epoch(tmp_path):
+    data = tmp_path / "cars"
+    shutil.copytree(CARS, data)
+    broken = sorted(data.glob("*/*.jpg"))[3]
+    broken.write_bytes(broken.read_bytes()[:300])
+    run = train(data, tmp_path / "out")
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert str(broken) in last and "cannot be read" in last
+    assert "epoch 1" not in run.stderr
+
+
+def test_symlinked_class_folders_train_and_record_paths_inside_the_data_folder(tmp_path):
+    data = tmp_path / "linked"
+    data.mkdir()
+    for folder in sorted(CARS.iterdir()):
+        if folder.is_dir():
+            (data / folder.name).symlink_to(folder, target_is_directory=True)
+    out = tmp_path / "out"
+    run = train(data, out, "--epochs", "0", "--final-epochs", "1")
+    assert run.returncode == 0, run.stderr
+    import json
+    info = json.loads((out / "export.pkl.json").read_text())
+    assert info["valid_files"] and all((data / rel).is_file() for rel in info["valid_files"])
+    assert all(not rel.startswith("..") for rel in info["valid_files"])
+
+
+def test_positions_say_where_each_phase_goes_on():
+    head_done = checkpoint.Position(checkpoint.HEAD, 1)
+    assert head_done.start_of(checkpoint.HEAD, 2) is None and head_done.start_of(checkpoint.BODY, 3) == 0
+    mid_head = checkpoint.Position(checkpoint.HEAD, 0)
+    assert mid_head.start_of(checkpoint.HEAD, 2) == 1
+    mid_body = checkpoint.Position(checkpoint.BODY, 1)
+    assert mid_body.start_of(checkpoint.HEAD, 2) is None and mid_body.start_of(checkpoint.BODY, 3) == 2
+    assert checkpoint.Position(checkpoint.BODY, 2).start_of(checkpoint.BODY, 3) is None
+
+
+def test_a_torn_checkpoint_is_refused_with_one_line(tmp_path):
+    (tmp_path / checkpoint.FILE).write_bytes(b"not a checkpoint")
+    run = train(CARS, tmp_path)
+    assert run.returncode != 0
+    assert "cannot be read" in run.stderr.strip().splitlines()[-1]
+
+
+def test_an_image_is_needed_per_class_folder_even_when_empty(tmp_path):
+    data = tmp_path / "cars"
+    shutil.copytree(CARS, data)
+    (data / "Empty Class 2012").mkdir()
+    Image.new("RGB", (8, 8)).save(data / "stray.txt", format="PNG")  # not an image name: ignored
+    run = train(data, tmp_path / "out")
+    assert run.returncode != 0
+    assert "Empty Class 2012 has 0 photos" in run.stderr.strip().splitlines()[-1]
