@@ -18,7 +18,7 @@ from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
-from .postprocess import clamp_k, predictions
+from .postprocess import clamp_k
 from .scoring import build_scorer
 from .serving import NotServing, Serving
 from .upload import read_upload
@@ -91,12 +91,11 @@ class PredictResource:
                 raise reject(exc) from None
             self.metrics.observe_queue(scored.queue)
             ranked_at = time.perf_counter()
-            output = scorer.read(scored.rows[0])
-            verdict = scorer.verdict(output, min_probability)
-            answer = predictions(output.probabilities, scorer.labels, k)
+            answer = scorer.answer(scored.rows[0], k, min_probability)
             finished = time.perf_counter()
+            verdict = answer.verdict
             resp.media = {
-                "predictions": answer,
+                "predictions": answer.predictions(),
                 "accepted": verdict.accepted,
                 **({"reason": verdict.reason} if verdict.reason else {}),
                 "model": {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256},

@@ -1,9 +1,9 @@
 """Where model output becomes an answer: one image's output split into what it means, its
 probabilities ranked into classes, and the verdict on whether the top class is an answer.
 
-Every route ranks with `rank` and judges with `judge`, and only formats the result its own way
-(/predict as objects, /v2 as Triton's classification strings and tensors, the batch command as
-rows).
+`answer` puts those together once; every route takes its `Answer` and only formats it its own
+way (/predict as objects, /v2 as Triton's classification strings and tensors, the batch command
+as rows).
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ def rank(probabilities: torch.Tensor, labels: list[str], k: int) -> list[Ranked]
     """The k most likely classes of one image's probability row, most likely first."""
     values, indices = torch.topk(probabilities, clamp_k(k, len(labels)))
     return [Ranked(i, labels[i], p) for p, i in zip(values.tolist(), indices.tolist())]
-
-
-def predictions(probabilities: torch.Tensor, labels: list[str], k: int) -> list[dict]:
-    """/predict's form: label and probability (six decimals) for the top k."""
-    return [{"label": r.label, "probability": round(r.probability, 6)} for r in rank(probabilities, labels, k)]
 
 
 @dataclass(frozen=True)
@@ -77,3 +72,28 @@ def judge(output: Output, acceptance: Acceptance | None, labels: list[str],
     if probability < threshold:
         return Verdict(False, f"not one of the {len(labels)} models I know; closest: {closest}")
     return Verdict(True)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one image's output row means: its `output`, its `k` most likely classes and the
+    verdict on the top one."""
+
+    output: Output
+    ranked: list[Ranked]
+    verdict: Verdict
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        return self.output.probabilities
+
+    def predictions(self) -> list[dict]:
+        """/predict's and the batch rows' form: label and probability (six decimals) for the top k."""
+        return [{"label": r.label, "probability": round(r.probability, 6)} for r in self.ranked]
+
+
+def answer(row: torch.Tensor, labels: list[str], extra_outputs: list[str], acceptance: Acceptance | None, k: int,
+           min_probability: float | None = None) -> Answer:
+    """One image's output row made an answer: split, ranked to `k` classes and judged."""
+    output = split_row(row, len(labels), extra_outputs)
+    return Answer(output, rank(output.probabilities, labels, k), judge(output, acceptance, labels, min_probability))

@@ -16,7 +16,7 @@ from .errors import ArtifactError
 from .config import Config
 from .inference import InferenceThreads, Item, Model, PassObserver, Scored
 from .manifest import Acceptance, Manifest
-from .postprocess import Output, Verdict, judge, split_row
+from .postprocess import Answer, Output, answer, split_row
 from .preprocess import Preprocessor
 from .runtime import RuntimeChoice
 from .versions import ModelFolder, VersionError
@@ -67,9 +67,9 @@ class Scorer:
         """One image's output row, split into what its columns mean."""
         return split_row(row, len(self.labels), self.artifact.extra_outputs)
 
-    def verdict(self, output: Output, min_probability: float | None = None) -> Verdict:
-        """Whether the top answer is one of the known models (serve/postprocess.py's judge)."""
-        return judge(output, self.acceptance, self.labels, min_probability)
+    def answer(self, row: torch.Tensor, k: int, min_probability: float | None = None) -> Answer:
+        """One image's output row as the answer every route formats (serve/postprocess.py)."""
+        return answer(row, self.labels, self.artifact.extra_outputs, self.acceptance, k, min_probability)
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather

@@ -473,9 +473,10 @@ class InferResource:
             self.metrics.observe_rejection(rejected)
             raise V2Error(rejected.status, f"image {scored.rows.index(rejected)}: {rejected.description}")
         self.metrics.observe_queue(scored.queue)
-        read = [scorer.read(row) for row in scored.rows]
-        accepted = [scorer.verdict(output, infer.min_probability).accepted for output in read]
-        entries, blobs = response_outputs(infer, torch.stack([output.probabilities for output in read]), accepted)
+        # k only shapes the ranked classes, which the classification outputs rank per output themselves.
+        answers = [scorer.answer(row, 1, infer.min_probability) for row in scored.rows]
+        entries, blobs = response_outputs(infer, torch.stack([a.probabilities for a in answers]),
+                                          [a.verdict.accepted for a in answers])
         # The version that scored this request, even if another has been loaded since.
         answer = {"model_name": scorer.name, "model_version": scorer.version, "outputs": entries}
         if infer.id is not None:

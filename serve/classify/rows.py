@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..errors import ImageRejected
 from ..manifest import Manifest
-from ..postprocess import rank
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 MAX_IMAGE_PIXELS = 50_000_000
@@ -46,10 +45,9 @@ def score_file(scorer, folder: Path, path: Path, k: int) -> Row:
     result = scorer.score([data]).rows[0]
     if isinstance(result, ImageRejected):
         return Row(relative, error=f"{result.reason}: {result.description}")
-    output = scorer.read(result)
-    verdict = scorer.verdict(output)
-    return Row(relative, [(r.label, round(r.probability, 6)) for r in rank(output.probabilities, scorer.labels, k)],
-               accepted=verdict.accepted, reason=verdict.reason)
+    answer = scorer.answer(result, k)
+    return Row(relative, [(r.label, round(r.probability, 6)) for r in answer.ranked],
+               accepted=answer.verdict.accepted, reason=answer.verdict.reason)
 
 
 def batch_config(model_folder: Path, max_image_pixels: int, workers: int):

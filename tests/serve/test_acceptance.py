@@ -184,3 +184,20 @@ def test_batch_rows_carry_the_verdict(judged, tmp_path):
     assert rows["sure.png"]["accepted"] is True and rows["sure.png"]["reason"] is None
     assert rows["unsure.png"]["accepted"] is False and rows["unsure.png"]["reason"].startswith("not one of the 3")
     assert rows["unfamiliar.png"]["accepted"] is False
+
+
+def test_answer_splits_ranks_and_judges_one_row_in_one_place():
+    from serve.manifest import Acceptance
+    from serve.postprocess import answer
+
+    labels = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "Volvo 240 Sedan 1993"]
+    row = torch.tensor([0.2, 0.7, 0.1, 0.9])  # three probabilities, then the familiarity column
+    gate = Acceptance(min_probability=0.5, min_familiarity=0.95)
+    got = answer(row, labels, ["familiarity"], gate, k=2)
+    assert [r.label for r in got.ranked] == ["Audi S4 Sedan 2012", "Audi S4 Sedan 2007"]
+    assert got.predictions() == [{"label": "Audi S4 Sedan 2012", "probability": 0.7},
+                                 {"label": "Audi S4 Sedan 2007", "probability": 0.2}]
+    assert got.output.familiarity == pytest.approx(0.9)
+    assert got.verdict.accepted is False and "does not look like" in got.verdict.reason
+    assert answer(row, labels, ["familiarity"], gate, k=1, min_probability=0.8).verdict.accepted is False
+    assert answer(row[:3], labels, [], gate, k=1).verdict.accepted is True
