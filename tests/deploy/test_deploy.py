@@ -386,7 +386,13 @@ def start_deploy(source: Path, prefix: Path, *args: str) -> subprocess.Popen:
     pip = [f"--pip-args={PIP_ARGS}"] if PIP_ARGS else []
     return subprocess.Popen([DEPLOY_PYTHON, "-m", "deploy", "release", "--prefix", str(prefix), *pip, *args],
                             cwd=source, env=clean_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=answer_ctrl_c)
+
+
+def answer_ctrl_c() -> None:
+    """A shell without job control starts background jobs with Ctrl-C ignored, and Python keeps an
+    inherited ignore: put the default back so the interrupt tests test the program, not the shell."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_until(proc: subprocess.Popen, start: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Training checkpoints: a run stopped after any epoch and started again ends with the weights an
 uninterrupted run has; a checkpoint of another run, or a bad data folder, stops training at once."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -71,12 +72,12 @@ def test_a_checkpoint_of_other_arguments_is_refused(tmp_path):
     assert "is from another run" in other.stderr and "--lr 0.003 (now 0.001)" in other.stderr
     assert not (tmp_path / "export.pkl").exists()
     fresh = train(CARS, tmp_path, "--lr", "0.001", "--fresh", "--stop-after", "1")
-    assert fresh.returncode == 0, fresh.stderr and "going on" not in fresh.stderr
+    assert fresh.returncode == 0, fresh.stderr
+    assert "going on" not in fresh.stderr
 
 
 def test_a_checkpoint_of_another_data_folder_is_refused(tmp_path):
-    data = tmp_path / "cars"
-    shutil.copytree(CARS, data)
+    data = copy_of_cars(tmp_path)
     out = tmp_path / "out"
     assert train(data, out, "--stop-after", "1").returncode == 0
     victim = sorted(data.glob("*/*.jpg"))[0]
@@ -86,29 +87,35 @@ def test_a_checkpoint_of_another_data_folder_is_refused(tmp_path):
     assert "the photos in the data folder" in run.stderr
 
 
-def test_a_class_with_too_few_photos_stops_training_before_any_epoch(tmp_path):
+def copy_of_cars(tmp_path: Path) -> Path:
     data = tmp_path / "cars"
     shutil.copytree(CARS, data)
+    return data
+
+
+def refusal(data: Path, out: Path) -> str:
+    """The one line a run refused before its first epoch ends with."""
+    run = train(data, out)
+    assert run.returncode != 0
+    assert "epoch 1" not in run.stderr
+    return run.stderr.strip().splitlines()[-1]
+
+
+def test_a_class_with_too_few_photos_stops_training_before_any_epoch(tmp_path):
+    data = copy_of_cars(tmp_path)
     thin = sorted(data.iterdir())[0]
     for photo in sorted(thin.glob("*.jpg"))[4:]:
         photo.unlink()
-    run = train(data, tmp_path / "out")
-    assert run.returncode != 0
-    last = run.stderr.strip().splitlines()[-1]
+    last = refusal(data, tmp_path / "out")
     assert str(thin) in last and "has 4 photos" in last
-    assert "epoch 1" not in run.stderr
 
 
 def test_an_unreadable_photo_stops_training_before_any_epoch(tmp_path):
-    data = tmp_path / "cars"
-    shutil.copytree(CARS, data)
+    data = copy_of_cars(tmp_path)
     broken = sorted(data.glob("*/*.jpg"))[3]
     broken.write_bytes(broken.read_bytes()[:300])
-    run = train(data, tmp_path / "out")
-    assert run.returncode != 0
-    last = run.stderr.strip().splitlines()[-1]
+    last = refusal(data, tmp_path / "out")
     assert str(broken) in last and "cannot be read" in last
-    assert "epoch 1" not in run.stderr
 
 
 def test_symlinked_class_folders_train_and_record_paths_inside_the_data_folder(tmp_path):
@@ -120,7 +127,6 @@ def test_symlinked_class_folders_train_and_record_paths_inside_the_data_folder(t
     out = tmp_path / "out"
     run = train(data, out, "--epochs", "0", "--final-epochs", "1")
     assert run.returncode == 0, run.stderr
-    import json
     info = json.loads((out / "export.pkl.json").read_text())
     assert info["valid_files"] and all((data / rel).is_file() for rel in info["valid_files"])
     assert all(not rel.startswith("..") for rel in info["valid_files"])
@@ -144,10 +150,7 @@ def test_a_torn_checkpoint_is_refused_with_one_line(tmp_path):
 
 
 def test_an_image_is_needed_per_class_folder_even_when_empty(tmp_path):
-    data = tmp_path / "cars"
-    shutil.copytree(CARS, data)
+    data = copy_of_cars(tmp_path)
     (data / "Empty Class 2012").mkdir()
     Image.new("RGB", (8, 8)).save(data / "stray.txt", format="PNG")  # not an image name: ignored
-    run = train(data, tmp_path / "out")
-    assert run.returncode != 0
-    assert "Empty Class 2012 has 0 photos" in run.stderr.strip().splitlines()[-1]
+    assert "Empty Class 2012 has 0 photos" in refusal(data, tmp_path / "out")

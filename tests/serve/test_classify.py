@@ -125,7 +125,9 @@ def test_ctrl_c_leaves_a_valid_file_that_a_rerun_completes(tmp_path):
         shutil.copyfile(PHOTOS[i % len(PHOTOS)], folder / f"{i:03d}.jpg")
     out = tmp_path / "results.csv"
     command = [sys.executable, "-m", "serve.classify", str(folder), str(out), "--model-dir", str(ARTIFACTS)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it, even when the tests run in a background job that ignores it.
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
         time.sleep(0.05)
