@@ -109,7 +109,9 @@ def test_check_photos_are_kept_with_the_answer_the_module_gave(artifact):
             path = manifest.verified(artifact, check.file, check.sha256, "check")
             assert path.parent == artifact / "checks"
             with torch.no_grad():
-                top1 = int(loaded.runner(preprocessor(path.read_bytes()).unsqueeze(0))[0].argmax())
+                row = loaded.runner(preprocessor(path.read_bytes()).unsqueeze(0))[0]
+            # The probabilities come first; the familiarity column after them is no class.
+            top1 = int(row[:len(loaded.labels)].argmax())
             assert loaded.labels[top1] == check.top1, runtime
         loaded.close()
     # The surest answers, spread over the classes before any class repeats.
