@@ -80,7 +80,8 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
         status, _, body = request(server.port, "POST", "/predict?top_k=1", (CARS / name).read_bytes(),
                                {"Content-Type": "image/jpeg"})
         labels = (cross_dir / "artifact" / "labels.txt").read_text().splitlines()
-        assert status == 200 and json.loads(body)["predictions"][0]["label"] == labels[max(range(len(row)),
+        # The row's probabilities come first; the familiarity column after them is no class.
+        assert status == 200 and json.loads(body)["predictions"][0]["label"] == labels[max(range(len(labels)),
                                                                                              key=row.__getitem__)]
     finally:
         server.stop()
