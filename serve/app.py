@@ -18,8 +18,8 @@ from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
+from .handler import Options, build_handler
 from .postprocess import clamp_k
-from .scoring import build_scorer
 from .serving import NotServing, Serving
 from .upload import read_upload
 
@@ -60,13 +60,13 @@ def not_serving(what: str = "model is not ready") -> falcon.HTTPServiceUnavailab
 
 
 @contextlib.contextmanager
-def scorer_for(serving: Serving, state: State):
-    """The live scorer for one request, kept alive until the request is done; 503 when none."""
+def handler_for(serving: Serving, state: State):
+    """The live handler for one request, kept alive until the request is done; 503 when none."""
     if not state.ready:
         raise not_serving()
     try:
-        with serving.lease() as scorer:
-            yield scorer
+        with serving.lease() as handler:
+            yield handler
     except NotServing:
         raise not_serving("no model is loaded") from None
 
@@ -76,34 +76,38 @@ class PredictResource:
         self.serving, self.config, self.state, self.metrics = serving, config, state, metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        with scorer_for(self.serving, self.state) as scorer:
-            classes = len(scorer.labels)
+        with handler_for(self.serving, self.state) as handler:
+            artifact = handler.artifact
+            classes = len(artifact.labels)
             k = req.get_param_as_int("top_k", min_value=1, max_value=classes,
                                      default=clamp_k(self.config.top_k, classes))
             min_probability = req.get_param_as_float("min_probability", min_value=0.0, max_value=1.0)
             started = time.perf_counter()
             try:
-                scored = scorer.score([read_upload(req, self.config.max_upload_bytes)])
-                if scored.rejected is not None:
-                    raise scored.rejected
+                prediction = handler.predict([read_upload(req, self.config.max_upload_bytes)],
+                                             Options(k, min_probability))
+                if prediction.rejected is not None:
+                    raise prediction.rejected
             except ImageRejected as exc:
                 self.metrics.observe_rejection(exc)
                 raise reject(exc) from None
-            self.metrics.observe_queue(scored.queue)
-            ranked_at = time.perf_counter()
-            answer = scorer.answer(scored.rows[0], k, min_probability)
+            self.metrics.observe_queue(prediction.queue)
+            answer = prediction.answers[0]
             finished = time.perf_counter()
             verdict = answer.verdict
+            make = answer.make_answer()
             resp.media = {
                 "predictions": answer.predictions(),
+                **({"make": make} if make is not None else {}),
                 "accepted": verdict.accepted,
+                "accepted_level": verdict.level,
                 **({"reason": verdict.reason} if verdict.reason else {}),
-                "model": {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256},
+                "model": {"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256},
                 "timings_ms": {
-                    "preprocess": ms(scored.preprocess),
-                    "queue": ms(scored.queue),
-                    "inference": ms(scored.forward),
-                    "postprocess": ms(finished - ranked_at),
+                    "preprocess": ms(prediction.preprocess),
+                    "queue": ms(prediction.queue),
+                    "inference": ms(prediction.forward),
+                    "postprocess": ms(prediction.postprocess),
                     "total": ms(finished - started),
                 },
             }
@@ -135,28 +139,33 @@ class MetadataResource:
         self.serving = serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        scorer = self.serving.current
+        handler = self.serving.current
         reload = self.serving.describe()
-        if scorer is None:
+        if handler is None:
             resp.status = falcon.HTTP_503
             resp.media = {"title": "Service Unavailable", "description": "no model is loaded", "reload": reload}
             return
-        resp.media = {"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
-                      "classes": scorer.labels, "num_classes": len(scorer.labels), **scorer.manifest.describe(),
-                      "runtime": scorer.runtime.as_dict(), "acceptance": describe_acceptance(scorer),
-                      "reload": reload}
+        artifact = handler.artifact
+        cars = artifact.manifest.classes
+        resp.media = {"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256,
+                      "classes": artifact.labels, "num_classes": len(artifact.labels),
+                      # Make, model, body style and year of each class, parsed at export (null when not).
+                      "class_fields": [c.as_dict() for c in cars] if cars else None,
+                      "makes": handler.makes.names if handler.makes else None,
+                      **artifact.manifest.describe(), "runtime": artifact.runtime.as_dict(),
+                      "acceptance": describe_acceptance(artifact), "reload": reload}
 
 
-def describe_acceptance(scorer) -> dict:
+def describe_acceptance(artifact) -> dict:
     """The thresholds /predict judges by, and the figures the export measured them with."""
-    acceptance = scorer.acceptance
+    acceptance = artifact.acceptance
     if acceptance is None:
         return {"enabled": False,
                 "reason": "this export recorded no acceptance threshold (exported before whatcar did); answers are "
                           "not judged unless a request gives ?min_probability="}
-    recorded = scorer.manifest.data["acceptance"]
+    recorded = artifact.manifest.data["acceptance"]
     return {"enabled": True, "min_probability": acceptance.min_probability,
-            "min_familiarity": acceptance.min_familiarity,
+            "min_familiarity": acceptance.min_familiarity, "min_make_probability": acceptance.min_make_probability,
             **{key: recorded[key] for key in ("rule", "figures") if key in recorded}}
 
 
@@ -226,8 +235,8 @@ def create_app(config: Config, serving: Serving, state: State, metrics: Metrics 
 def start_serving(config: Config, metrics: Metrics) -> Serving:
     """Load the current version for `config`, reporting passes and model changes to `metrics`;
     raises ArtifactError with a one-line reason."""
-    scorer = build_scorer(config, observer=metrics.observe_pass)
-    return Serving(config, scorer, observer=metrics.observe_pass, on_change=metrics.model_changed)
+    handler = build_handler(config, observer=metrics.observe_pass)
+    return Serving(config, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
 
 
 def get_app(environ: dict | None = None) -> falcon.App:

@@ -54,6 +54,8 @@ class Artifact:
     # The TorchScript module, when it is what serves (None when the compiled package does).
     module: torch.jit.ScriptModule | None = None
     load_seconds: float = 0.0
+    # Which version of its model folder this is (serve/versions.py).
+    version: str = "1"
 
     @property
     def name(self) -> str:
@@ -105,7 +107,8 @@ def this_host() -> Host:
                 torch=torch.__version__)
 
 
-def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", runners: int = 1) -> Artifact:
+def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", runners: int = 1,
+                  version: str = "1") -> Artifact:
     """Verify and load an artifact folder, or raise ArtifactError saying what is wrong.
 
     Every file the manifest lists is checked against its sha256 first, the compiled package too
@@ -124,6 +127,12 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     extra_outputs, acceptance = manifest.extra_outputs, manifest.acceptance
     if len(labels) != manifest.num_classes:
         raise ArtifactError(f"labels file has {len(labels)} classes but the manifest says {manifest.num_classes}")
+    classes = manifest.classes
+    if classes is not None:
+        for index, (label, car) in enumerate(zip(labels, classes)):
+            if car.label != label:
+                raise ArtifactError(f"{folder / MANIFEST}: classes[{index}] is {car.label!r} but line {index + 1} of "
+                                    f"the labels file is {label!r}")
     try:
         height, width = validate_steps(manifest.steps)
     except SpecError as exc:
@@ -148,7 +157,7 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
         runner = TorchScriptRunner(module)
     return Artifact(folder=folder, manifest=manifest, labels=labels, runner=runner, runtime=choice,
                     extra_outputs=extra_outputs, acceptance=acceptance, module=module,
-                    load_seconds=time.perf_counter() - started)
+                    load_seconds=time.perf_counter() - started, version=version)
 
 
 def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimize: bool) -> torch.jit.ScriptModule:

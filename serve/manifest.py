@@ -37,6 +37,25 @@ class Acceptance:
 
     min_probability: float
     min_familiarity: float | None = None
+    # Below min_probability, the top make's probability (the sum over its models) from which the
+    # answer is the make alone; None: no make-level answer.
+    min_make_probability: float | None = None
+
+
+@dataclass(frozen=True)
+class CarClass:
+    """What one output names, parsed once at export: `label` as in labels.txt, `name` as shown."""
+
+    label: str
+    name: str
+    make: str
+    model: str
+    body: str | None
+    year: int | None
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "name": self.name, "make": self.make, "model": self.model, "body": self.body,
+                "year": self.year}
 
 
 @dataclass(frozen=True)
@@ -190,16 +209,43 @@ class Manifest:
         block = self.data.get("acceptance")
         if block is None:
             return None
+        def optional(key: str) -> float | None:
+            return None if block.get(key) is None else float(block[key])
+
         try:
             probability = float(block["min_probability"])
-            familiarity = block.get("min_familiarity")
-            familiarity = None if familiarity is None else float(familiarity)
+            familiarity, make = optional("min_familiarity"), optional("min_make_probability")
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise ArtifactError(f"{self.source}: 'acceptance' needs a numeric min_probability") from None
+            raise ArtifactError(f"{self.source}: 'acceptance' needs a numeric min_probability (and numeric "
+                                "min_familiarity and min_make_probability when given)") from None
         if familiarity is not None and "familiarity" not in self.extra_outputs:
             raise ArtifactError(f"{self.source}: 'acceptance' has a min_familiarity but the module has no "
                                 "familiarity output")
-        return Acceptance(probability, familiarity)
+        if make is not None and "classes" not in self.data:
+            raise ArtifactError(f"{self.source}: 'acceptance' has a min_make_probability but no 'classes' say "
+                                "which make each class is")
+        return Acceptance(probability, familiarity, make)
+
+    @property
+    def classes(self) -> list[CarClass] | None:
+        """Make, model, body style and year of each output, in labels order (None when the export
+        recorded none: the make answer is then off)."""
+        entries = self.data.get("classes")
+        if entries is None:
+            return None
+        if not isinstance(entries, list) or len(entries) != self.num_classes:
+            raise ArtifactError(f"{self.source}: 'classes' must list one entry for each of the "
+                                f"{self.num_classes} classes")
+        try:
+            classes = [CarClass(str(c["label"]), str(c.get("name") or c["label"]), str(c["make"]), str(c["model"]),
+                                None if c.get("body") is None else str(c["body"]),
+                                None if c.get("year") is None else int(c["year"])) for c in entries]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ArtifactError(f"{self.source}: each of 'classes' needs label, make and model (body and year "
+                                "may be null)") from None
+        if any(not c.make.strip() for c in classes):
+            raise ArtifactError(f"{self.source}: a class in 'classes' has an empty make")
+        return classes
 
     @property
     def checks(self) -> list[Check]:

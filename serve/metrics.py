@@ -63,20 +63,21 @@ class Metrics:
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome=outcome)
 
-    def serving(self, scorer) -> None:
+    def serving(self, handler) -> None:
         """Say which model serves now (None: none does)."""
-        if scorer is None:
+        if handler is None:
             self.model.info({"name": "", "version": "", "sha256": "", "classes": ""})
             self.runtime.info({"name": "", "reason": ""})
         else:
-            self.model.info({"name": scorer.name, "version": scorer.version, "sha256": scorer.sha256,
-                             "classes": str(len(scorer.labels))})
-            self.runtime.info(scorer.runtime.as_dict())
+            artifact = handler.artifact
+            self.model.info({"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256,
+                             "classes": str(len(artifact.labels))})
+            self.runtime.info(artifact.runtime.as_dict())
 
-    def model_changed(self, status, scorer) -> None:
+    def model_changed(self, status, handler) -> None:
         """Called by serve/serving.py after every reload or unload."""
         self.reloads.labels(outcome=status.outcome).inc()
-        self.serving(scorer)
+        self.serving(handler)
 
     def observe_pass(self, seconds: float, batch: int) -> None:
         """Called by the inference thread that ran the pass (see serve/inference.py)."""

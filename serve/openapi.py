@@ -69,16 +69,17 @@ def static_operation(summary: str, media_type: str) -> dict:
 
 
 def build_spec(config: Config, serving: Serving) -> dict:
-    scorer = serving.current
-    if scorer is None:
+    handler = serving.current
+    if handler is None:
         return {"openapi": "3.1.0", "info": {"title": "whatcar", "version": "1",
                                             "description": "No model is loaded; load one to see the full description."},
                 "paths": {}}
-    height, width = scorer.manifest.input_size
+    artifact = handler.artifact
+    height, width = artifact.manifest.input_size
     name_param = {"name": "name", "in": "path", "required": True, "description": "the model name",
-                  "schema": {"type": "string", "example": scorer.name}}
+                  "schema": {"type": "string", "example": artifact.name}}
     version_param = {"name": "version", "in": "path", "required": True, "description": "the model version",
-                     "schema": {"type": "string", "enum": [scorer.version]}}
+                     "schema": {"type": "string", "enum": [artifact.version]}}
 
     def model_ops(versioned: bool) -> dict[str, dict]:
         params = [name_param, version_param] if versioned else [name_param]
@@ -96,7 +97,7 @@ def build_spec(config: Config, serving: Serving) -> dict:
                 "summary": "V2 inference" + suffix, "tags": ["v2"], "parameters": params,
                 "description": (
                     "One input: 'image' (BYTES [N] or [N,1], encoded image files; base64 strings in JSON) or "
-                    f"'{scorer.manifest.input_name}' (UINT8 [N,3,{height},{width}]). "
+                    f"'{artifact.manifest.input_name}' (UINT8 [N,3,{height},{width}]). "
                     "Outputs: 'probabilities' (FP32 [N,classes]; BYTES classifications with "
                     "parameters.classification) and 'labels' (BYTES [N,k], each '<probability>:<index>:<label>', "
                     "k from parameters.top_k). With the binary tensor data extension the body is the JSON header "
@@ -165,8 +166,8 @@ def build_spec(config: Config, serving: Serving) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "whatcar", "version": "1",
-                 "description": f"Name the make and model of a car in a photo. Serving model '{scorer.name}' "
-                                f"({len(scorer.labels)} classes, sha256 {scorer.sha256})."},
+                 "description": f"Name the make and model of a car in a photo. Serving model '{artifact.name}' "
+                                f"({len(artifact.labels)} classes, sha256 {artifact.sha256})."},
         "paths": paths,
         "components": {"schemas": {
             "Error": {"type": "object", "properties": {"title": {"type": "string"},
@@ -176,8 +177,14 @@ def build_spec(config: Config, serving: Serving) -> dict:
             "Prediction": {"type": "object", "properties": {
                 "predictions": {"type": "array", "items": {"type": "object", "properties": {
                     "label": {"type": "string"}, "probability": {"type": "number"}}}},
+                "make": {"type": "object", "description": "the most likely make and its probability (the sum "
+                                                          "over its models); absent for models without makes",
+                         "properties": {"label": {"type": "string"}, "probability": {"type": "number"}}},
                 "accepted": {"type": ["boolean", "null"],
                              "description": "whether the top class counts as an answer (null: not judged)"},
+                "accepted_level": {"type": ["string", "null"], "enum": ["model", "make", None],
+                                   "description": "model: the top class is the answer; make: only the make is; "
+                                                  "null: turned away, or not judged"},
                 "reason": {"type": "string", "description": "why it does not, when it does not"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "sha256": {"type": "string"}}},
@@ -190,7 +197,8 @@ def build_spec(config: Config, serving: Serving) -> dict:
                 "id": {"type": "string"}, "parameters": {"type": "object"},
                 "inputs": {"type": "array", "items": tensor},
                 "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-                    "name": {"type": "string", "enum": ["probabilities", "labels", "accepted"]},
+                    "name": {"type": "string", "enum": ["probabilities", "labels", "accepted", "accepted_level",
+                                                         "make", "make_probability"]},
                     "parameters": {"type": "object"}}}}}},
             "V2InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},

@@ -1,9 +1,15 @@
 """Where model output becomes an answer: one image's output split into what it means, its
-probabilities ranked into classes, and the verdict on whether the top class is an answer.
+probabilities ranked into classes, summed into makes, and the verdict on what counts as an answer.
 
 `answer` puts those together once; every route takes its `Answer` and only formats it its own
 way (/predict as objects, /v2 as Triton's classification strings and tensors, the batch command
 as rows).
+
+Acceptance has two levels. The model is named when its probability reaches the threshold;
+otherwise, when the make's probability (the sum over that make's models) reaches the make
+threshold, the answer is the make alone ("a Rolls-Royce; not sure which model"); otherwise the
+photo is turned away. A photo that does not look like any car photo the model knows is turned
+away at both levels. `accepted` stays true only at model level, as before makes existed.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from .manifest import Acceptance
+from .manifest import Acceptance, CarClass
+
+MODEL, MAKE = "model", "make"
 
 
 class Ranked(NamedTuple):
@@ -49,17 +57,43 @@ def split_row(row: torch.Tensor, classes: int, extra_outputs: list[str]) -> Outp
     return Output(row[:classes], extras.get("familiarity"))
 
 
+class Makes:
+    """The makes of a model's classes, and which make each output column belongs to."""
+
+    def __init__(self, classes: list[CarClass]):
+        self.names: list[str] = list(dict.fromkeys(c.make for c in classes))
+        position = {name: i for i, name in enumerate(self.names)}
+        self.index = torch.tensor([position[c.make] for c in classes], dtype=torch.long)
+
+    def probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Each make's probability, the sum over its models: [classes] -> [makes]."""
+        return torch.zeros(len(self.names), dtype=probabilities.dtype).index_add_(0, self.index, probabilities)
+
+    def top(self, probabilities: torch.Tensor) -> Ranked:
+        """The most likely make of one image's probability row."""
+        probability, index = self.probabilities(probabilities).max(dim=0)
+        return Ranked(int(index), self.names[int(index)], float(probability))
+
+
+def with_article(make: str) -> str:
+    # "an Audi", "an AM General"; every make that starts with a vowel letter is said with one here.
+    return f"{'an' if make[:1].upper() in 'AEIOU' else 'a'} {make}"
+
+
 @dataclass(frozen=True)
 class Verdict:
     accepted: bool | None  # None: no threshold to judge by
     reason: str | None = None
+    level: str | None = None  # MODEL, MAKE, or None (turned away, or not judged)
 
 
 def judge(output: Output, acceptance: Acceptance | None, labels: list[str],
-          min_probability: float | None = None) -> Verdict:
+          min_probability: float | None = None, make: Ranked | None = None) -> Verdict:
     """Whether the top class counts as an answer: the photo is familiar enough (when the model
     says how familiar) and its top probability reaches the threshold, `min_probability` if given,
-    else the export's. A model exported with no threshold, asked without one, is not judged."""
+    else the export's. Short of that, `make` (the top make) is the answer when its probability
+    reaches the export's make threshold. A model exported with no threshold, asked without one,
+    is not judged."""
     threshold = min_probability if min_probability is not None else (acceptance.min_probability if acceptance
                                                                       else None)
     if threshold is None:
@@ -69,19 +103,23 @@ def judge(output: Output, acceptance: Acceptance | None, labels: list[str],
     gate = acceptance.min_familiarity if acceptance is not None else None
     if gate is not None and output.familiarity is not None and output.familiarity < gate:
         return Verdict(False, f"this does not look like the car photos I know; closest: {closest}")
-    if probability < threshold:
-        return Verdict(False, f"not one of the {len(labels)} models I know; closest: {closest}")
-    return Verdict(True)
+    if probability >= threshold:
+        return Verdict(True, level=MODEL)
+    make_threshold = acceptance.min_make_probability if acceptance is not None else None
+    if make is not None and make_threshold is not None and make.probability >= make_threshold:
+        return Verdict(False, f"{with_article(make.label)}; not sure which model (closest: {closest})", MAKE)
+    return Verdict(False, f"not one of the {len(labels)} models I know; closest: {closest}")
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What one image's output row means: its `output`, its `k` most likely classes and the
-    verdict on the top one."""
+    """What one image's output row means: its `output`, its `k` most likely classes, its most
+    likely make (None when the model's classes carry no makes) and the verdict."""
 
     output: Output
     ranked: list[Ranked]
     verdict: Verdict
+    make: Ranked | None = None
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -91,9 +129,16 @@ class Answer:
         """/predict's and the batch rows' form: label and probability (six decimals) for the top k."""
         return [{"label": r.label, "probability": round(r.probability, 6)} for r in self.ranked]
 
+    def make_answer(self) -> dict | None:
+        """/predict's "make": the most likely make and its probability (six decimals)."""
+        return None if self.make is None else {"label": self.make.label, "probability": round(self.make.probability, 6)}
+
 
 def answer(row: torch.Tensor, labels: list[str], extra_outputs: list[str], acceptance: Acceptance | None, k: int,
-           min_probability: float | None = None) -> Answer:
-    """One image's output row made an answer: split, ranked to `k` classes and judged."""
+           min_probability: float | None = None, makes: Makes | None = None) -> Answer:
+    """One image's output row made an answer: split, ranked to `k` classes, summed into makes
+    (when `makes` is given) and judged."""
     output = split_row(row, len(labels), extra_outputs)
-    return Answer(output, rank(output.probabilities, labels, k), judge(output, acceptance, labels, min_probability))
+    make = makes.top(output.probabilities) if makes is not None else None
+    return Answer(output, rank(output.probabilities, labels, k),
+                  judge(output, acceptance, labels, min_probability, make), make)

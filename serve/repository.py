@@ -92,7 +92,7 @@ class Repository:
 
     def names(self, version: str | None) -> set[str]:
         """Names a request may use: the model serving, and the one in the version to load."""
-        names = {self.serving.current.name} if self.serving.current is not None else set()
+        names = {self.serving.current.artifact.name} if self.serving.current is not None else set()
         try:
             names.add(Manifest.read(self.serving.folder.folder(version or self.serving.folder.current())).name)
         except (ArtifactError, VersionError):
@@ -115,7 +115,7 @@ class IndexResource:
             except ArtifactError as exc:
                 entries.append({"name": "", "version": version, "state": "UNAVAILABLE", "reason": str(exc)})
                 continue
-            loaded = live is not None and live.version == version
+            loaded = live is not None and live.artifact.version == version
             entries.append({"name": name, "version": version, "state": "READY" if loaded else "UNAVAILABLE",
                             "reason": "" if loaded else "not loaded"})
         resp.media = entries
@@ -145,7 +145,7 @@ class UnloadResource:
         authorize(req, self.repository.token)
         request_body(req)
         live = self.repository.serving.current
-        if live is None or live.name != name:
+        if live is None or live.artifact.name != name:
             raise V2Error(falcon.HTTP_404, f"model '{name}' is not loaded")
         self.repository.serving.unload()
         resp.media = {}

@@ -1,8 +1,8 @@
 """The model being served, and how it is replaced while requests keep coming.
 
-Every request scores inside `serving.lease()`, which hands it the scorer that is live at that
-moment and keeps that scorer alive until the request is done. A reload loads the new version
-beside the old one (verify, warm up, check photos: serve/scoring.py's load_scorer), and only
+Every request scores inside `serving.lease()`, which hands it the handler that is live at that
+moment and keeps that handler alive until the request is done. A reload loads the new version
+beside the old one (verify, warm up, check photos: serve/handler.py's load_handler), and only
 when all of that has passed makes it the live one. Requests already inside finish on the model
 they started with, on the same inference threads as the new one; when its last lease ends the
 old model leaves them, and its memory is handed back to the system. A reload that fails at any
@@ -24,7 +24,7 @@ from .errors import ArtifactError
 from .inference import PassObserver
 from .malloc import release_free_memory
 from .manifest import Manifest
-from .scoring import Scorer, load_scorer
+from .handler import Handler, load_handler
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -32,6 +32,10 @@ log = logging.getLogger("whatcar")
 
 class NotServing(RuntimeError):
     """No model is loaded (it was unloaded through the repository API)."""
+
+
+class NotThisModel(LookupError):
+    """The live model is not the name or version a request asked for; the message says which is."""
 
 
 @dataclass
@@ -48,24 +52,24 @@ class ReloadStatus:
 
 
 class _Live:
-    __slots__ = ("scorer", "leases", "retired")
+    __slots__ = ("handler", "leases", "retired")
 
-    def __init__(self, scorer: Scorer):
-        self.scorer, self.leases, self.retired = scorer, 0, False
+    def __init__(self, handler: Handler):
+        self.handler, self.leases, self.retired = handler, 0, False
 
 
 class Serving:
-    def __init__(self, config: Config, scorer: Scorer | None, observer: PassObserver | None = None,
-                 on_change=None, loader=load_scorer):
+    def __init__(self, config: Config, handler: Handler | None, observer: PassObserver | None = None,
+                 on_change=None, loader=load_handler):
         self.config = config
         self.folder = ModelFolder(config.model_dir)
         self.observer = observer
-        self.on_change = on_change or (lambda status, scorer: None)
+        self.on_change = on_change or (lambda status, handler: None)
         self.loader = loader
-        self.status = ReloadStatus(serving=scorer.version if scorer else None)
-        self._live = _Live(scorer) if scorer is not None else None
+        self.status = ReloadStatus(serving=handler.artifact.version if handler else None)
+        self._live = _Live(handler) if handler is not None else None
         # Every version runs on the same inference threads (serve/inference.py says why).
-        self.threads = scorer.model.threads if scorer is not None else None
+        self.threads = handler.model.threads if handler is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time
         # Every reload loads on this one thread, whoever asked (an HTTP thread, SIGHUP). What a
@@ -76,20 +80,24 @@ class Serving:
     # ------------------------------------------------------------------ requests
 
     @property
-    def current(self) -> Scorer | None:
-        """The live scorer, for facts about it; scoring goes through lease()."""
+    def current(self) -> Handler | None:
+        """The live handler, for facts about it; predictions go through lease()."""
         live = self._live
-        return live.scorer if live is not None else None
+        return live.handler if live is not None else None
 
     @contextlib.contextmanager
-    def lease(self):
+    def lease(self, name: str | None = None, version: str | None = None):
+        """The live handler, kept alive until the block ends. With `name` (and `version`), raises
+        NotThisModel unless that is what is live: checked under the same lock that takes the
+        lease, so a swap in between cannot hand over another version than the one checked."""
         with self._lock:
             live = self._live
             if live is None:
                 raise NotServing("no model is loaded")
+            check_identity(live.handler.artifact, name, version)
             live.leases += 1
         try:
-            yield live.scorer
+            yield live.handler
         finally:
             with self._lock:
                 live.leases -= 1
@@ -112,9 +120,9 @@ class Serving:
                 folder = self.folder.folder(version)
                 if self._is_live(version, folder):
                     return self._finish("unchanged", started, f"version {version} is already serving")
-                scorer = self._loads.submit(self.loader, folder, version, self.config, self.observer,
-                                            require_checks=True, threads=self.threads).result()
-                self.threads = scorer.model.threads
+                handler = self._loads.submit(self.loader, folder, version, self.config, self.observer,
+                                             require_checks=True, threads=self.threads).result()
+                self.threads = handler.model.threads
             except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
                 if not isinstance(exc, (ArtifactError, VersionError)):
                     log.exception("unexpected error while loading version %s", version)
@@ -122,9 +130,10 @@ class Serving:
                           f"still serving version {self._serving_version()}" if self.current else "nothing is serving",
                           exc)
                 return self._finish("failed", started, str(exc))
-            old = self._swap(scorer)
-            log.info("now serving %s version %s (sha256 %s)%s", scorer.name, version, scorer.sha256[:12],
-                     f"; version {old.scorer.version} retires when its last request ends" if old else "")
+            old = self._swap(handler)
+            log.info("now serving %s version %s (sha256 %s)%s", handler.artifact.name, version,
+                     handler.artifact.sha256[:12],
+                     f"; version {old.handler.artifact.version} retires when its last request ends" if old else "")
             return self._finish("ok", started)
 
     def reload_in_background(self) -> None:
@@ -135,7 +144,7 @@ class Serving:
         """Stop serving: requests get 503 until the next load."""
         with self._reloading:
             old = self._swap(None)
-            self.status = ReloadStatus(outcome="unloaded", version=old.scorer.version if old else None,
+            self.status = ReloadStatus(outcome="unloaded", version=old.handler.artifact.version if old else None,
                                        count=self.status.count, at=now())
             self.on_change(self.status, None)
             return self.status
@@ -150,20 +159,20 @@ class Serving:
     def _is_live(self, version: str, folder) -> bool:
         """Whether `version` in `folder` is what is serving already, same model file and all."""
         live = self.current
-        if live is None or live.version != version or live.artifact.folder != folder:
+        if live is None or live.artifact.version != version or live.artifact.folder != folder:
             return False
         try:
-            return Manifest.read(folder).model_sha256 == live.sha256
+            return Manifest.read(folder).model_sha256 == live.artifact.sha256
         except ArtifactError:
             return False
 
     def _serving_version(self) -> str | None:
-        scorer = self.current
-        return scorer.version if scorer is not None else None
+        handler = self.current
+        return handler.artifact.version if handler is not None else None
 
-    def _swap(self, scorer: Scorer | None) -> _Live | None:
+    def _swap(self, handler: Handler | None) -> _Live | None:
         with self._lock:
-            old, self._live = self._live, (_Live(scorer) if scorer is not None else None)
+            old, self._live = self._live, (_Live(handler) if handler is not None else None)
             if old is not None:
                 old.retired = True
                 idle = old.leases == 0
@@ -172,7 +181,7 @@ class Serving:
         return old
 
     def _close(self, live: _Live) -> None:
-        live.scorer.close()
+        live.handler.close()
         # The old model's weights and activations go back to the system, not just to malloc.
         release_free_memory()
 
@@ -185,6 +194,15 @@ class Serving:
 
     def describe(self) -> dict:
         return asdict(self.status)
+
+
+def check_identity(artifact, name: str | None, version: str | None) -> None:
+    """Raise NotThisModel unless `artifact` is model `name` (when given) at `version` (when given)."""
+    if name is not None and name != artifact.name:
+        raise NotThisModel(f"unknown model '{name}'; this server serves '{artifact.name}'")
+    if version is not None and version != artifact.version:
+        raise NotThisModel(f"model '{name}' has no version '{version}' loaded; it serves version "
+                           f"'{artifact.version}'")
 
 
 def now() -> str:

@@ -19,6 +19,10 @@ and gets back the outputs it asks for (both when it names none):
             "accepted" (a default output only for models exported with a threshold; the
             request's parameters.min_probability overrides the threshold, as /predict's
             ?min_probability= does, and makes the output available for any model).
+  "accepted_level"  BYTES [N]: "model", "make" or "" (turned away), as /predict's
+            "accepted_level"; available where "accepted" is and the classes carry makes.
+  "make", "make_probability"  BYTES [N] and FP32 [N]: each image's most likely make and its
+            probability, as /predict's "make" (only for models whose classes carry makes).
 
 Both JSON tensors and the binary tensor data extension are understood: binary inputs follow
 the JSON header (`Inference-Header-Content-Length`), in input order, sized by each input's
@@ -44,9 +48,9 @@ import torch
 from .config import Config
 from .errors import ImageRejected
 from .metrics import Metrics
-from .postprocess import clamp_k, rank
-from .scoring import Scorer
-from .serving import NotServing, Serving
+from .handler import Handler, Options
+from .postprocess import Answer, clamp_k, rank
+from .serving import NotServing, NotThisModel, Serving, check_identity
 from .upload import read_body
 
 SERVER_NAME = "whatcar"
@@ -58,6 +62,9 @@ IMAGE_INPUT = "image"
 PROBABILITIES = "probabilities"
 LABELS = "labels"
 ACCEPTED = "accepted"
+ACCEPTED_LEVEL = "accepted_level"
+MAKE = "make"
+MAKE_PROBABILITY = "make_probability"
 MAX_NESTING = 6
 
 
@@ -194,8 +201,8 @@ def pack_bytes(elements: list[bytes]) -> bytes:
 class InferRequest:
     """A parsed, validated inference request: the pixels to score and the outputs to send."""
 
-    def __init__(self, request: dict, tensors: list[Tensor], scorer: Scorer, config: Config):
-        self.scorer, self.config = scorer, config
+    def __init__(self, request: dict, tensors: list[Tensor], handler: Handler, config: Config):
+        self.handler, self.config = handler, config
         self.id = request.get("id")
         self.params = request.get("parameters", {})
         names = {IMAGE_INPUT, self.pixels_name}
@@ -209,7 +216,7 @@ class InferRequest:
 
     @property
     def pixels_name(self) -> str:
-        return self.scorer.manifest.input_name
+        return self.handler.artifact.manifest.input_name
 
     def check_batch(self, n: int) -> None:
         if not 1 <= n <= self.config.max_batch:
@@ -242,7 +249,7 @@ class InferRequest:
     def pixels(self) -> list[torch.Tensor]:
         """The uint8 [3, H, W] images of a UINT8 [N, 3, H, W] input, checked against the model's input size."""
         tensor = self.input
-        height, width = self.scorer.manifest.input_size
+        height, width = self.handler.artifact.manifest.input_size
         if tensor.datatype != "UINT8":
             raise bad(f"input '{tensor.name}' must be UINT8 (got {tensor.datatype})")
         if len(tensor.shape) != 4 or tensor.shape[1:] != [3, height, width]:
@@ -274,8 +281,11 @@ class InferRequest:
         return value
 
     def available_outputs(self) -> list[str]:
-        judged = self.scorer.acceptance is not None or self.min_probability is not None
-        return [PROBABILITIES, LABELS] + ([ACCEPTED] if judged else [])
+        judged = self.handler.artifact.acceptance is not None or self.min_probability is not None
+        makes = self.handler.makes is not None
+        # The level says more than "accepted" only where the make can be the answer.
+        return [PROBABILITIES, LABELS] + ([ACCEPTED] if judged else []) + \
+            ([ACCEPTED_LEVEL] if judged and makes else []) + ([MAKE, MAKE_PROBABILITY] if makes else [])
 
     def requested_outputs(self, outputs) -> list[tuple[str, bool, int | None]]:
         """(name, binary, k) for each output to send; k is None for raw probabilities."""
@@ -290,8 +300,8 @@ class InferRequest:
                 raise bad(f"outputs[{i}] must be an object with a string 'name'")
             name, params = spec["name"], spec.get("parameters", {})
             if name not in available:
-                hint = (f"; '{ACCEPTED}' needs parameters.min_probability with this model"
-                        if name == ACCEPTED else "")
+                hint = (f"; '{name}' needs parameters.min_probability with this model"
+                        if name in (ACCEPTED, ACCEPTED_LEVEL) else "")
                 raise bad(f"unknown output '{name}'; this model has {', '.join(repr(a) for a in available)}{hint}")
             if name in seen:
                 raise bad(f"output '{name}' is requested twice")
@@ -313,19 +323,19 @@ class InferRequest:
     def count(self, value, what: str) -> int:
         if not is_int(value) or value < 1:
             raise bad(f"{what} must be a positive integer (got {value!r})")
-        return clamp_k(value, len(self.scorer.labels))
+        return clamp_k(value, len(self.handler.artifact.labels))
 
     def top_k(self, params: dict, name: str) -> int | None:
         """How many classes a classification output holds, or None for the raw probabilities."""
         if "classification" in params:
             return self.count(params["classification"], f"output '{name}': parameters.classification")
-        if name in (PROBABILITIES, ACCEPTED):
+        if name != LABELS:
             return None
         if "top_k" in params:
             return self.count(params["top_k"], f"output '{name}': parameters.top_k")
         if "top_k" in self.params:
             return self.count(self.params["top_k"], "parameters.top_k")
-        return clamp_k(self.config.top_k, len(self.scorer.labels))
+        return clamp_k(self.config.top_k, len(self.handler.artifact.labels))
 
 
 def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> list[bytes]:
@@ -334,23 +344,33 @@ def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> l
             for r in rank(row, labels, k)]
 
 
-def response_outputs(infer: InferRequest, probabilities: torch.Tensor,
-                     accepted: list[bool | None]) -> tuple[list[dict], list[bytes]]:
+def response_outputs(infer: InferRequest, answers: list[Answer]) -> tuple[list[dict], list[bytes]]:
     """Each requested output as its JSON entry, plus the binary blobs in the same order."""
     entries, blobs = [], []
+    probabilities = torch.stack([a.probabilities for a in answers])
     n = probabilities.shape[0]
     for name, binary, k in infer.outputs:
         if name == ACCEPTED:
             entry = {"name": name, "datatype": "BOOL", "shape": [n]}
-            values = [bool(a) for a in accepted]
+            values = [bool(a.verdict.accepted) for a in answers]
             blob = bytes(values) if binary else None  # one byte per element
+        elif name in (ACCEPTED_LEVEL, MAKE):
+            entry = {"name": name, "datatype": "BYTES", "shape": [n]}
+            strings = [((a.verdict.level or "") if name == ACCEPTED_LEVEL else a.make.label).encode("utf-8")
+                       for a in answers]
+            values = [s.decode("utf-8") for s in strings]
+            blob = pack_bytes(strings) if binary else None
+        elif name == MAKE_PROBABILITY:
+            entry = {"name": name, "datatype": "FP32", "shape": [n]}
+            values = [a.make.probability for a in answers]
+            blob = struct.pack(f"<{n}f", *values) if binary else None
         elif k is None:
             entry = {"name": name, "datatype": "FP32", "shape": list(probabilities.shape)}
             values = probabilities.reshape(-1).tolist()
             blob = struct.pack(f"<{len(values)}f", *values) if binary else None
         else:
             entry = {"name": name, "datatype": "BYTES", "shape": [n, k]}
-            strings = classifications(probabilities, infer.scorer.labels, k)
+            strings = classifications(probabilities, infer.handler.artifact.labels, k)
             values = [s.decode("utf-8") for s in strings]
             blob = pack_bytes(strings) if binary else None
         if binary:
@@ -368,17 +388,17 @@ class ModelScope:
     def __init__(self, serving: Serving, state):
         self.serving, self.state = serving, state
 
-    def check(self, name: str, version: str | None) -> Scorer:
-        """The live scorer, if `name` (and `version`, when given) are what it serves."""
-        scorer = self.serving.current
-        if scorer is None:
+    def check(self, name: str, version: str | None) -> Handler:
+        """The live handler, if `name` (and `version`, when given) are what it serves; for facts
+        only: inference takes a lease, which checks again."""
+        handler = self.serving.current
+        if handler is None:
             raise V2Error(falcon.HTTP_503, f"model '{name}' is not loaded")
-        if name != scorer.name:
-            raise V2Error(falcon.HTTP_404, f"unknown model '{name}'; this server serves '{scorer.name}'")
-        if version is not None and version != scorer.version:
-            raise V2Error(falcon.HTTP_404, f"model '{name}' has no version '{version}' loaded; "
-                                           f"it serves version '{scorer.version}'")
-        return scorer
+        try:
+            check_identity(handler.artifact, name, version)
+        except NotThisModel as exc:
+            raise V2Error(falcon.HTTP_404, str(exc)) from None
+        return handler
 
     @property
     def ready(self) -> bool:
@@ -413,21 +433,26 @@ class ModelMetadataResource:
         self.scope = scope
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
-        scorer = self.scope.check(name, version)
-        height, width = scorer.manifest.input_size
+        handler = self.scope.check(name, version)
+        artifact = handler.artifact
+        height, width = artifact.manifest.input_size
         resp.media = {
-            "name": scorer.name,
-            "versions": [scorer.version],
+            "name": artifact.name,
+            "versions": [artifact.version],
             # What runs it here: the artifact's compiled package, or its TorchScript module.
-            "platform": "pytorch_aotinductor" if scorer.runtime.name == "compiled" else "pytorch_torchscript",
+            "platform": "pytorch_aotinductor" if artifact.runtime.name == "compiled" else "pytorch_torchscript",
             "inputs": [
                 {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-                {"name": scorer.manifest.input_name, "datatype": "UINT8", "shape": [-1, 3, height, width]},
+                {"name": artifact.manifest.input_name, "datatype": "UINT8", "shape": [-1, 3, height, width]},
             ],
             "outputs": [
-                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(scorer.labels)]},
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
                 {"name": LABELS, "datatype": "BYTES", "shape": [-1, -1]},
-                *([{"name": ACCEPTED, "datatype": "BOOL", "shape": [-1]}] if scorer.acceptance else []),
+                *([{"name": ACCEPTED, "datatype": "BOOL", "shape": [-1]}] if artifact.acceptance else []),
+                *([{"name": ACCEPTED_LEVEL, "datatype": "BYTES", "shape": [-1]}]
+                  if artifact.acceptance and handler.makes else []),
+                *([{"name": MAKE, "datatype": "BYTES", "shape": [-1]},
+                   {"name": MAKE_PROBABILITY, "datatype": "FP32", "shape": [-1]}] if handler.makes else []),
             ],
         }
 
@@ -462,23 +487,24 @@ class InferResource:
         header, binary = split_body(body, req.get_header(HEADER_LENGTH))
         request = parse_header(header)
         try:
-            with self.scope.serving.lease() as scorer:
-                infer = InferRequest(request, parse_inputs(request, binary), scorer, self.config)
+            with self.scope.serving.lease(name, version) as handler:
+                infer = InferRequest(request, parse_inputs(request, binary), handler, self.config)
                 # The request succeeds or fails as a whole, so one bad image keeps the rest from the model.
-                scored = scorer.score(infer.items(), all_or_nothing=True)
+                # top_k only shapes the ranked classes, which the classification outputs rank per output themselves.
+                prediction = handler.predict(infer.items(), Options(1, infer.min_probability, all_or_nothing=True))
         except NotServing:
             raise V2Error(falcon.HTTP_503, f"model '{name}' is not loaded") from None
-        rejected = scored.rejected
+        except NotThisModel as exc:
+            raise V2Error(falcon.HTTP_404, str(exc)) from None
+        rejected = prediction.rejected
         if rejected is not None:
             self.metrics.observe_rejection(rejected)
-            raise V2Error(rejected.status, f"image {scored.rows.index(rejected)}: {rejected.description}")
-        self.metrics.observe_queue(scored.queue)
-        # k only shapes the ranked classes, which the classification outputs rank per output themselves.
-        answers = [scorer.answer(row, 1, infer.min_probability) for row in scored.rows]
-        entries, blobs = response_outputs(infer, torch.stack([a.probabilities for a in answers]),
-                                          [a.verdict.accepted for a in answers])
+            raise V2Error(rejected.status, f"image {prediction.answers.index(rejected)}: {rejected.description}")
+        self.metrics.observe_queue(prediction.queue)
+        entries, blobs = response_outputs(infer, prediction.answers)
         # The version that scored this request, even if another has been loaded since.
-        answer = {"model_name": scorer.name, "model_version": scorer.version, "outputs": entries}
+        artifact = handler.artifact
+        answer = {"model_name": artifact.name, "model_version": artifact.version, "outputs": entries}
         if infer.id is not None:
             answer["id"] = infer.id
         head = json.dumps(answer).encode("utf-8")

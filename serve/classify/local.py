@@ -17,20 +17,20 @@ class LocalScorer:
     inference thread per CPU, fed by enough reading threads to keep each busy."""
 
     def __init__(self, model_folder: Path, version: str, k: int, max_image_pixels: int):
-        from ..scoring import load_scorer
+        from ..handler import load_handler
 
         self.cpus = available_cpus()
-        self.scorer = load_scorer(model_folder, version, batch_config(model_folder, max_image_pixels, self.cpus))
+        self.handler = load_handler(model_folder, version, batch_config(model_folder, max_image_pixels, self.cpus))
         self.in_flight = 4 * self.cpus
-        self.k = clamp_k(k, len(self.scorer.labels))
+        self.k = clamp_k(k, len(self.handler.artifact.labels))
 
     def rows(self, folder: Path, files: list[Path]) -> Iterator[Row]:
         """A row per file, in the files' order."""
         with concurrent.futures.ThreadPoolExecutor(self.in_flight, thread_name_prefix="whatcar-read") as pool:
-            yield from ordered(pool, lambda path: score_file(self.scorer, folder, path, self.k), files, self.in_flight)
+            yield from ordered(pool, lambda path: score_file(self.handler, folder, path, self.k), files, self.in_flight)
 
     def close(self) -> None:
-        self.scorer.close()
+        self.handler.close()
 
 
 def ordered(pool, fn, items: Iterable, window: int) -> Iterator:

@@ -70,7 +70,7 @@ class ScoreBatch:
     def __init__(self, files, version: str, k: int, max_image_pixels: int):
         import ray
 
-        from ..scoring import load_scorer
+        from ..handler import load_handler
 
         # Ray Data passes constructor arguments nested, so an object reference arrives unresolved.
         if isinstance(files, ray.ObjectRef):
@@ -80,24 +80,17 @@ class ScoreBatch:
             for name, data in files.items():
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 (folder / name).write_bytes(data)
-            self.scorer = load_scorer(folder, version, batch_config(folder, max_image_pixels, workers=1))
+            self.handler = load_handler(folder, version, batch_config(folder, max_image_pixels, workers=1))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.k = clamp_k(k, len(self.scorer.labels))
+        self.k = clamp_k(k, len(self.handler.artifact.labels))
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        rows = [score_file(self.scorer, Path(root), Path(path), self.k)
+        rows = [score_file(self.handler, Path(root), Path(path), self.k)
                 for root, path in zip(batch.column("root").to_pylist(), batch.column("path").to_pylist())]
-        return pa.table({
-            "path": [row.path for row in rows],
-            "labels": [[label for label, _ in row.predictions] for row in rows],
-            "probabilities": [[p for _, p in row.predictions] for row in rows],
-            "error": [row.error for row in rows],
-            "accepted": [row.accepted for row in rows],
-            "reason": [row.reason for row in rows],
-        })
+        return pa.table({"row": [row.to_json() for row in rows]})
 
 
 class RayScorer:
@@ -158,10 +151,8 @@ class RayScorer:
             batch_size=self.batch_size, batch_format="pyarrow", num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=self.actors))
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            columns = ("path", "labels", "probabilities", "error", "accepted", "reason")
-            for path, labels, probabilities, error, accepted, reason in zip(
-                    *(batch.column(name).to_pylist() for name in columns)):
-                yield Row(path, list(zip(labels, probabilities)), error, accepted, reason)
+            for text in batch.column("row").to_pylist():
+                yield Row.from_json(text)
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -23,7 +23,8 @@ class Output:
 
     def columns(self) -> list[str]:
         pairs = [f"{kind}_{i}" for i in range(1, self.k + 1) for kind in ("label", "probability")]
-        return ["path", *pairs, "accepted", "reason", "model", "version", "sha256", "error"]
+        return ["path", *pairs, "make", "make_probability", "accepted", "accepted_level", "reason", "model", "version",
+                "sha256", "error"]
 
     def done(self, model: ModelId) -> set[str]:
         """Paths already in the file scored by this model; drops a last row cut off by a kill."""
@@ -78,13 +79,15 @@ class Output:
             pairs = [value for label, probability in row.predictions for value in (label, f"{probability:.6f}")]
             pairs += [""] * (2 * self.k - len(pairs))
             accepted = "" if row.accepted is None else str(row.accepted).lower()
-            self.writer.writerow([row.path, *pairs, accepted, row.reason or "", model.name, model.version, model.sha256,
-                                  row.error or ""])
+            make, make_probability = (row.make[0], f"{row.make[1]:.6f}") if row.make is not None else ("", "")
+            self.writer.writerow([row.path, *pairs, make, make_probability, accepted, row.accepted_level or "",
+                                  row.reason or "", model.name, model.version, model.sha256, row.error or ""])
         else:
             self.handle.write(json.dumps({
                 "path": row.path,
                 "predictions": [{"label": label, "probability": p} for label, p in row.predictions],
-                "accepted": row.accepted, "reason": row.reason,
+                "make": {"label": row.make[0], "probability": row.make[1]} if row.make is not None else None,
+                "accepted": row.accepted, "accepted_level": row.accepted_level, "reason": row.reason,
                 "model": {"name": model.name, "version": model.version, "sha256": model.sha256},
                 "error": row.error}) + "\n")
         self.handle.flush()
@@ -101,6 +104,7 @@ class Progress:
         self.total, self.stream = total, stream
         self.live = stream.isatty()
         self.scored = self.failed = 0
+        self.levels = {"model": 0, "make": 0}  # answers named at each level
         self.started = self.shown = time.monotonic()
 
     def add(self, row: Row) -> None:
@@ -108,6 +112,8 @@ class Progress:
             self.failed += 1
         else:
             self.scored += 1
+            if row.accepted_level in self.levels:
+                self.levels[row.accepted_level] += 1
         now = time.monotonic()
         if self.live and (now - self.shown > 0.2 or self.scored + self.failed == self.total):
             self.shown = now
@@ -126,6 +132,9 @@ class Progress:
         line = (f"{'interrupted: ' if interrupted else ''}scored {self.scored}, failed {self.failed}"
                 f"{f', skipped {skipped} already done' if skipped else ''} in {elapsed:.1f} s "
                 f"({done / elapsed if elapsed else 0:.1f} images/s)")
+        if any(self.levels.values()):
+            line += (f"; named the model for {self.levels['model']}, only the make for {self.levels['make']}, "
+                     f"turned away {self.scored - sum(self.levels.values())}")
         if self.live:
             self.stream.write("\r" + " " * 90 + "\r")
         return line

@@ -3,7 +3,8 @@ made the same way by the one-machine command and by every Ray actor."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import ImageRejected
@@ -30,24 +31,41 @@ class Row:
     predictions: list[tuple[str, float]] = field(default_factory=list)
     error: str | None = None
     accepted: bool | None = None  # whether the top class counts as an answer (None: not judged)
-    reason: str | None = None     # why not, e.g. "not one of the 30 models I know; closest: ..."
+    reason: str | None = None     # why not, e.g. "not one of the 164 models I know; closest: ..."
+    accepted_level: str | None = None  # "model", "make" (the make alone is the answer) or None
+    make: tuple[str, float] | None = None  # the most likely make and its probability
+
+    def to_json(self) -> str:
+        """The row as one JSON text, how it travels back from a Ray actor."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Row:
+        record = json.loads(text)
+        record["predictions"] = [tuple(p) for p in record["predictions"]]
+        record["make"] = tuple(record["make"]) if record["make"] is not None else None
+        return cls(**record)
 
 
-def score_file(scorer, folder: Path, path: Path, k: int) -> Row:
-    """One file's row: read it and score it through `scorer` (serve/scoring.py) as one request,
+def score_file(handler, folder: Path, path: Path, k: int) -> Row:
+    """One file's row: read it and have `handler` (serve/handler.py) answer it as one request,
     alone in its forward pass, or say why it could not be scored. Both the one-machine command and
     the Ray actors (serve/classify/on_ray.py) make their rows here."""
+    from ..handler import Options
+
     relative = str(path.relative_to(folder))
     try:
         data = path.read_bytes()
     except OSError as exc:
         return Row(relative, error=f"unreadable: {exc.strerror or exc}")
-    result = scorer.score([data]).rows[0]
-    if isinstance(result, ImageRejected):
-        return Row(relative, error=f"{result.reason}: {result.description}")
-    answer = scorer.answer(result, k)
+    answer = handler.predict([data], Options(top_k=k)).answers[0]
+    if isinstance(answer, ImageRejected):
+        return Row(relative, error=f"{answer.reason}: {answer.description}")
+    make = answer.make
     return Row(relative, [(r.label, round(r.probability, 6)) for r in answer.ranked],
-               accepted=answer.verdict.accepted, reason=answer.verdict.reason)
+               accepted=answer.verdict.accepted, reason=answer.verdict.reason,
+               accepted_level=answer.verdict.level,
+               make=(make.label, round(make.probability, 6)) if make is not None else None)
 
 
 def batch_config(model_folder: Path, max_image_pixels: int, workers: int):

@@ -21,7 +21,7 @@ from serve.compiled import CompiledModel, CompiledRunner
 from serve.config import Config
 from serve.manifest import Manifest
 from serve.preprocess import Preprocessor
-from serve.scoring import load_scorer
+from serve.handler import load_handler
 from tests.conftest import CARS, ROOT
 from tests.serve.test_server_process import Server, request
 
@@ -91,12 +91,12 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
 
 
 def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
-    """load_scorer, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
+    """load_handler, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
     read when torch starts); returns the runtime it chose and what it logged."""
     script = ("import json, logging, sys; from pathlib import Path; from serve.config import Config; "
-              "from serve.scoring import load_scorer; logging.basicConfig(level=logging.INFO); "
+              "from serve.handler import load_handler; logging.basicConfig(level=logging.INFO); "
               f"folder = Path({str(folder)!r}); "
-              "s = load_scorer(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
+              "s = load_handler(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
               "print(json.dumps(s.runtime.as_dict())); s.close()")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **environ},
                           capture_output=True, text=True, timeout=300)
@@ -120,9 +120,9 @@ def test_a_package_for_a_wider_cpu_than_this_one_falls_back_with_one_line(copy, 
 def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, caplog):
     edit_package_entry(copy, torch="2.11.0")
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        scorer = load_scorer(copy, "1", Config(model_dir=copy, inference_workers=1), require_checks=True)
-    assert scorer.runtime.name == "torchscript"
-    scorer.close()
+        handler = load_handler(copy, "1", Config(model_dir=copy, inference_workers=1), require_checks=True)
+    assert handler.artifact.runtime.name == "torchscript"
+    handler.close()
     lines = [r for r in caplog.records if " runs on " in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "built by torch 2.11.0" in lines[0].getMessage()
@@ -152,13 +152,13 @@ def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
     folder = cross_dir / "artifact"
     config = Config(model_dir=folder, inference_workers=2, solo_threads=2, micro_batch=2)
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        scorer = load_scorer(folder, "1", config, require_checks=True)
+        handler = load_handler(folder, "1", config, require_checks=True)
     try:
-        assert scorer.runtime.name == "compiled" and isinstance(scorer.model.runner, CompiledRunner)
+        assert handler.artifact.runtime.name == "compiled" and isinstance(handler.model.runner, CompiledRunner)
         loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
         assert len(loaded) == 1 and " on compiled in " in loaded[0] and "6 check photos agree" in loaded[0]
     finally:
-        scorer.close()
+        handler.close()
 
 
 def test_loading_a_package_again_reuses_its_library(cross_dir):

@@ -5,7 +5,7 @@ import pytest
 
 from serve.app import State, create_app
 from serve.config import Config
-from serve.scoring import build_scorer
+from serve.handler import build_handler
 from serve.serving import Serving
 from tests.conftest import ARTIFACTS, car_photos
 
@@ -17,8 +17,8 @@ def config() -> Config:
 
 
 @pytest.fixture(scope="session")
-def scorer(config):
-    return build_scorer(config)
+def handler(config):
+    return build_handler(config)
 
 
 @pytest.fixture()
@@ -27,9 +27,9 @@ def state() -> State:
 
 
 @pytest.fixture()
-def serving(config, scorer) -> Serving:
-    """The session's scorer as the live model (never closed by a test)."""
-    return Serving(config, scorer)
+def serving(config, handler) -> Serving:
+    """The session's handler as the live model (never closed by a test)."""
+    return Serving(config, handler)
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
-"""The "unknown" answer: whether a top class counts as an answer, in /predict, /v2, /metadata and
-the batch rows; and an export without thresholds, which is served unjudged."""
+"""The "unknown" answer: whether a top class counts as an answer, and when only its make does, in
+/predict, /v2, /metadata and the batch rows; and an export without thresholds, which is served
+unjudged."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from serve.config import Config
 from serve.errors import ArtifactError
 from serve.manifest import Acceptance
 from serve.metrics import Metrics
-from serve.postprocess import Output, judge
+from serve.manifest import CarClass
+from serve.postprocess import MAKE, MODEL, Makes, Output, judge, with_article
 from tests.serve.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -112,7 +114,8 @@ def test_min_probability_overrides_the_threshold_per_request(judged):
 
 def test_metadata_shows_the_thresholds_and_their_figures(judged):
     acceptance = judged.simulate_get("/metadata").json["acceptance"]
-    assert acceptance == {"enabled": True, "min_probability": 0.6, "min_familiarity": 0.1, "rule": "test rule",
+    assert acceptance == {"enabled": True, "min_probability": 0.6, "min_familiarity": 0.1,
+                          "min_make_probability": None, "rule": "test rule",
                           "figures": {"validation": {"accepted": 0.9}}}
 
 
@@ -201,3 +204,132 @@ def test_answer_splits_ranks_and_judges_one_row_in_one_place():
     assert got.verdict.accepted is False and "does not look like" in got.verdict.reason
     assert answer(row, labels, ["familiarity"], gate, k=1, min_probability=0.8).verdict.accepted is False
     assert answer(row[:3], labels, [], gate, k=1).verdict.accepted is True
+
+
+# ---------------------------------------------------------------------- the make, as an answer of its own
+
+MAKE_LABELS = ["Alpha Coupe 2001", "Alpha Van 2002", "Gamma Sedan 2003"]
+MAKE_CLASSES = [{"label": label, "name": label, "make": label.split()[0], "model": label.split()[1],
+                 "body": None, "year": int(label.split()[-1])} for label in MAKE_LABELS]
+# UNSURE gives the two Alpha classes about 0.41 and 0.31: no model reaches 0.6, their make 0.72 does.
+MAKE_RULE = {**RULE, "min_make_probability": 0.65}
+
+
+def cars(labels: list[str], makes: list[str]) -> list[CarClass]:
+    return [CarClass(label, label, make, label, None, None) for label, make in zip(labels, makes)]
+
+
+def test_make_probabilities_are_sums_over_each_makes_models():
+    makes = Makes(cars(["a1", "b1", "a2", "c1"], ["A", "B", "A", "C"]))
+    assert makes.names == ["A", "B", "C"]
+    assert makes.probabilities(torch.tensor([0.3, 0.35, 0.25, 0.1])).tolist() == pytest.approx([0.55, 0.35, 0.1])
+    # The top make can differ from the top model's make: B's one model beats each of A's, not their sum.
+    top = makes.top(torch.tensor([0.3, 0.35, 0.25, 0.1]))
+    assert (top.label, top.probability) == ("A", pytest.approx(0.55))
+
+
+def test_below_the_model_threshold_a_sure_make_is_the_answer():
+    rule = Acceptance(0.6, 0.1, min_make_probability=0.65)
+    makes = Makes(cars(MAKE_LABELS, ["Rolls-Royce", "Rolls-Royce", "Audi"]))
+    probabilities = torch.tensor([0.45, 0.35, 0.2])
+    verdict = judge(Output(probabilities, 0.5), rule, MAKE_LABELS, make=makes.top(probabilities))
+    assert (verdict.accepted, verdict.level) == (False, MAKE)
+    assert verdict.reason == "a Rolls-Royce; not sure which model (closest: Alpha Coupe 2001)"
+    # Sure of the model: the model level, whatever the make.
+    sure = torch.tensor([0.7, 0.1, 0.2])
+    assert judge(Output(sure, 0.5), rule, MAKE_LABELS, make=makes.top(sure)) == judge(Output(sure, 0.5), rule,
+                                                                                        MAKE_LABELS)
+    assert judge(Output(sure, 0.5), rule, MAKE_LABELS).level == MODEL
+    # Neither sure enough: turned away, as are unfamiliar photos whatever their make.
+    spread = torch.tensor([0.3, 0.3, 0.4])
+    assert judge(Output(spread, 0.5), rule, MAKE_LABELS, make=makes.top(spread)).level is None
+    assert judge(Output(probabilities, 0.05), rule, MAKE_LABELS, make=makes.top(probabilities)).level is None
+    # Without a make threshold (an export before makes) there is no make level.
+    assert judge(Output(probabilities, 0.5), Acceptance(0.6, 0.1), MAKE_LABELS,
+                 make=makes.top(probabilities)).level is None
+
+
+def test_makes_are_named_with_their_article():
+    assert [with_article(m) for m in ("Audi", "AM General", "BMW", "Rolls-Royce", "Infiniti")] == \
+        ["an Audi", "an AM General", "a BMW", "a Rolls-Royce", "an Infiniti"]
+
+
+@pytest.fixture(scope="module")
+def with_makes(tmp_path_factory):
+    folder = write_tiny_artifact(tmp_path_factory.mktemp("makes") / "artifact", MAKE_LABELS, acceptance=MAKE_RULE,
+                                 classes=MAKE_CLASSES)
+    config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
+    metrics = Metrics(CollectorRegistry())
+    serving = start_serving(config, metrics)
+    yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
+    serving.close()
+
+
+def test_predict_gives_the_make_and_the_level_it_accepted_at(with_makes):
+    sure = predict(with_makes, SURE).json
+    assert (sure["accepted"], sure["accepted_level"]) == (True, "model")
+    assert sure["make"]["label"] == "Alpha"
+    assert sure["make"]["probability"] == pytest.approx(sum(p["probability"] for p in sure["predictions"]
+                                                            if p["label"].startswith("Alpha")), abs=2e-6)
+    unsure = predict(with_makes, UNSURE).json
+    assert (unsure["accepted"], unsure["accepted_level"]) == (False, "make")
+    assert unsure["make"]["label"] == "Alpha" and unsure["make"]["probability"] >= 0.65
+    assert unsure["reason"].startswith("an Alpha; not sure which model")
+    unfamiliar = predict(with_makes, UNFAMILIAR).json
+    assert (unfamiliar["accepted"], unfamiliar["accepted_level"]) == (False, None)
+    assert "make" in unfamiliar  # the make is still said, as the ranked models are
+
+
+def test_models_without_makes_answer_as_before(judged):
+    body = predict(judged, SURE).json
+    assert "make" not in body and body["accepted_level"] == "model"
+
+
+def test_metadata_lists_the_classes_with_their_fields_and_the_makes(with_makes):
+    meta = with_makes.simulate_get("/metadata").json
+    assert meta["classes"] == MAKE_LABELS  # unchanged for existing clients
+    assert meta["class_fields"] == MAKE_CLASSES and meta["makes"] == ["Alpha", "Gamma"]
+    assert meta["acceptance"]["min_make_probability"] == 0.65
+
+
+def test_v2_returns_the_make_and_the_level_as_extra_outputs(with_makes):
+    images = [base64.b64encode(png(c)).decode() for c in (SURE, UNSURE, UNFAMILIAR)]
+    request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": images}]}
+    outputs = {o["name"]: o for o in with_makes.simulate_post("/v2/models/tiny-test/infer", json=request).json["outputs"]}
+    assert outputs["accepted_level"]["data"] == ["model", "make", ""]
+    assert outputs["make"]["data"] == ["Alpha", "Alpha", "Alpha"]
+    assert outputs["make_probability"]["datatype"] == "FP32" and outputs["make_probability"]["shape"] == [3]
+    assert outputs["make_probability"]["data"][1] >= 0.65
+    meta = with_makes.simulate_get("/v2/models/tiny-test").json
+    assert {"name": "make", "datatype": "BYTES", "shape": [-1]} in meta["outputs"]
+
+
+def test_batch_rows_carry_the_make_and_the_summary_counts_each_level(tmp_path, capsys):
+    from serve.classify import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, colour in (("sure", SURE), ("unsure", UNSURE), ("unfamiliar", UNFAMILIAR)):
+        (folder / f"{name}.png").write_bytes(png(colour))
+    model_dir = tmp_path / "models"
+    write_tiny_artifact(model_dir, MAKE_LABELS, acceptance=MAKE_RULE, classes=MAKE_CLASSES)
+    out = tmp_path / "rows.csv"
+    assert cli.main([str(folder), str(out), "--model-dir", str(model_dir)]) == 0
+    import csv
+    rows = {r["path"]: r for r in csv.DictReader(out.read_text().splitlines())}
+    assert rows["unsure.png"]["accepted_level"] == "make" and rows["unsure.png"]["make"] == "Alpha"
+    assert rows["sure.png"]["accepted_level"] == "model" and rows["unfamiliar.png"]["accepted_level"] == ""
+    assert "named the model for 1, only the make for 1, turned away 1" in capsys.readouterr().err
+
+
+def test_classes_that_do_not_match_the_labels_are_refused(tmp_path):
+    swapped = [MAKE_CLASSES[1], MAKE_CLASSES[0], MAKE_CLASSES[2]]
+    folder = write_tiny_artifact(tmp_path / "swapped", MAKE_LABELS, classes=swapped)
+    with pytest.raises(ArtifactError, match="classes\\[0\\] is 'Alpha Van 2002' but line 1 of the labels file"):
+        load_artifact(folder)
+    folder = write_tiny_artifact(tmp_path / "short", MAKE_LABELS, classes=MAKE_CLASSES[:2])
+    with pytest.raises(ArtifactError, match="'classes' must list one entry for each of the 3"):
+        load_artifact(folder)
+    folder = write_tiny_artifact(tmp_path / "no-classes", MAKE_LABELS, acceptance=MAKE_RULE)
+    with pytest.raises(ArtifactError, match="min_make_probability but no 'classes'"):
+        load_artifact(folder)

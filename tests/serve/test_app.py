@@ -122,11 +122,11 @@ def test_health_ready_and_not_ready(client, state, photo):
     assert resp.status_code == 503
 
 
-def test_metadata_comes_from_the_manifest(client, scorer):
+def test_metadata_comes_from_the_manifest(client, handler):
     body = client.simulate_get("/metadata").json
-    manifest = scorer.manifest.data
+    manifest = handler.artifact.manifest.data
     assert body["name"] == manifest["name"]
-    assert body["classes"] == scorer.labels and body["num_classes"] == manifest["num_classes"]
+    assert body["classes"] == handler.artifact.labels and body["num_classes"] == manifest["num_classes"]
     assert body["sha256"] == manifest["files"]["model"]["sha256"]
     assert body["input"]["height"] == manifest["input"]["height"]
     assert body["preprocessing"]["steps"] == manifest["preprocessing"]["steps"]
@@ -149,11 +149,11 @@ def test_page_is_served_with_security_headers(client):
     assert js.status_code == 200 and "textContent" in js.text and "innerHTML" not in js.text
 
 
-def test_internal_error_is_json_without_traceback(client, scorer, monkeypatch, photo):
+def test_internal_error_is_json_without_traceback(client, handler, monkeypatch, photo):
     def broken(batch):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(scorer.model, "runner", broken)
+    monkeypatch.setattr(handler.model, "runner", broken)
     resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
     assert resp.status_code == 500
     assert "secret" not in resp.text and "Traceback" not in resp.text
@@ -202,10 +202,10 @@ def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(t
     assert [p["label"] for p in body["predictions"]] == ["Alpha Coupe 2001", "Beta Van 2002"]
 
 
-def test_the_committed_artifacts_check_photos_get_the_top1_its_manifest_records(client, scorer):
-    checks = scorer.manifest.checks
+def test_the_committed_artifacts_check_photos_get_the_top1_its_manifest_records(client, handler):
+    checks = handler.artifact.manifest.checks
     assert len(checks) >= 3
     for check in checks:
-        path = scorer.manifest.verified(scorer.artifact.folder, check.file, check.sha256, "check")
+        path = handler.artifact.manifest.verified(handler.artifact.folder, check.file, check.sha256, "check")
         resp = client.simulate_post("/predict", body=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
         assert resp.status_code == 200 and resp.json["predictions"][0]["label"] == check.top1, check.file

@@ -57,10 +57,10 @@ def test_rotated_phone_photo_is_drafted_then_turned_upright():
     assert drafted.size == (750, 1000)
 
 
-def test_drafted_phone_photos_score_like_full_decodes(scorer):
+def test_drafted_phone_photos_score_like_full_decodes(handler):
     """The model's answer on a drafted 12 MP photo against the same photo decoded in full."""
-    steps = scorer.artifact.steps
-    module = scorer.artifact.runner  # what serves, whichever runtime it is
+    steps = handler.artifact.steps
+    module = handler.artifact.runner  # what serves, whichever runtime it is
     in_full, in_draft = Preprocessor(steps, BIG, draft_margin=None), Preprocessor(steps, BIG)
     worst = 0.0
     for path in car_photos()[::8]:

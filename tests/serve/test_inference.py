@@ -305,11 +305,11 @@ def test_each_pass_is_reported_with_its_real_batch_size():
     assert all(r.forward >= 0.1 for r in results.values())
 
 
-def test_photos_scored_together_get_the_answers_they_get_alone(scorer):
+def test_photos_scored_together_get_the_answers_they_get_alone(handler):
     """The real model and preprocessor: shared batches change nothing a client sees."""
     from tests.conftest import car_photos
 
-    artifact, preprocessor = scorer.artifact, scorer.preprocessor
+    artifact, preprocessor = handler.artifact, handler.model.preprocess
     photos = car_photos()[::3]
     alone = {}
     for path in photos:

@@ -13,7 +13,7 @@ from serve.app import create_app
 from serve.errors import ImageRejected
 from serve.inference import Model
 from serve.metrics import Metrics, rejection_reasons
-from serve.scoring import Scorer
+from serve.handler import Handler
 from serve.serving import Serving
 from tests.conftest import car_photos
 
@@ -41,7 +41,7 @@ def fresh(config, serving, state):
 
 
 @pytest.fixture()
-def observed(config, scorer, state):
+def observed(config, handler, state):
     """An app whose model reports its forward passes to the app's metrics, as the server's does:
     one shared inference thread, micro-batches of 2, and a forward pass slowed down so that
     requests arriving during one pass share the next."""
@@ -49,16 +49,16 @@ def observed(config, scorer, state):
 
     def slow(batch):
         time.sleep(0.2)
-        return scorer.artifact.runner(batch)
+        return handler.artifact.runner(batch)
 
-    model = Model(slow, scorer.preprocessor, scorer.artifact.input_size, workers=1, micro_batch=2,
+    model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, Serving(config, Scorer(scorer.artifact, model)), state, metrics))
+    yield falcon.testing.TestClient(create_app(config, Serving(config, Handler(handler.artifact, model)), state, metrics))
     model.close()
 
 
-def test_requests_inference_batches_and_rejections_are_counted(observed, scorer):
+def test_requests_inference_batches_and_rejections_are_counted(observed, handler):
     client = observed
     photos = car_photos()[:3]
     jpeg = {"Content-Type": "image/jpeg"}
@@ -67,7 +67,7 @@ def test_requests_inference_batches_and_rejections_are_counted(observed, scorer)
     assert client.simulate_post("/predict", body=photos[0].read_bytes()[:500], headers=jpeg).status_code == 400
     batch = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
                          "data": [base64.b64encode(p.read_bytes()).decode() for p in photos]}]}
-    assert client.simulate_post(f"/v2/models/{scorer.name}/infer", json=batch).status_code == 200
+    assert client.simulate_post(f"/v2/models/{handler.artifact.name}/infer", json=batch).status_code == 200
     assert client.simulate_get("/no/such/page").status_code == 404
 
     samples = scrape(client)
@@ -127,10 +127,10 @@ def test_every_rejection_reason_is_exported_from_the_start(fresh):
     assert all(isinstance(cls.reason, str) for cls in ImageRejected.__subclasses__())
 
 
-def test_model_info(fresh, scorer):
+def test_model_info(fresh, handler):
     samples = scrape(fresh())
-    assert value(samples, "whatcar_model_info", name=scorer.name, version="1", sha256=scorer.sha256,
-                 classes=str(len(scorer.labels))) == 1
+    assert value(samples, "whatcar_model_info", name=handler.artifact.name, version="1", sha256=handler.artifact.sha256,
+                 classes=str(len(handler.artifact.labels))) == 1
 
 
 def test_each_app_counts_in_its_own_registry(fresh):

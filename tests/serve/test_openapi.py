@@ -36,9 +36,9 @@ def test_every_route_is_documented_and_every_documented_route_exists(client, spe
     assert documented_routes(spec) == registered_routes(client.app)
 
 
-def test_documented_operations_answer(client, spec, scorer):
+def test_documented_operations_answer(client, spec, handler):
     """Each documented path and method reaches a responder: never 404 or 405."""
-    values = {"name": scorer.name, "version": "1"}
+    values = {"name": handler.artifact.name, "version": "1"}
     for path, methods in documented_routes(spec).items():
         concrete = path.format(**values)
         for method in methods:
@@ -46,9 +46,9 @@ def test_documented_operations_answer(client, spec, scorer):
             assert resp.status_code not in (404, 405), (method, path, resp.status_code)
 
 
-def test_undocumented_methods_are_refused(client, spec, scorer):
+def test_undocumented_methods_are_refused(client, spec, handler):
     """The converse on the real app: a method the description leaves out gets 405."""
-    values = {"name": scorer.name, "version": "1"}
+    values = {"name": handler.artifact.name, "version": "1"}
     for path, methods in documented_routes(spec).items():
         for method in {"GET", "POST", "PUT", "DELETE"} - methods:
             assert client.simulate_request(method, path.format(**values)).status_code == 405, (method, path)

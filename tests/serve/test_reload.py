@@ -1,6 +1,7 @@
 """Replacing the served model while it serves: checks before the switch, leases, the repository
 API and its access rules. In process, with tiny models; test_reload_process.py runs real servers."""
 
+import base64
 import io
 import json
 import os
@@ -17,8 +18,8 @@ from serve.app import State, create_app, start_serving
 from serve.config import Config, ConfigError, load_config
 from serve.inference import ModelClosed
 from serve.metrics import Metrics
-from serve.scoring import build_scorer, load_scorer
-from serve.serving import NotServing, Serving
+from serve.handler import build_handler, load_handler
+from serve.serving import NotServing, NotThisModel, Serving
 from serve.versions import ModelFolder
 from tests.serve.tiny_artifact import add_tiny_version, write_manifest
 from tests.serve.test_metrics import scrape, value
@@ -143,19 +144,62 @@ def test_a_request_inside_finishes_on_the_model_it_started_with(model_dir):
             assert serving.reload().outcome == "ok"
             # The new model serves new requests, and the old one still scores for its lease holder.
             assert predict(client)["model"]["version"] == "2"
-            scored = old.score([red_png()])
-            assert old.version == "1" and OLD_LABELS[int(scored.rows[0].argmax())] == OLD_LABELS[0]
+            answer = old.predict([red_png()]).answers[0]
+            assert old.artifact.version == "1" and answer.ranked[0].label == OLD_LABELS[0]
             # Both versions run on the same inference threads.
             new = serving.current
-            assert new.version == "2" and new.model.threads is old.model.threads
+            assert new.artifact.version == "2" and new.model.threads is old.model.threads
             threads = old.model.threads.threads
             assert threads and all(thread.is_alive() for thread in threads)
         # Its last lease ended: the old model is closed, the threads go on serving the new one.
         with pytest.raises(ModelClosed):
-            old.score([red_png()])
+            old.predict([red_png()])
         assert old.model.runner is None
         assert all(thread.is_alive() for thread in threads) and new.model.threads.threads == threads
         assert predict(client)["model"]["version"] == "2"
+    finally:
+        serving.close()
+
+
+def test_a_lease_for_a_name_and_version_is_refused_once_another_version_is_live(model_dir):
+    serving, client = setup(model_dir)
+    try:
+        with serving.lease("tiny-test", "1") as handler:
+            assert handler.artifact.version == "1"
+        with pytest.raises(NotThisModel, match="unknown model 'other'"):
+            with serving.lease("other"):
+                pass
+        add_tiny_version(model_dir, labels=NEW_LABELS)
+        assert serving.reload().outcome == "ok"
+        with pytest.raises(NotThisModel, match="has no version '1' loaded; it serves version '2'"):
+            with serving.lease("tiny-test", "1"):
+                pass
+    finally:
+        serving.close()
+
+
+def test_v2_inference_checks_the_version_where_it_takes_the_lease(model_dir, monkeypatch):
+    """A swap between the route's first look and its lease must not serve a version other than the
+    one asked for: the lease itself checks."""
+    from serve import v2
+
+    serving, client = setup(model_dir)
+    try:
+        add_tiny_version(model_dir, labels=NEW_LABELS)
+        looked = []
+
+        def look_then_swap(self, name, version):
+            handler = self.serving.current  # what the route saw: version 1
+            looked.append(handler.artifact.version)
+            assert serving.reload().outcome == "ok"  # ...and the swap right after
+            return handler
+
+        monkeypatch.setattr(v2.ModelScope, "check", look_then_swap)
+        image = base64.b64encode(red_png()).decode()
+        request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}]}
+        resp = client.simulate_post("/v2/models/tiny-test/versions/1/infer", json=request)
+        assert looked == ["1"] and resp.status_code == 404
+        assert "it serves version '2'" in resp.json["error"]
     finally:
         serving.close()
 
@@ -166,9 +210,9 @@ def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
 
     def loader(*args, **kwargs):
         loaded_on.append(threading.current_thread())
-        return load_scorer(*args, **kwargs)
+        return load_handler(*args, **kwargs)
 
-    serving = Serving(config, build_scorer(config), loader=loader)
+    serving = Serving(config, build_handler(config), loader=loader)
     models = ModelFolder(model_dir)
     add_tiny_version(model_dir, labels=NEW_LABELS)
     outcomes = []
@@ -327,6 +371,6 @@ def test_the_committed_default_folder_reloads_unchanged(tmp_path):
     try:
         assert os.readlink(folder / "current") == "1"
         assert serving.reload().outcome == "unchanged"
-        assert torch.is_tensor(serving.current.score([red_png()]).rows[0])
+        assert torch.is_tensor(serving.current.predict([red_png()]).answers[0].probabilities)
     finally:
         serving.close()

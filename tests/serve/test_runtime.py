@@ -214,25 +214,25 @@ def test_a_package_that_does_not_load_leaves_torchscript_serving(copy, caplog):
         load_artifact(copy, runtime="compiled")
 
 
-def test_metadata_and_metrics_say_which_runtime_serves(client, scorer):
+def test_metadata_and_metrics_say_which_runtime_serves(client, handler):
     body = client.simulate_get("/metadata").json
-    assert body["runtime"] == scorer.runtime.as_dict()
+    assert body["runtime"] == handler.artifact.runtime.as_dict()
     assert body["runtime"]["name"] in ("compiled", "torchscript") and body["runtime"]["reason"]
     metrics = client.simulate_get("/metrics").text
-    assert f'whatcar_runtime_info{{name="{scorer.runtime.name}",' in metrics
-    platform = client.simulate_get(f"/v2/models/{scorer.name}").json["platform"]
-    assert platform == ("pytorch_aotinductor" if scorer.runtime.name == "compiled" else "pytorch_torchscript")
+    assert f'whatcar_runtime_info{{name="{handler.artifact.runtime.name}",' in metrics
+    platform = client.simulate_get(f"/v2/models/{handler.artifact.name}").json["platform"]
+    assert platform == ("pytorch_aotinductor" if handler.artifact.runtime.name == "compiled" else "pytorch_torchscript")
 
 
 def test_the_runtime_line_is_logged_once_at_load(tmp_path, caplog):
     from serve.config import Config
-    from serve.scoring import load_scorer
+    from serve.handler import load_handler
     from tests.serve.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        scorer = load_scorer(folder, "1", Config(model_dir=tmp_path, inference_workers=1))
-    scorer.close()
+        handler = load_handler(folder, "1", Config(model_dir=tmp_path, inference_workers=1))
+    handler.close()
     lines = [r.getMessage() for r in caplog.records if " runs on " in r.getMessage()]
     assert lines == ["tiny-test version 1 runs on torchscript: compiled package not used: the artifact has no "
                      "compiled package"]

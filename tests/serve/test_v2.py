@@ -21,8 +21,8 @@ def image_input(photos=PHOTOS) -> dict:
 
 
 @pytest.fixture()
-def infer_path(scorer) -> str:
-    return f"/v2/models/{scorer.artifact.name}/infer"
+def infer_path(handler) -> str:
+    return f"/v2/models/{handler.artifact.name}/infer"
 
 
 def infer(client, path, request, headers=None):
@@ -78,8 +78,8 @@ def test_server_metadata_and_health(client, state):
     assert client.simulate_get("/v2/health/live").status_code == 200
 
 
-def test_model_metadata_comes_from_the_artifact(client, scorer):
-    artifact = scorer.artifact
+def test_model_metadata_comes_from_the_artifact(client, handler):
+    artifact = handler.artifact
     height, width = artifact.input_size
     for path in (f"/v2/models/{artifact.name}", f"/v2/models/{artifact.name}/versions/1"):
         body = client.simulate_get(path).json
@@ -93,8 +93,8 @@ def test_model_metadata_comes_from_the_artifact(client, scorer):
                                             "shape": [-1, len(artifact.labels)]}
 
 
-def test_model_readiness_follows_the_server(client, scorer, state, infer_path):
-    path = f"/v2/models/{scorer.artifact.name}/ready"
+def test_model_readiness_follows_the_server(client, handler, state, infer_path):
+    path = f"/v2/models/{handler.artifact.name}/ready"
     assert client.simulate_get(path).status_code == 200
     state.set_ready(False)
     assert client.simulate_get(path).status_code == 503
@@ -104,19 +104,19 @@ def test_model_readiness_follows_the_server(client, scorer, state, infer_path):
 
 @pytest.mark.parametrize("path", ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/{name}/versions/2",
                                   "/v2/models/{name}/versions/2/ready"])
-def test_unknown_model_or_version_is_a_json_404(client, scorer, path):
-    resp = client.simulate_get(path.format(name=scorer.artifact.name))
+def test_unknown_model_or_version_is_a_json_404(client, handler, path):
+    resp = client.simulate_get(path.format(name=handler.artifact.name))
     assert resp.status_code == 404 and resp.json["error"]
     resp = client.simulate_post("/v2/models/nope/infer", json={"inputs": [image_input(PHOTOS[:1])]})
     assert resp.status_code == 404 and "nope" in resp.json["error"]
 
 
-def test_json_batch_matches_predict_per_image(client, scorer, config, infer_path):
+def test_json_batch_matches_predict_per_image(client, handler, config, infer_path):
     resp = infer(client, infer_path, {"id": "batch-1", "inputs": [image_input()]})
     assert resp.status_code == 200, resp.text
     body = resp.json
-    labels = scorer.artifact.labels
-    assert body["model_name"] == scorer.artifact.name and body["id"] == "batch-1"
+    labels = handler.artifact.labels
+    assert body["model_name"] == handler.artifact.name and body["id"] == "batch-1"
     probs = output(body, "probabilities")
     assert probs["datatype"] == "FP32" and probs["shape"] == [len(PHOTOS), len(labels)]
     rows = torch.tensor(probs["data"]).view(len(PHOTOS), len(labels))
@@ -135,10 +135,10 @@ def test_json_batch_matches_predict_per_image(client, scorer, config, infer_path
             assert float(rows[i, index]) == pytest.approx(value, abs=1e-6)
 
 
-def test_preprocessed_uint8_input_gives_the_same_probabilities(client, scorer, infer_path):
+def test_preprocessed_uint8_input_gives_the_same_probabilities(client, handler, infer_path):
     # One image: as a JSON list of numbers a 288 px image is already about 1 MB of the 2 MB test limit.
-    pixels = torch.stack([scorer.preprocessor(p.read_bytes()) for p in PHOTOS[:1]])
-    name = scorer.manifest.input_name
+    pixels = torch.stack([handler.model.preprocess(p.read_bytes()) for p in PHOTOS[:1]])
+    name = handler.artifact.manifest.input_name
     from_bytes = output(infer(client, infer_path, {"inputs": [image_input(PHOTOS[:1])]}).json, "probabilities")
     resp = infer(client, infer_path, {"inputs": [{"name": name, "datatype": "UINT8", "shape": list(pixels.shape),
                                                   "data": pixels.flatten().tolist()}]})
@@ -146,20 +146,20 @@ def test_preprocessed_uint8_input_gives_the_same_probabilities(client, scorer, i
     assert output(resp.json, "probabilities")["data"] == from_bytes["data"]
 
 
-def test_binary_extension_both_ways(client, scorer, infer_path):
+def test_binary_extension_both_ways(client, handler, infer_path):
     photos = PHOTOS[:2]
     files = [p.read_bytes() for p in photos]
     packed = b"".join(struct.pack("<I", len(f)) + f for f in files)
-    pixels = torch.stack([scorer.preprocessor(f) for f in files])
-    name = scorer.manifest.input_name
+    pixels = torch.stack([handler.model.preprocess(f) for f in files])
+    name = handler.artifact.manifest.input_name
     body, headers = binary_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 1],
                                                 "parameters": {"binary_data_size": len(packed)}}],
                                     "parameters": {"binary_data_output": True}}, [packed])
     resp = client.simulate_post(infer_path, body=body, headers=headers)
     assert resp.status_code == 200, resp.text
     header, blobs = split_response(resp)
-    classes = len(scorer.artifact.labels)
-    judged = {"accepted"} if scorer.manifest.acceptance else set()  # a model with thresholds answers that too
+    classes = len(handler.artifact.labels)
+    judged = {"accepted"} if handler.artifact.manifest.acceptance else set()  # a model with thresholds answers that too
     assert set(blobs) == {"probabilities", "labels"} | judged and not any("data" in o for o in header["outputs"])
     assert all(len(blobs[name]) == 2 for name in judged)  # one byte per image
     values = struct.unpack(f"<{2 * classes}f", blobs["probabilities"])
@@ -174,8 +174,8 @@ def test_binary_extension_both_ways(client, scorer, infer_path):
     assert strings == output(resp.json, "labels")["data"]
 
 
-def test_requested_outputs_and_parameters_are_honoured(client, scorer, infer_path):
-    classes = len(scorer.artifact.labels)
+def test_requested_outputs_and_parameters_are_honoured(client, handler, infer_path):
+    classes = len(handler.artifact.labels)
     request = {"inputs": [image_input(PHOTOS[:2])], "parameters": {"top_k": 1},
                "outputs": [{"name": "labels", "parameters": {"binary_data": True}}]}
     resp = client.simulate_post(infer_path, body=json.dumps(request))
@@ -209,8 +209,8 @@ def test_body_over_the_upload_limit(client, infer_path, config):
     assert resp.status_code == 413 and "limit" in resp.json["error"]
 
 
-def malformed_requests(scorer, max_batch: int):
-    artifact = scorer.artifact
+def malformed_requests(handler, max_batch: int):
+    artifact = handler.artifact
     height, width = artifact.input_size
     pixels = artifact.manifest.input_name
     one = image_input(PHOTOS[:1])
@@ -242,8 +242,8 @@ def malformed_requests(scorer, max_batch: int):
     }
 
 
-def test_malformed_requests_are_json_400s(client, scorer, config, infer_path):
-    for case, request in malformed_requests(scorer, config.max_batch).items():
+def test_malformed_requests_are_json_400s(client, handler, config, infer_path):
+    for case, request in malformed_requests(handler, config.max_batch).items():
         body = request if isinstance(request, bytes) else json.dumps(request)
         resp = client.simulate_post(infer_path, body=body)
         assert resp.status_code == 400, (case, resp.text)

@@ -61,9 +61,11 @@ FAMILIARITY = {"name": "familiarity", "dtype": "float32", "shape": ["N"], "descr
 
 
 def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_rounds: int = 0,
-                        checks: bool = True, acceptance: dict | None = None) -> Path:
+                        checks: bool = True, acceptance: dict | None = None, classes: list[dict] | None = None) -> Path:
     """With `acceptance` ({"min_probability": ..., "min_familiarity": ...}) the model also returns
-    a familiarity and the manifest carries the thresholds, as an export with calibration does."""
+    a familiarity and the manifest carries the thresholds, as an export with calibration does.
+    `classes` ({"label", "make", "model", ...} per label) go into the manifest as the exporter
+    writes them."""
     labels = labels or ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
     assert len(labels) == 3, "the tiny model has one class per colour channel"
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +84,8 @@ def write_tiny_artifact(folder: Path, labels: list[str] | None = None, burn_roun
             Image.new("RGB", (24, 20), colour).save(folder / name)
             found.append(Check(name, sha256_file(folder / name), labels[i]))
     extra = {} if acceptance is None else {"extra_outputs": [FAMILIARITY], "acceptance": acceptance}
+    if classes is not None:
+        extra["classes"] = classes
     Manifest.create(folder, name="tiny-test", model_file="model.pt", labels_file="labels.txt",
                     num_classes=len(labels), steps=steps, checks=found, architecture="channel means (test model)",
                     versions={"torch": torch.__version__}, **extra).write(folder)

@@ -1,106 +1,111 @@
-"""One loaded model with everything that scores with it, split as model servers do:
-preprocess (serve/preprocess.py), inference (serve/inference.py), postprocess
-(serve/postprocess.py). Routes hand a `Scorer` the request's images and format what comes back.
+"""One loaded model, and the one object that owns a request from its images to its answers.
+
+`Handler.predict(items, options)` is what every caller uses: /predict, /v2, the batch command, the
+Ray actors and the check photos every load scores. It hands the images to the inference threads
+(serve/inference.py: decoding and preprocessing (serve/preprocess.py) and the forward pass run
+there) and makes each output row an `Answer` (serve/postprocess.py). Routes only parse requests
+and format answers. The model's facts (name, version, labels, classes, thresholds) are its
+`artifact`'s; nothing here forwards them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .artifact import Artifact, first_line, load_artifact
-from .errors import ArtifactError
 from .config import Config
-from .inference import InferenceThreads, Item, Model, PassObserver, Scored
-from .manifest import Acceptance, Manifest
-from .postprocess import Answer, Output, answer, split_row
+from .errors import ArtifactError, ImageRejected
+from .inference import InferenceThreads, Item, Model, PassObserver
+from .postprocess import Answer, Makes, answer
 from .preprocess import Preprocessor
-from .runtime import RuntimeChoice
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
 
 
-class Scorer:
-    def __init__(self, artifact: Artifact, model: Model, version: str = "1"):
+@dataclass(frozen=True)
+class Options:
+    """How a request wants its answers: `top_k` classes ranked, the model-level threshold
+    replaced by `min_probability` when given, and with `all_or_nothing` one rejected image keeps
+    the others out of the forward pass (the request fails as a whole anyway)."""
+
+    top_k: int = 5
+    min_probability: float | None = None
+    all_or_nothing: bool = False
+
+
+@dataclass
+class Prediction:
+    """One request's answers, one per image (or the ImageRejected that stopped it), and where
+    its time went, in seconds."""
+
+    answers: list  # Answer | ImageRejected, in the images' order
+    queue: float = 0.0       # from hand-over until an inference thread took it
+    preprocess: float = 0.0  # decoding and preprocessing its images, on the inference thread
+    forward: float = 0.0     # the forward pass it was part of
+    batch_size: int = 0      # images in that forward pass (other requests' included)
+    postprocess: float = 0.0  # making the answers from the output rows
+
+    @property
+    def rejected(self) -> ImageRejected | None:
+        """The first rejected image's error, if any."""
+        return next((a for a in self.answers if isinstance(a, ImageRejected)), None)
+
+
+class Handler:
+    def __init__(self, artifact: Artifact, model: Model):
         self.artifact = artifact
         self.model = model
-        self.version = version
+        classes = artifact.manifest.classes
+        self.makes = Makes(classes) if classes else None
 
-    @property
-    def name(self) -> str:
-        return self.artifact.name
-
-    @property
-    def sha256(self) -> str:
-        return self.artifact.sha256
-
-    @property
-    def labels(self) -> list[str]:
-        return self.artifact.labels
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.artifact.manifest
-
-    @property
-    def acceptance(self) -> Acceptance | None:
-        """When the top answer counts as an answer (None: the export recorded no thresholds)."""
-        return self.artifact.acceptance
-
-    @property
-    def runtime(self) -> RuntimeChoice:
-        return self.artifact.runtime
-
-    @property
-    def preprocessor(self) -> Preprocessor:
-        return self.model.preprocess
-
-    def score(self, items: list[Item], all_or_nothing: bool = False) -> Scored:
-        """The module's output row (or a rejection) for each encoded image or uint8 [3, H, W] tensor."""
-        return self.model.score(items, all_or_nothing)
-
-    def read(self, row: torch.Tensor) -> Output:
-        """One image's output row, split into what its columns mean."""
-        return split_row(row, len(self.labels), self.artifact.extra_outputs)
-
-    def answer(self, row: torch.Tensor, k: int, min_probability: float | None = None) -> Answer:
-        """One image's output row as the answer every route formats (serve/postprocess.py)."""
-        return answer(row, self.labels, self.artifact.extra_outputs, self.acceptance, k, min_probability)
+    def predict(self, items: list[Item], options: Options = Options()) -> Prediction:
+        """An answer for each encoded image or uint8 [3, H, W] tensor of one request."""
+        scored = self.model.score(items, options.all_or_nothing)
+        started = time.perf_counter()
+        artifact = self.artifact
+        answers = [row if isinstance(row, ImageRejected) or row is None else
+                   answer(row, artifact.labels, artifact.extra_outputs, artifact.acceptance, options.top_k,
+                          options.min_probability, self.makes)
+                   for row in scored.rows]
+        return Prediction(answers, scored.queue, scored.preprocess, scored.forward, scored.batch_size,
+                          time.perf_counter() - started)
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather
-        than whenever the last reference to this scorer goes, so their memory can be returned now."""
+        than whenever the last reference to this handler goes, so their memory can be returned now."""
         self.model.close()
         self.model.runner = None
         self.artifact.close()
 
 
-def verify_checks(scorer: Scorer, required: bool) -> int:
+def verify_checks(handler: Handler, required: bool) -> int:
     """Score the artifact's check photos, one request each as clients send them, and hold each
     top-1 to the one recorded at export; returns how many were checked. Raises ArtifactError on
     a disagreement, or when `required` and the manifest lists none."""
-    folder, checks = scorer.artifact.folder, scorer.manifest.checks
+    folder, checks = handler.artifact.folder, handler.artifact.manifest.checks
     if required and not checks:
         raise ArtifactError(f"{folder / 'manifest.json'} lists no check photos to prove the model with; "
                             "re-export it with this version of whatcar")
     for check in checks:
-        path = scorer.manifest.verified(folder, check.file, check.sha256, "check")
-        scored = scorer.score([path.read_bytes()])
-        if scored.rejected is not None:
-            raise ArtifactError(f"check photo {path} cannot be scored: {scored.rejected.description}")
-        got = scorer.labels[int(scorer.read(scored.rows[0]).probabilities.argmax())]
+        path = handler.artifact.manifest.verified(folder, check.file, check.sha256, "check")
+        prediction = handler.predict([path.read_bytes()], Options(top_k=1))
+        if prediction.rejected is not None:
+            raise ArtifactError(f"check photo {path} cannot be scored: {prediction.rejected.description}")
+        got = prediction.answers[0].ranked[0].label
         if got != check.top1:
             raise ArtifactError(f"check photo {path} is scored {got!r} but the export recorded {check.top1!r}: "
                                 "this is not the model that was exported, or it runs differently here")
     return len(checks)
 
 
-def load_scorer(folder: Path, version: str, config: Config, observer: PassObserver | None = None,
-                require_checks: bool = False, threads: InferenceThreads | None = None) -> Scorer:
+def load_handler(folder: Path, version: str, config: Config, observer: PassObserver | None = None,
+                 require_checks: bool = False, threads: InferenceThreads | None = None) -> Handler:
     """Verify and load the artifact in `folder`, warm it up on the inference threads, and score
     its check photos; raises ArtifactError with a one-line reason (and leaves nothing running).
     `threads` are the ones the model before it runs on (by default new ones, from `config`);
@@ -111,7 +116,7 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
     reason logged; TorchScript failing them fails the load."""
     torch.set_num_threads(config.torch_threads)
     threads = threads if threads is not None else inference_threads(config)
-    artifact = load_artifact(folder, runtime=config.runtime, runners=threads.workers)
+    artifact = load_artifact(folder, runtime=config.runtime, runners=threads.workers, version=version)
     preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
     while True:
         started = time.perf_counter()
@@ -121,14 +126,14 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
         rounds = 1 if artifact.runtime.name == "compiled" else 2
         model = Model(artifact.runner, preprocessor, artifact.input_size, threads, observer=observer,
                       warm_up_rounds=rounds)
-        scorer = Scorer(artifact, model, version)
+        handler = Handler(artifact, model)
         try:
             try:
                 model.wait_ready()
             except Exception as exc:
                 raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
             warmed = time.perf_counter()
-            checked = verify_checks(scorer, require_checks)
+            checked = verify_checks(handler, require_checks)
             break
         except ArtifactError as exc:
             model.close()
@@ -153,7 +158,7 @@ def load_scorer(folder: Path, version: str, config: Config, observer: PassObserv
              f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
     if not checked:
         log.warning("%s lists no check photos: the loaded model was not compared with the exported one", folder)
-    return scorer
+    return handler
 
 
 def inference_threads(config: Config) -> InferenceThreads:
@@ -163,11 +168,11 @@ def inference_threads(config: Config) -> InferenceThreads:
                             solo_threads=config.solo_threads)
 
 
-def build_scorer(config: Config, observer: PassObserver | None = None) -> Scorer:
-    """The scorer for the version config.model_dir names as current; raises ArtifactError."""
+def build_handler(config: Config, observer: PassObserver | None = None) -> Handler:
+    """The handler for the version config.model_dir names as current; raises ArtifactError."""
     models = ModelFolder(config.model_dir)
     try:
         version = models.current()
     except VersionError as exc:
         raise ArtifactError(str(exc)) from None
-    return load_scorer(models.folder(version), version, config, observer)
+    return load_handler(models.folder(version), version, config, observer)
