@@ -1,4 +1,5 @@
-// Upload page: post the chosen photo to /predict and show the top five answers.
+// Upload page: post the chosen photo to /predict and show the make and the top five answers;
+// list the models it knows (from /metadata), searchable.
 // Labels and messages are set with textContent only, never as HTML.
 "use strict";
 
@@ -8,15 +9,25 @@ const preview = document.getElementById("preview");
 const statusLine = document.getElementById("status");
 const results = document.getElementById("results");
 const modelLine = document.getElementById("model");
+const makeLine = document.getElementById("make");
+const filter = document.getElementById("filter");
+const knownList = document.getElementById("known-list");
+const knownCount = document.getElementById("known-count");
 
-// kind: "error" (nothing to show), "unsure" (answers shown, none of them sure), or "".
+// kind: "error" (nothing to show), "unsure" (answers shown, none of them sure), "make" (only
+// the make is sure), or "".
 function showStatus(text, kind) {
   statusLine.textContent = text;
   statusLine.className = kind;
 }
 
+function percent(probability) {
+  return (probability * 100).toFixed(1) + " %";
+}
+
 function showPredictions(body) {
   results.replaceChildren();
+  makeLine.textContent = body.make ? "Make: " + body.make.label + " (" + percent(body.make.probability) + ")" : "";
   for (const p of body.predictions) {
     const item = document.createElement("li");
     const line = document.createElement("div");
@@ -26,7 +37,7 @@ function showPredictions(body) {
     name.textContent = p.label;
     const pct = document.createElement("span");
     pct.className = "pct";
-    pct.textContent = (p.probability * 100).toFixed(1) + " %";
+    pct.textContent = percent(p.probability);
     line.append(name, pct);
     const track = document.createElement("div");
     track.className = "track";
@@ -45,6 +56,7 @@ async function upload(file) {
   if (!file) return;
   results.replaceChildren();
   modelLine.textContent = "";
+  makeLine.textContent = "";
   if (preview.src) URL.revokeObjectURL(preview.src);
   preview.removeAttribute("src");
   // Only images get a preview: anything else would show as a broken picture. The server
@@ -64,7 +76,11 @@ async function upload(file) {
       return;
     }
     // The ranked list stays: the closest models are still worth seeing when none is sure.
-    showStatus(body.accepted === false ? "Not sure: " + body.reason : "", body.accepted === false ? "unsure" : "");
+    if (body.accepted_level === "make") {
+      showStatus("It is " + body.reason, "make");
+    } else {
+      showStatus(body.accepted === false ? "Not sure: " + body.reason : "", body.accepted === false ? "unsure" : "");
+    }
     showPredictions(body);
   } catch (err) {
     showStatus("Could not reach the server: " + err.message, "error");
@@ -79,3 +95,32 @@ drop.addEventListener("drop", (e) => {
   drop.classList.remove("over");
   upload(e.dataTransfer.files[0]);
 });
+
+// The known models, grouped by make, filtered as the person types.
+let known = [];
+
+function showKnown() {
+  const words = filter.value.toLowerCase().split(/\s+/).filter(Boolean);
+  const shown = known.filter((name) => words.every((w) => name.toLowerCase().includes(w)));
+  knownList.replaceChildren(...shown.map((name) => {
+    const item = document.createElement("li");
+    item.textContent = name;
+    return item;
+  }));
+  knownCount.textContent = shown.length + " of " + known.length + " models";
+}
+
+async function loadKnown() {
+  try {
+    const meta = await (await fetch("/metadata")).json();
+    const fields = meta.class_fields;
+    known = fields ? fields.map((c) => c.name) : (meta.classes || []);
+    known.sort((a, b) => a.localeCompare(b));
+    showKnown();
+  } catch (err) {
+    knownCount.textContent = "The list of known models could not be loaded.";
+  }
+}
+
+filter.addEventListener("input", showKnown);
+loadKnown();

@@ -57,7 +57,8 @@ def shoot(page, name: str) -> Path:
 
 def test_a_photo_gets_the_same_answer_as_predict(page, server, metadata):
     photo = [p for p in car_photos() if p.stem == "047"][0]
-    expected = server.predict(photo.read_bytes())["predictions"]  # the server's default top_k, as the page
+    answer = server.predict(photo.read_bytes())
+    expected = answer["predictions"]  # the server's default top_k, as the page
     expect(page).to_have_title(re.compile("whatcar"))
     page.set_input_files("#file", str(photo))
     items = page.locator("#results li")
@@ -67,6 +68,9 @@ def test_a_photo_gets_the_same_answer_as_predict(page, server, metadata):
         [p["label"] for p in expected]
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#status")).not_to_have_class(re.compile("error"))
+    if "make" in answer:
+        expect(page.locator("#make")).to_have_text(f"Make: {answer['make']['label']} "
+                                                   f"({answer['make']['probability'] * 100:.1f} %)")
     # Which model, and which version of it, answered.
     expect(page.locator("#model")).to_contain_text(f"model {metadata['name']} version {metadata['version']}")
     shoot(page, "prediction.png")
@@ -100,4 +104,21 @@ def test_a_photo_without_a_car_is_shown_as_not_sure(page, server, metadata):
     expect(page.locator("#results li")).to_have_count(min(5, metadata["num_classes"]))
     assert page.locator("#results li").first.locator(".label").text_content() == answer["predictions"][0]["label"]
     shoot(page, "not-sure.png")
+    assert page.problems == []
+
+
+def test_the_known_models_are_listed_and_searchable(page, metadata):
+    fields = metadata.get("class_fields")
+    names = [c["name"] for c in fields] if fields else metadata["classes"]
+    page.locator("#known summary").click()
+    expect(page.locator("#known-count")).to_have_text(f"{len(names)} of {len(names)} models")
+    expect(page.locator("#known-list li")).to_have_count(len(names))
+    # Every word typed must appear, in any order and case: a make and part of a model's name.
+    words = names[-1].split()
+    query = f"{words[1].upper()} {words[0].lower()}"
+    wanted = sorted(n for n in names if all(w.lower() in n.lower() for w in query.split()))
+    page.fill("#filter", query)
+    expect(page.locator("#known-list li")).to_have_count(len(wanted))
+    assert sorted(page.locator("#known-list li").all_text_contents()) == wanted
+    shoot(page, "known-models.png")
     assert page.problems == []
