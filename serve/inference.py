@@ -153,6 +153,27 @@ class _Request:
 # ---------------------------------------------------------------------- the threads
 
 
+class _Record:
+    """What the threads keep about one attached model, under their lock: requests handed over and
+    not done, thread warm-ups not done and what they raised, and whether it takes requests."""
+
+    __slots__ = ("outstanding", "warming", "errors", "ready", "closed")
+
+    def __init__(self, warming: int):
+        self.outstanding = 0
+        self.warming = warming
+        self.errors: list[BaseException] = []
+        self.ready = threading.Event()
+        self.closed = False
+
+    def warmed(self, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        self.warming -= 1
+        if self.warming == 0:
+            self.ready.set()
+
+
 class InferenceThreads:
     """The threads that run forward passes, and the queue they take requests from.
 
@@ -182,7 +203,7 @@ class InferenceThreads:
         self._running = 0
         self._solo_running = False
         self._changed = threading.Condition()
-        self._models: set[Model] = set()
+        self._records: dict[Model, _Record] = {}
         # Per thread, the models it has yet to warm up; it does that before taking requests.
         self._warm_ups: list[collections.deque[Model]] = []
         self._threads: list[threading.Thread] = []
@@ -206,32 +227,45 @@ class InferenceThreads:
         with self._lifecycle, self._changed:
             if not self._threads:
                 self._start()
-            self._models.add(model)
-            model._warming = len(self._warm_ups)
+            self._records[model] = _Record(warming=len(self._warm_ups))
             for pending in self._warm_ups:
                 pending.append(model)
             self._changed.notify_all()
 
-    def detach(self, model: "Model", timeout: float = 5.0) -> None:
-        """Stop running `model` once the requests it was handed are done; stop the threads once
-        no model is left."""
+    def wait_ready(self, model: "Model", timeout: float | None = None) -> None:
+        """Block until every thread has warmed `model` up; raise what a warm-up raised."""
         with self._changed:
+            record = self._records.get(model)
+        if record is None:
+            raise ModelClosed("the model was shut down before it warmed up")
+        if not record.ready.wait(timeout):
+            raise TimeoutError(f"the inference threads did not warm up within {timeout} s")
+        if record.errors:
+            raise record.errors[0]
+
+    def detach(self, model: "Model", timeout: float = 5.0) -> None:
+        """Take no more requests for `model`, and stop running it once the requests it was handed
+        are done; stop the threads once no model is left."""
+        with self._changed:
+            record = self._records.get(model)
+            if record is None:
+                return
+            record.closed = True
             for pending in self._warm_ups:
                 if model in pending:
                     pending.remove(model)
-                    model._warmed(ModelClosed("the model was shut down before it warmed up"))
+                    record.warmed(ModelClosed("the model was shut down before it warmed up"))
             deadline = time.monotonic() + timeout
-            while model._outstanding or model._warming:
+            while record.outstanding or record.warming:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._changed.wait(left)
         with self._lifecycle:
             with self._changed:
-                if model not in self._models:
+                if self._records.pop(model, None) is None:
                     return
-                self._models.discard(model)
-                if self._models:
+                if self._records:
                     return
                 stopping, self._threads, self._warm_ups = self._threads, [], []
                 self._generation += 1
@@ -241,10 +275,11 @@ class InferenceThreads:
 
     def submit(self, request: _Request) -> None:
         with self._changed:
-            if request.model.closed:
+            record = self._records.get(request.model)
+            if record is None or record.closed:
                 raise ModelClosed("the model is shut down")
             self._queue.append(request)
-            request.model._outstanding += 1
+            record.outstanding += 1
             self._changed.notify_all()
 
     def _start(self) -> None:
@@ -280,7 +315,7 @@ class InferenceThreads:
                     self._running -= 1
                     if solo:
                         self._solo_running = False
-                    model._outstanding -= len(requests)
+                    self._records[model].outstanding -= len(requests)
                     self._changed.notify_all()
                 for request in requests:
                     request.done.set()
@@ -300,7 +335,9 @@ class InferenceThreads:
         except BaseException as exc:  # noqa: BLE001 - reported by wait_ready
             error = exc
         with self._changed:
-            model._warmed(error)
+            record = self._records.get(model)
+            if record is not None:  # None: detached while this thread warmed it up
+                record.warmed(error)
             self._changed.notify_all()
 
     def _take(self, pending: collections.deque, solo: bool, generation: int):
@@ -415,12 +452,6 @@ class Model:
         self.observer = observer
         self.warm_up_rounds = warm_up_rounds
         self.threads = threads if threads is not None else InferenceThreads(**settings)
-        self.closed = False
-        # Kept under the threads' lock: requests handed over and not done, warm-ups not done.
-        self._outstanding = 0
-        self._warming = 0
-        self._warm_up_errors: list[BaseException] = []
-        self._ready = threading.Event()
         self.threads.attach(self)
 
     @property
@@ -444,22 +475,9 @@ class Model:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every thread has warmed up; raise what a warm-up raised."""
-        if not self._ready.wait(timeout):
-            raise TimeoutError(f"the inference threads did not warm up within {timeout} s")
-        if self._warm_up_errors:
-            raise self._warm_up_errors[0]
+        self.threads.wait_ready(self, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish the requests already handed over, then leave the inference threads (which
         stop if no other model uses them)."""
-        with self.threads._changed:
-            self.closed = True
         self.threads.detach(self, timeout)
-
-    def _warmed(self, error: BaseException | None) -> None:
-        """One thread is done warming up (under the threads' lock)."""
-        if error is not None:
-            self._warm_up_errors.append(error)
-        self._warming -= 1
-        if self._warming == 0:
-            self._ready.set()
