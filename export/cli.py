@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from serve.artifact import ArtifactError, TorchScriptRunner, first_line, load_artifact
+from serve.artifact import ArtifactError, first_line, load_artifact
+from serve.runtime.torchscript import TorchScriptRunner
 from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.preprocess import Preprocessor
 from serve.versions import KEEP, ModelFolder
@@ -208,7 +209,7 @@ def compiled_package(args, learn, served, pipe, info: dict, files: list[Path], m
         built = compiled.compile_package(program, scratch, quantized=bool(args.quantize))
         runner = compiled.load_runner(built, height, width)
         try:
-            # The runner answers one row per image, the probabilities first (serve/inference.py's output_rows).
+            # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
             classes = len(learn.dls.vocab)
             report = parity.check(learn, lambda images: runner(images)[:, :classes], pipe.steps, files,
                                   served.temperature)

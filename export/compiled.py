@@ -1,6 +1,6 @@
 """The compiled package: the wrapped module that model.pt holds, exported with torch.export and
 compiled ahead of time by AOTInductor into one .pt2 file that the server runs with torch alone
-(serve/compiled.py). No compiler is needed where it is served; one is needed here.
+(serve/runtime/compiled.py). No compiler is needed where it is served; one is needed here.
 
 Compiled at export rather than on each server: compiling takes 25-80 s and g++, and code for
 the serving machine's own CPU gained at most ~10 % over this portable build, because nearly all
@@ -42,14 +42,14 @@ from pathlib import Path
 
 import torch
 
-from serve.compiled import CompiledModel, CompiledRunner, extract_library
+from serve.runtime.compiled import CompiledModel, CompiledRunner, extract_library
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "model.pt2"
 # The capability the package targets, as torch.backends.cpu.get_cpu_capability() names it.
 CPU_CAPABILITY = "AVX2"
 # The server scores up to --max-batch images (32 by default) in one pass; larger batches are
-# split by serve/compiled.py, so the bound only needs to cover the common case.
+# split by serve/runtime/compiled.py, so the bound only needs to cover the common case.
 MAX_BATCH = 64
 INDUCTOR_CONFIGS = {
     "freezing": True,
@@ -170,7 +170,7 @@ def evex_instructions(library: Path) -> int | None:
 
 
 def load_runner(compiled: Compiled, height: int, width: int) -> CompiledRunner:
-    """The package loaded exactly as the server loads it (serve/compiled.py)."""
+    """The package loaded exactly as the server loads it (serve/runtime/compiled.py)."""
     model = CompiledModel(compiled.path, runners=1)
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cpus import available_cpus
-from .runtime import RUNTIMES
+from .runtime.choice import RUNTIMES
 
 MiB = 1 << 20
 

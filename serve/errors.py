@@ -42,3 +42,9 @@ class EmptyBody(ImageRejected):
 
 class ArtifactError(Exception):
     """The artifact folder cannot be served; the message says what is wrong in one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, for one-line reasons in logs and errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .artifact import Artifact, first_line, load_artifact
+from .artifact import Artifact, load_artifact
 from .config import Config
-from .errors import ArtifactError, ImageRejected
+from .errors import ArtifactError, ImageRejected, first_line
 from .inference import InferenceThreads, Item, Model, PassObserver
-from .postprocess import Answer, Makes, answer
+from .postprocess import Makes, answer
 from .preprocess import Preprocessor
+from .runtime.loading import WARM_UP_ROUNDS
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -120,10 +121,7 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
     preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
     while True:
         started = time.perf_counter()
-        # TorchScript's profiling executor settles on the second run of a shape; compiled code has
-        # nothing to profile, and its second pass already runs at full speed (measured per thread
-        # and batch size), so one warm-up pass each is enough for it.
-        rounds = 1 if artifact.runtime.name == "compiled" else 2
+        rounds = WARM_UP_ROUNDS[artifact.runtime.name]
         model = Model(artifact.runner, preprocessor, artifact.input_size, threads, observer=observer,
                       warm_up_rounds=rounds)
         handler = Handler(artifact, model)
@@ -137,10 +135,13 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
             break
         except ArtifactError as exc:
             model.close()
-            if artifact.runtime.name != "compiled" or config.runtime == "compiled":
+            try:
+                if artifact.runtime.name != "compiled":
+                    raise
+                artifact.fall_back(config.runtime, f"it failed once loaded: {exc}")
+            except ArtifactError:
                 artifact.close()
                 raise
-            artifact.fall_back(f"it failed once loaded: {exc}")
         except BaseException:
             model.close()
             artifact.close()

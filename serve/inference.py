@@ -55,19 +55,6 @@ Item = Union[bytes, torch.Tensor]
 PassObserver = Callable[[float, int], None]
 
 
-def output_rows(outputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-    """A module's outputs as the one float tensor [N, width] a runner returns, for every runtime:
-    a tensor as it is; a tuple or list as its first tensor (the probabilities, [N, classes])
-    followed by the others, each flattened to N rows (a score [N] becomes one more column)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    first, *rest = outputs
-    if not rest:
-        return first
-    rows = first.shape[0]
-    return torch.cat([first] + [t.reshape(rows, -1).to(first.dtype) for t in rest], dim=1)
-
-
 class ModelClosed(RuntimeError):
     """The model was shut down before the request could run."""
 
@@ -435,7 +422,7 @@ def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
 class Model:
     """One loaded model, run by inference threads.
 
-    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see output_rows); `preprocess` maps an
+    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see serve/runtime/rows.py); `preprocess` maps an
     encoded image to uint8 [3, H, W] or raises ImageRejected. `threads` are the inference
     threads to run on, shared with the models before and after this one; without them the model
     starts a set of its own from `settings` (InferenceThreads' arguments), which stops with it.

@@ -74,7 +74,7 @@ class CompiledPackage:
     quantization: str | None = None  # None (float32 weights) or "int8"
 
     def requirements(self) -> dict:
-        """What serve/runtime.py compares with the host."""
+        """What serve/runtime/choice.py compares with the host."""
         return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch}
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.compiled import CompiledModel, CompiledRunner
+from serve.runtime.compiled import CompiledModel, CompiledRunner
 from serve.config import Config
 from serve.manifest import Manifest
 from serve.preprocess import Preprocessor

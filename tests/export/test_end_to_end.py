@@ -19,7 +19,7 @@ from export import cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
-from serve.compiled import extract_library
+from serve.runtime.compiled import extract_library
 from serve.manifest import Manifest
 from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor

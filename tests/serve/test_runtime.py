@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.compiled import CompiledRunner
+from serve.runtime.compiled import CompiledRunner
 from serve.config import ConfigError, load_config
-from serve.inference import output_rows
+from serve.runtime.rows import output_rows
 from serve.manifest import Manifest
-from serve.runtime import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
+from serve.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
 from tests.conftest import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}

@@ -12,7 +12,7 @@ imports torch._dynamo and compiles CPU probe programs with g++ on first use (2-3
 The compiled code checks nothing about its input: given a float tensor it reads its bytes as
 pixels, given more images than it was exported for it runs anyway. `CompiledRunner` checks
 every batch first. Nor does anything check the package's instruction set against the CPU: that
-is serve/runtime.py's decision, made before loading.
+is serve/runtime/choice.py's decision, made before loading.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .inference import output_rows
-from .manifest import sha256_file
+from ..errors import ArtifactError
+from ..manifest import CompiledPackage, Manifest, sha256_file
+from .rows import output_rows, probe
 
 MODEL_FOLDER = "/data/aotinductor/model/"
 
@@ -192,3 +193,20 @@ class CompiledRunner:
 
     def close(self) -> None:
         self.model.close()
+
+
+def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, classes: int,
+                  runners: int) -> CompiledRunner:
+    height, width = manifest.input_size
+    try:
+        # load_artifact has checked the file against this sha256.
+        model = CompiledModel(path, runners, sha256=package.sha256)
+    except PackageError as exc:
+        raise ArtifactError(str(exc)) from None
+    runner = CompiledRunner(model, height, width, package.min_batch, package.max_batch)
+    try:
+        probe(runner, path, manifest, classes)
+    except ArtifactError:
+        runner.close()
+        raise
+    return runner
