@@ -20,7 +20,7 @@ from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
 from .handler import Options, build_handler
 from .postprocess import clamp_k
-from .serving import NotServing, Serving
+from .live_model import NotServing, LiveModel
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")
@@ -60,7 +60,7 @@ def not_serving(what: str = "model is not ready") -> falcon.HTTPServiceUnavailab
 
 
 @contextlib.contextmanager
-def handler_for(serving: Serving, state: State):
+def handler_for(serving: LiveModel, state: State):
     """The live handler for one request, kept alive until the request is done; 503 when none."""
     if not state.ready:
         raise not_serving()
@@ -72,7 +72,7 @@ def handler_for(serving: Serving, state: State):
 
 
 class PredictResource:
-    def __init__(self, serving: Serving, config: Config, state: State, metrics: Metrics):
+    def __init__(self, serving: LiveModel, config: Config, state: State, metrics: Metrics):
         self.serving, self.config, self.state, self.metrics = serving, config, state, metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -123,7 +123,7 @@ class HealthResource:
 
 
 class ReadyResource:
-    def __init__(self, serving: Serving, state: State):
+    def __init__(self, serving: LiveModel, state: State):
         self.serving, self.state = serving, state
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -135,7 +135,7 @@ class ReadyResource:
 
 
 class MetadataResource:
-    def __init__(self, serving: Serving):
+    def __init__(self, serving: LiveModel):
         self.serving = serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -203,7 +203,7 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
 
 
-def create_app(config: Config, serving: Serving, state: State, metrics: Metrics | None = None) -> falcon.App:
+def create_app(config: Config, serving: LiveModel, state: State, metrics: Metrics | None = None) -> falcon.App:
     """The app, counting in `metrics` (fresh ones, in a registry of their own, when not given; never
     prometheus_client's global registry). Forward passes are counted by whoever built the served
     model with `metrics.observe_pass` as its observer."""
@@ -232,11 +232,11 @@ def create_app(config: Config, serving: Serving, state: State, metrics: Metrics 
     return app
 
 
-def start_serving(config: Config, metrics: Metrics) -> Serving:
+def start_serving(config: Config, metrics: Metrics) -> LiveModel:
     """Load the current version for `config`, reporting passes and model changes to `metrics`;
     raises ArtifactError with a one-line reason."""
     handler = build_handler(config, observer=metrics.observe_pass)
-    return Serving(config, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
+    return LiveModel(config, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
 
 
 def get_app(environ: dict | None = None) -> falcon.App:

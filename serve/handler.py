@@ -2,7 +2,7 @@
 
 `Handler.predict(items, options)` is what every caller uses: /predict, /v2, the batch command, the
 Ray actors and the check photos every load scores. It hands the images to the inference threads
-(serve/inference.py: decoding and preprocessing (serve/preprocess.py) and the forward pass run
+(serve/scheduler.py: decoding and preprocessing (serve/preprocess.py) and the forward pass run
 there) and makes each output row an `Answer` (serve/postprocess.py). Routes only parse requests
 and format answers. The model's facts (name, version, labels, classes, thresholds) are its
 `artifact`'s; nothing here forwards them.
@@ -20,7 +20,7 @@ import torch
 from .artifact import Artifact, load_artifact
 from .config import Config
 from .errors import ArtifactError, ImageRejected, first_line
-from .inference import InferenceThreads, Item, Model, PassObserver
+from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer
 from .preprocess import Preprocessor
 from .runtime.loading import WARM_UP_ROUNDS

@@ -75,12 +75,12 @@ class Metrics:
             self.runtime.info(artifact.runtime.as_dict())
 
     def model_changed(self, status, handler) -> None:
-        """Called by serve/serving.py after every reload or unload."""
+        """Called by serve/live_model.py after every reload or unload."""
         self.reloads.labels(outcome=status.outcome).inc()
         self.serving(handler)
 
     def observe_pass(self, seconds: float, batch: int) -> None:
-        """Called by the inference thread that ran the pass (see serve/inference.py)."""
+        """Called by the inference thread that ran the pass (see serve/scheduler.py)."""
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(batch)
 

@@ -12,7 +12,7 @@ import falcon
 
 from .config import Config
 from .decode import ACCEPTED_MEDIA_TYPES
-from .serving import Serving
+from .live_model import LiveModel
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
@@ -68,7 +68,7 @@ def static_operation(summary: str, media_type: str) -> dict:
             "responses": {"200": {"description": summary, "content": {media_type: {"schema": {"type": "string"}}}}}}
 
 
-def build_spec(config: Config, serving: Serving) -> dict:
+def build_spec(config: Config, serving: LiveModel) -> dict:
     handler = serving.current
     if handler is None:
         return {"openapi": "3.1.0", "info": {"title": "whatcar", "version": "1",
@@ -236,7 +236,7 @@ def repository_paths(name_param: dict) -> dict:
 
 
 class OpenApiResource:
-    def __init__(self, config: Config, serving: Serving):
+    def __init__(self, config: Config, serving: LiveModel):
         self.config, self.serving = config, serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -26,7 +26,7 @@ import falcon
 from .config import Config
 from .errors import ArtifactError
 from .manifest import Manifest
-from .serving import Serving
+from .live_model import LiveModel
 from .upload import read_body
 from .v2 import V2Error, bad
 from .versions import VersionError
@@ -87,7 +87,7 @@ def requested_version(parameters: dict) -> str | None:
 
 
 class Repository:
-    def __init__(self, serving: Serving, token: str | None):
+    def __init__(self, serving: LiveModel, token: str | None):
         self.serving, self.token = serving, token
 
     def names(self, version: str | None) -> set[str]:
@@ -151,7 +151,7 @@ class UnloadResource:
         resp.media = {}
 
 
-def register(app: falcon.App, config: Config, serving: Serving) -> None:
+def register(app: falcon.App, config: Config, serving: LiveModel) -> None:
     repository = Repository(serving, config.admin_token)
     app.add_route("/v2/repository/index", IndexResource(repository))
     app.add_route("/v2/repository/models/{name}/load", LoadResource(repository))

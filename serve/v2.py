@@ -50,7 +50,7 @@ from .errors import ImageRejected
 from .metrics import Metrics
 from .handler import Handler, Options
 from .postprocess import Answer, clamp_k, rank
-from .serving import NotServing, NotThisModel, Serving, check_identity
+from .live_model import NotServing, NotThisModel, LiveModel, check_identity
 from .upload import read_body
 
 SERVER_NAME = "whatcar"
@@ -385,7 +385,7 @@ def response_outputs(infer: InferRequest, answers: list[Answer]) -> tuple[list[d
 class ModelScope:
     """What every model route shares: the served model, its name and version checks, readiness."""
 
-    def __init__(self, serving: Serving, state):
+    def __init__(self, serving: LiveModel, state):
         self.serving, self.state = serving, state
 
     def check(self, name: str, version: str | None) -> Handler:
@@ -418,7 +418,7 @@ class LiveResource:
         resp.media = {"live": True}
 
 
-class ReadyResource:
+class ServerReadyResource:
     def __init__(self, scope: ModelScope):
         self.scope = scope
 
@@ -517,7 +517,7 @@ class InferResource:
             resp.data = head
 
 
-def register(app: falcon.App, config: Config, serving: Serving, state, metrics: Metrics) -> None:
+def register(app: falcon.App, config: Config, serving: LiveModel, state, metrics: Metrics) -> None:
     """Add the V2 routes and their error format to `app`."""
     app.add_error_handler(V2Error, handle_error)
     scope = ModelScope(serving, state)
@@ -525,7 +525,7 @@ def register(app: falcon.App, config: Config, serving: Serving, state, metrics: 
     extensions = EXTENSIONS + (["model_repository"] if config.model_control == "explicit" else [])
     app.add_route("/v2", ServerMetadataResource(extensions))
     app.add_route("/v2/health/live", LiveResource())
-    app.add_route("/v2/health/ready", ReadyResource(scope))
+    app.add_route("/v2/health/ready", ServerReadyResource(scope))
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_route(prefix, model)
         app.add_route(prefix + "/ready", ready)

@@ -8,7 +8,7 @@ could not be scored (not an image, undecodable, too many pixels, unreadable); a 
 stops the run. OUT's extension picks the format: .csv, or .jsonl (JSON Lines).
 
 Scoring is the server's: the same artifact loader, the same Preprocessor and the same inference
-threads (serve/inference.py), one single-threaded pass per CPU this process may use (CPU
+threads (serve/scheduler.py), one single-threaded pass per CPU this process may use (CPU
 affinity and cgroup quota), so a file scores here exactly as it would over HTTP.
 
 Rerun with the same OUT to resume: files already in it, scored by the same model (sha256), are
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError
 from ..versions import ModelFolder, VersionError
-from .output import Output, Progress
+from .output import Progress, RowWriter
 from .rows import MAX_IMAGE_PIXELS, ClassifyError, image_files, model_id
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     folder = args.input
     files = image_files(folder, skip=args.output)
-    output = Output(args.output, args.top_k)
+    output = RowWriter(args.output, args.top_k)
     models = ModelFolder(args.model_dir)
     try:
         version = models.current()

@@ -11,7 +11,7 @@ from pathlib import Path
 from .rows import FORMATS, ClassifyError, ModelId, Row
 
 
-class Output:
+class RowWriter:
     """Rows appended to a CSV or JSON Lines file, each flushed as it is written."""
 
     def __init__(self, path: Path, k: int):

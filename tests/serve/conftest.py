@@ -6,7 +6,7 @@ import pytest
 from serve.app import State, create_app
 from serve.config import Config
 from serve.handler import build_handler
-from serve.serving import Serving
+from serve.live_model import LiveModel
 from tests.conftest import ARTIFACTS, car_photos
 
 
@@ -27,9 +27,9 @@ def state() -> State:
 
 
 @pytest.fixture()
-def serving(config, handler) -> Serving:
+def serving(config, handler) -> LiveModel:
     """The session's handler as the live model (never closed by a test)."""
-    return Serving(config, handler)
+    return LiveModel(config, handler)
 
 
 @pytest.fixture()

@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serve.app import create_app
 from serve.errors import ImageRejected
-from serve.inference import Model
+from serve.scheduler import Model
 from serve.metrics import Metrics, rejection_reasons
 from serve.handler import Handler
-from serve.serving import Serving
+from serve.live_model import LiveModel
 from tests.conftest import car_photos
 
 
@@ -54,7 +54,7 @@ def observed(config, handler, state):
     model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, Serving(config, Handler(handler.artifact, model)), state, metrics))
+    yield falcon.testing.TestClient(create_app(config, LiveModel(config, Handler(handler.artifact, model)), state, metrics))
     model.close()
 
 

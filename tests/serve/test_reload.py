@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 
 from serve.app import State, create_app, start_serving
 from serve.config import Config, ConfigError, load_config
-from serve.inference import ModelClosed
+from serve.scheduler import ModelClosed
 from serve.metrics import Metrics
 from serve.handler import build_handler, load_handler
-from serve.serving import NotServing, NotThisModel, Serving
+from serve.live_model import NotServing, NotThisModel, LiveModel
 from serve.versions import ModelFolder
 from tests.serve.tiny_artifact import add_tiny_version, write_manifest
 from tests.serve.test_metrics import scrape, value
@@ -212,7 +212,7 @@ def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
         loaded_on.append(threading.current_thread())
         return load_handler(*args, **kwargs)
 
-    serving = Serving(config, build_handler(config), loader=loader)
+    serving = LiveModel(config, build_handler(config), loader=loader)
     models = ModelFolder(model_dir)
     add_tiny_version(model_dir, labels=NEW_LABELS)
     outcomes = []

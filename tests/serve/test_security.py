@@ -16,7 +16,7 @@ from PIL import Image
 from serve.app import STATIC, State, create_app
 from serve.config import Config, load_config
 from serve.handler import build_handler
-from serve.serving import Serving
+from serve.live_model import LiveModel
 from tests.conftest import ARTIFACT
 from tests.serve.tiny_artifact import write_tiny_artifact
 
@@ -29,7 +29,7 @@ def hostile_client(tmp_path_factory) -> falcon.testing.TestClient:
     """An app serving a model whose labels are markup, as a tampered or careless export could hold."""
     folder = write_tiny_artifact(tmp_path_factory.mktemp("hostile") / "artifact", labels=HOSTILE_LABELS)
     config = Config(model_dir=folder, inference_workers=1)
-    return falcon.testing.TestClient(create_app(config, Serving(config, build_handler(config)), State(ready=True)))
+    return falcon.testing.TestClient(create_app(config, LiveModel(config, build_handler(config)), State(ready=True)))
 
 
 def jpeg(color=(30, 60, 200)) -> bytes:

@@ -173,7 +173,7 @@ class InferenceThreads:
     arena of its own, and the space a pass frees stays in the arena, at the top of its heap,
     where malloc_trim does not reach. Starting a new set for each model left the old sets'
     arenas resident: on two cores at eight clients, 1.4x a fresh server's memory after 10 swaps
-    and 1.7x after 20; with the threads kept (and loads on one thread, serve/serving.py), 0.97x
+    and 1.7x after 20; with the threads kept (and loads on one thread, serve/live_model.py), 0.97x
     after 20 (docs/benchmark.md, "Model swaps under load").
     """
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from .config import Config
 from .errors import ArtifactError
-from .inference import PassObserver
+from .scheduler import PassObserver
 from .malloc import release_free_memory
 from .manifest import Manifest
 from .handler import Handler, load_handler
@@ -58,7 +58,7 @@ class _Live:
         self.handler, self.leases, self.retired = handler, 0, False
 
 
-class Serving:
+class LiveModel:
     def __init__(self, config: Config, handler: Handler | None, observer: PassObserver | None = None,
                  on_change=None, loader=load_handler):
         self.config = config
@@ -68,7 +68,7 @@ class Serving:
         self.loader = loader
         self.status = ReloadStatus(serving=handler.artifact.version if handler else None)
         self._live = _Live(handler) if handler is not None else None
-        # Every version runs on the same inference threads (serve/inference.py says why).
+        # Every version runs on the same inference threads (serve/scheduler.py says why).
         self.threads = handler.model.threads if handler is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time

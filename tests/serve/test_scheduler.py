@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serve.errors import UndecodableImage
-from serve.inference import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
+from serve.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
 
 # ---------------------------------------------------------------------- the policy, no threads
 
