@@ -192,3 +192,12 @@ def test_each_way_it_cannot_start_is_one_line_and_a_failure(photos, tmp_path, ca
     assert done.returncode == 1 and len(lines) == 1, done.stderr
     assert lines[0].startswith("whatcar classify: ")
     assert re.search(expected, lines[0]), lines[0]
+
+
+def test_a_row_travels_as_json_and_comes_back_equal():
+    """How a Ray actor hands its rows back: every field, the make and the ranked pairs included."""
+    row = Row("a/b.jpg", [("Audi S4 Sedan 2012", 0.51), ("Audi S4 Sedan 2007", 0.3)], accepted=False,
+              reason="an Audi; not sure which model", accepted_level="make", make=("Audi", 0.81))
+    assert Row.from_json(row.to_json()) == row
+    failed = Row("c.txt", error="unsupported_type: not an image")
+    assert Row.from_json(failed.to_json()) == failed
