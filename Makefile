@@ -104,7 +104,7 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
 
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
-	$(TRAIN_PY) -m export.train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
+	$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
 export: $(VENV)/train/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
 	$(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="versions to keep in the model folder, besides current and previous (default: %(default)s)")
     p.add_argument("--images", type=Path, default=None,
                    help="folder of real images for the parity check (default: the validation images recorded "
-                        "by `python -m export.train`)")
+                        "by `python -m train`)")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
                    help="how many images the parity check uses (default: %(default)s, at least 20 for a release)")
     p.add_argument("--checks", type=int, default=checks.COUNT,

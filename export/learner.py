@@ -1,7 +1,7 @@
 """Loading a fastai Learner pickle: the one place whatcar unpickles anything.
 
 A pickle runs code while it loads, so a learner must come from a trusted source.
-`python -m export.train` writes `<learner>.json` beside it, recording the versions that
+`python -m train` writes `<learner>.json` beside it, recording the versions that
 pickled it, so that a learner which no longer loads can be reported with both versions.
 """
 

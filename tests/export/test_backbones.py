@@ -3,7 +3,7 @@
 import torch
 from PIL import Image
 
-from export import backbones
+from train import backbones
 from tests.conftest import car_photos
 
 

@@ -31,7 +31,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def learner(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(out), "--size", str(SIZE),
+    subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(out), "--size", str(SIZE),
                     "--epochs", "1", "--freeze-epochs", "1", "--batch-size", "8", "--quiet"],
                    check=True, cwd=ROOT)
     return out / "export.pkl"
@@ -60,7 +60,7 @@ def test_training_records_its_run(learner):
 
 
 def test_resume_continues_on_the_same_split(learner, tmp_path):
-    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), "--size", str(SIZE),
+    subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(tmp_path), "--size", str(SIZE),
                     "--epochs", "1", "--batch-size", "8", "--quiet", "--resume", str(learner)], check=True, cwd=ROOT)
     before = json.loads(learner.with_name("export.pkl.json").read_text())
     after = json.loads((tmp_path / "export.pkl.json").read_text())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from export.learner import load
-from export.stages import WeightAverage
+from train.stages import WeightAverage
 from export.transforms import read_pipeline
 from tests.conftest import CARS, ROOT
 
@@ -49,7 +49,7 @@ def test_weight_average_skips_validation_and_leaves_an_untrained_model_alone():
 
 
 def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
-    subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), "--size", "64",
+    subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(tmp_path), "--size", "64",
                     "--early-size", "48", "--final-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",
                     "--batch-size", "8", "--cutmix", "1.0", "--ema", "0.9", "--drop-path", "0.1", "--quiet"],
                    check=True, cwd=ROOT)
@@ -68,14 +68,14 @@ def test_progressive_mixed_averaged_training_exports_the_final_size(tmp_path):
     (["--epochs", "24", "--final-epochs", "8", "--early-size", "352"], 0),  # same size: nothing to switch
 ])
 def test_early_epochs_are_those_before_the_final_ones(argv, expected):
-    from export.train import early_epochs, parse_args
+    from train.cli import early_epochs, parse_args
 
     assert early_epochs(parse_args([str(CARS), "--size", "352", *argv])) == expected
 
 
 def test_flags_that_cannot_work_together_are_refused(tmp_path):
     for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--final-epochs", "0"], ["--ema", "1.0"]):
-        result = subprocess.run([sys.executable, "-m", "export.train", str(CARS), "--out", str(tmp_path), *extra],
+        result = subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(tmp_path), *extra],
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2, extra
         assert not (tmp_path / "export.pkl").exists()

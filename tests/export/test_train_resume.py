@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export import checkpoint
+from train import checkpoint
 from export.learner import load
 from tests.conftest import CARS, ROOT
 
@@ -22,7 +22,7 @@ RECIPE = ["--size", "48", "--early-size", "32", "--final-epochs", "1", "--epochs
 
 
 def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export.train", str(data), "--out", str(out), *RECIPE, *extra],
+    return subprocess.run([sys.executable, "-m", "train", str(data), "--out", str(out), *RECIPE, *extra],
                           cwd=ROOT, capture_output=True, text=True)
 
 
