@@ -8,8 +8,13 @@
   Its threshold is the lowest familiarity of any validation photo, so it turns away no photo of
   a known model, only photos unlike all of them.
 - The probability threshold is the highest that still keeps ACCEPT_SHARE of the validation
-  photos. No other photos are used to choose either threshold; photos of other car models
-  (`unknown`) and non-car photos (export/noncar_photos.py) only measure what the rule turns away.
+  photos.
+- The make threshold, for models whose classes carry makes: among the familiar validation photos
+  that the model threshold turns away, the lowest make probability (the sum over a make's models)
+  at which the make given is right at least MAKE_PRECISION of the time. Those photos then get
+  the make alone as their answer.
+No other photos are used to choose any threshold; photos of other car models (`unknown`) and
+non-car photos (export/noncar_photos.py) only measure what the rule does with them.
 
 Both rules were chosen by measuring, on the previous default model, top probability (raw and
 calibrated), energy, max logit, feature distances and an ImageNet car signal on half of the
@@ -32,6 +37,7 @@ from . import calibration
 from .parity import IMAGE_SUFFIXES
 
 ACCEPT_SHARE = 0.90
+MAKE_PRECISION = 0.90
 BATCH = 16
 MAX_PIXELS = 200_000_000
 
@@ -73,80 +79,186 @@ class Fitted:
     min_familiarity: float
     calibration: dict
     figures: dict = field(default_factory=dict)
+    min_make_probability: float | None = None  # None: no make level (no makes, or none precise enough)
 
     def acceptance(self) -> dict:
+        make = {} if self.min_make_probability is None else {
+            "min_make_probability": round(self.min_make_probability, 6)}
         return {"min_probability": round(self.min_probability, 6), "min_familiarity": round(self.min_familiarity, 6),
+                **make,
                 "rule": f"accepted when the photo's familiarity is at least min_familiarity (the lowest of any "
                         f"validation photo) and the top probability at least min_probability (keeps "
-                        f"{ACCEPT_SHARE:.0%} of validation photos)",
+                        f"{ACCEPT_SHARE:.0%} of validation photos)"
+                        + ("" if not make else f"; otherwise the make alone is the answer when its probability (the "
+                                               f"sum over its models) is at least min_make_probability (the lowest at "
+                                               f"which {MAKE_PRECISION:.0%} of such validation answers name the right "
+                                               f"make)"),
                 "figures": self.figures}
+
+
+@dataclass
+class Makes:
+    """Which make each class is, for the make-level answer: `index[c]` is class c's make."""
+
+    names: list[str]
+    index: torch.Tensor
+
+    @classmethod
+    def of(cls, classes: list[dict]) -> "Makes":
+        names = list(dict.fromkeys(c["make"] for c in classes))
+        return cls(names, torch.tensor([names.index(c["make"]) for c in classes], dtype=torch.long))
+
+    def top(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's most likely make: (its probability, its index)."""
+        return calibration.make_probabilities(probabilities, self.index, len(self.names)).max(dim=1)
+
+
+@dataclass
+class Levels:
+    """What the two-level rule answers for each photo: the model, the make alone, or neither."""
+
+    model: torch.Tensor  # bool [N]
+    make: torch.Tensor   # bool [N]: the make alone (never where model is)
+    top_make: torch.Tensor | None  # long [N]: the make given, when the model has makes
+
+    @property
+    def turned_away(self) -> torch.Tensor:
+        return ~(self.model | self.make)
 
 
 def rejected_share(accepted: torch.Tensor) -> float:
     return round(1.0 - float(accepted.float().mean()), 4)
 
 
+def share(mask: torch.Tensor) -> float:
+    return round(float(mask.double().mean()), 4) if mask.numel() else 0.0
+
+
 def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Labelled,
-        unknown: list[Path], noncar: list[Path]) -> Fitted:
-    """Fit the temperature and both thresholds, and measure what the rule accepts and turns away."""
+        unknown: list[Path], noncar: list[Path], classes: list[dict] | None = None) -> Fitted:
+    """Fit the temperature and the thresholds, and measure what the rule accepts and turns away.
+    With `classes` (make, model, ... per class), the make level too."""
     preprocessor = Preprocessor(steps, MAX_PIXELS)
     logits, features = logits_and_features(served, preprocessor, valid.files)
     _, train_features = logits_and_features(served, preprocessor, train.files)
-    classes = len(vocab)
+    classes_count = len(vocab)
     temperature = calibration.fit_temperature(logits, valid.labels)
     before = calibration.expected_calibration_error(calibration.calibrated_probabilities(logits), valid.labels)
-    after = calibration.expected_calibration_error(calibration.calibrated_probabilities(logits, temperature),
-                                                   valid.labels)
-    directions = calibration.class_directions(train_features, train.labels, classes)
+    probabilities = calibration.calibrated_probabilities(logits, temperature)
+    after = calibration.expected_calibration_error(probabilities, valid.labels)
+    directions = calibration.class_directions(train_features, train.labels, classes_count)
     familiarity = calibration.familiarity(features, directions)
     top = calibration.top_probability(logits, temperature)
     min_familiarity = calibration.choose_threshold(familiarity, keep=1.0)
     min_probability = calibration.choose_threshold(top, keep=ACCEPT_SHARE)
+    makes = Makes.of(classes) if classes else None
+    min_make = None
+    if makes is not None:
+        familiar = calibration.acceptance(familiarity, min_familiarity)
+        short = familiar & ~calibration.acceptance(top, min_probability)
+        make_p, make = makes.top(probabilities)
+        min_make = calibration.choose_precision_threshold(make_p[short], (make == makes.index[valid.labels])[short],
+                                                          MAKE_PRECISION) if short.any() else None
 
-    def accepted(batch_logits, batch_features) -> torch.Tensor:
-        return calibration.acceptance(calibration.familiarity(batch_features, directions), min_familiarity) & \
-            calibration.acceptance(calibration.top_probability(batch_logits, temperature), min_probability)
+    def levels(batch_logits, batch_features) -> Levels:
+        batch_p = calibration.calibrated_probabilities(batch_logits, temperature)
+        familiar = calibration.acceptance(calibration.familiarity(batch_features, directions), min_familiarity)
+        model = familiar & calibration.acceptance(batch_p.max(dim=1).values, min_probability)
+        if makes is None:
+            return Levels(model, torch.zeros_like(model), None)
+        make_p, make = makes.top(batch_p)
+        by_make = familiar & ~model & (calibration.acceptance(make_p, min_make) if min_make is not None
+                                       else torch.zeros_like(model))
+        return Levels(model, by_make, make)
 
-    kept = accepted(logits, features)
-    right = logits.argmax(dim=1) == valid.labels
-    figures = {
-        "validation": {"photos": len(valid.files), "accepted": round(float(kept.float().mean()), 4),
-                       "accuracy_of_accepted": round(float(right[kept].float().mean()), 4) if kept.any() else None,
-                       "accuracy_of_all": round(float(right.float().mean()), 4)},
-    }
+    predicted = logits.argmax(dim=1)
+    right = predicted == valid.labels
+    answered = levels(logits, features)
+    kept = answered.model
+    validation = {"photos": len(valid.files), "accepted": share(kept),
+                  "accuracy_of_accepted": share(right[kept]) if kept.any() else None,
+                  "accuracy_of_all": share(right), "top5": round(calibration.top_k_accuracy(probabilities,
+                                                                                          valid.labels, 5), 4)}
+    if makes is not None:
+        true_make = makes.index[valid.labels]
+        make_right = answered.top_make == true_make
+        validation.update({"make_accuracy": share(makes.index[predicted] == true_make),
+                           "answered_make": share(answered.make),
+                           "make_answers_right": share(make_right[answered.make]) if answered.make.any() else None,
+                           "turned_away": share(answered.turned_away)})
+    figures = {"validation": validation,
+               "confusions": calibration.confused_pairs(predicted, valid.labels, vocab)}
     if unknown:
         unknown_logits, unknown_features = logits_and_features(served, preprocessor, unknown)
+        got = levels(unknown_logits, unknown_features)
         figures["unknown_cars"] = {
-            "photos": len(unknown), "rejected": rejected_share(accepted(unknown_logits, unknown_features)),
+            "photos": len(unknown), "rejected": share(got.turned_away), "turned_away": share(got.turned_away),
+            "named_as_known": share(got.model),
             "roc_auc_top_probability": round(calibration.roc_auc(
                 top, calibration.top_probability(unknown_logits, temperature)), 4)}
+        if makes is not None:
+            # An unknown model's make, from its folder's Stanford name; a make no class has is never right.
+            true = torch.tensor([makes.names.index(m) if m in makes.names else -1 for m in photo_makes(unknown)])
+            right_make = got.make & (got.top_make == true)
+            figures["unknown_cars"].update({
+                "answered_right_make": share(right_make), "answered_wrong_make": share(got.make & ~right_make),
+                "not_named": share(got.turned_away | right_make)})
     if noncar:
         noncar_logits, noncar_features = logits_and_features(served, preprocessor, noncar)
-        figures["non_car"] = {"photos": len(noncar), "rejected": rejected_share(accepted(noncar_logits, noncar_features)),
+        figures["non_car"] = {"photos": len(noncar), "rejected": share(levels(noncar_logits, noncar_features).turned_away),
                               "roc_auc_familiarity": round(calibration.roc_auc(
                                   familiarity, calibration.familiarity(noncar_features, directions)), 4)}
     return Fitted(temperature, directions, min_probability, min_familiarity,
                   {"temperature": round(temperature, 6), "ece_before": round(before, 4), "ece_after": round(after, 4),
                    "bins": calibration.ECE_BINS, "photos": len(valid.files), "fitted_on": "the validation photos"},
-                  figures)
+                  figures, min_make)
+
+
+def photo_makes(files: list[Path]) -> list[str | None]:
+    """The make of each photo's class, from its folder's name (None where it is no Stanford name)."""
+    from .classnames import ClassNameError, parse
+
+    def make(folder: str) -> str | None:
+        try:
+            return parse(folder)["make"]
+        except ClassNameError:
+            return None
+
+    return [make(f.parent.name) for f in files]
 
 
 def describe(fitted: Fitted) -> list[str]:
-    """The export log's lines about calibration and acceptance, with the issue's targets."""
+    """The export log's lines about accuracy, calibration and acceptance, with the targets."""
     c, f = fitted.calibration, fitted.figures
-    lines = [f"calibration: temperature {c['temperature']:.3f}; expected calibration error on the {c['photos']} "
+    v = f["validation"]
+    lines = [f"validation: top-1 {v['accuracy_of_all']:.1%} (target >= 80 %), top-5 {v['top5']:.1%} (target >= 95 %)"
+             + (f", make-level top-1 {v['make_accuracy']:.1%} (target >= 92 %)" if "make_accuracy" in v else "")
+             + f" on {v['photos']} photos",
+             f"calibration: temperature {c['temperature']:.3f}; expected calibration error on the {c['photos']} "
              f"validation photos {c['ece_before']:.3f} before, {c['ece_after']:.3f} after (target <= 0.05)",
              f"acceptance: familiarity >= {fitted.min_familiarity:.3f} and top probability >= "
-             f"{fitted.min_probability:.3f}"]
-    v = f["validation"]
-    lines.append(f"  validation: {v['accepted']:.1%} of {v['photos']} photos accepted (target >= 90 %), "
-                 f"{(v['accuracy_of_accepted'] or 0):.1%} of the accepted right (target >= 93 %; "
-                 f"{v['accuracy_of_all']:.1%} of all)")
+             f"{fitted.min_probability:.3f}" + ("" if fitted.min_make_probability is None else
+                                                 f"; else the make alone when its probability >= "
+                                                 f"{fitted.min_make_probability:.3f}")]
+    lines.append(f"  validation: {v['accepted']:.1%} of {v['photos']} photos accepted at model level (target >= 90 %), "
+                 f"{(v['accuracy_of_accepted'] or 0):.1%} of those right (target >= 93 %)")
+    if v.get("answered_make") is not None:
+        lines.append(f"  validation: {v['answered_make']:.1%} answered with the make alone, "
+                     f"{(v['make_answers_right'] or 0):.1%} of those the right make; {v['turned_away']:.1%} turned away")
     if "unknown_cars" in f:
         u = f["unknown_cars"]
-        lines.append(f"  other car models: {u['rejected']:.1%} of {u['photos']} photos turned away (target >= 60 %); "
-                     f"ROC AUC known vs unknown cars {u['roc_auc_top_probability']:.3f}")
+        if "not_named" in u:
+            lines.append(f"  other car models: {u['not_named']:.1%} of {u['photos']} photos not named as a known model "
+                         f"(target >= 60 %): {u['turned_away']:.1%} turned away, {u['answered_right_make']:.1%} "
+                         f"answered with the right make; {u['answered_wrong_make']:.1%} with a wrong make, "
+                         f"{u['named_as_known']:.1%} named as a known model")
+        else:
+            lines.append(f"  other car models: {u['rejected']:.1%} of {u['photos']} photos turned away (target >= 60 %)")
+        lines.append(f"  ROC AUC known vs unknown cars {u['roc_auc_top_probability']:.3f}")
     if "non_car" in f:
         n = f["non_car"]
         lines.append(f"  photos with no car: {n['rejected']:.1%} of {n['photos']} turned away (target >= 90 %)")
+    if f.get("confusions"):
+        lines.append("most confused pairs on validation: " + "; ".join(
+            f"{p['a']} / {p['b']} ({p['count']})" for p in f["confusions"]))
     return lines

@@ -159,3 +159,55 @@ def choose_threshold(known: torch.Tensor, keep: float) -> float:
 def acceptance(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where a photo's score reaches the threshold."""
     return scores >= threshold
+
+
+def make_probabilities(probabilities: torch.Tensor, make_index: torch.Tensor, makes: int) -> torch.Tensor:
+    """[N, classes] probabilities summed into [N, makes]: column m is the sum over the classes
+    whose make_index is m. The server sums the same way (serve/postprocess.py's Makes)."""
+    if probabilities.dim() != 2 or make_index.shape != (probabilities.shape[1],):
+        raise ValueError("need probabilities [N, classes] and one make index per class")
+    out = torch.zeros(probabilities.shape[0], makes, dtype=probabilities.dtype)
+    return out.index_add_(1, make_index.long(), probabilities)
+
+
+def choose_precision_threshold(scores: torch.Tensor, correct: torch.Tensor, precision: float) -> float | None:
+    """The lowest threshold t at which the photos with a score >= t are right at least
+    `precision` of the time (ties at t all count); None when no threshold reaches it.
+
+    Lower thresholds answer more photos, so the lowest one that keeps the precision answers the
+    most while still being right as often as asked.
+    """
+    scores, correct = scores.detach().double().flatten(), correct.detach().bool().flatten()
+    if scores.shape != correct.shape:
+        raise ValueError("need one correctness flag per score")
+    if not 0.0 < precision <= 1.0:
+        raise ValueError(f"precision must be in (0, 1], not {precision}")
+    order = torch.argsort(scores, descending=True)
+    ranked, hits = scores[order], correct[order].double()
+    # Precision of "score >= ranked[i]": ties are all in, so use the last position of each value.
+    cumulative = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    best = None
+    for i in range(len(ranked)):
+        if i + 1 < len(ranked) and ranked[i + 1] == ranked[i]:
+            continue
+        if cumulative[i] >= precision - 1e-12:
+            best = float(ranked[i])
+    return best
+
+
+def top_k_accuracy(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Share of rows whose label is among their k most probable classes."""
+    top = probabilities.topk(min(k, probabilities.shape[1]), dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).double().mean())
+
+
+def confused_pairs(predicted: torch.Tensor, labels: torch.Tensor, names: list[str], most: int = 10) -> list[dict]:
+    """The `most` class pairs mistaken for each other most often, either way round, most first;
+    ties in the order of the pair's first mistake."""
+    counts: dict[tuple[int, int], int] = {}
+    for p, t in zip(predicted.tolist(), labels.tolist()):
+        if p != t:
+            pair = (min(p, t), max(p, t))
+            counts[pair] = counts.get(pair, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:most]
+    return [{"a": names[a], "b": names[b], "count": n} for (a, b), n in ranked]

@@ -34,7 +34,7 @@ from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.preprocess import Preprocessor
 from serve.versions import KEEP, ModelFolder
 
-from . import acceptance, checks, compiled, parity, quantize, torchscript, triton
+from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton
 from . import learner as learner_io
 from .noncar_photos import MissingPhotos, noncar_photos
 from .transforms import read_pipeline
@@ -124,7 +124,18 @@ def model_name(args: argparse.Namespace, info: dict, classes: int) -> str:
     return args.out.resolve().name
 
 
-def fit_acceptance(args, info: dict, model, pipe, vocab: list[str]) -> acceptance.Fitted:
+def class_fields(vocab: list[str], info: dict) -> list[dict] | None:
+    """Make, model, body style and year of each class, parsed once here for the manifest; None
+    (and a line saying the make answer is off) when the names are not '<make> <model> ... <year>'."""
+    data = Path(info["data"]) if info.get("data") and Path(info["data"]).is_dir() else None
+    try:
+        return classnames.class_fields(vocab, data)
+    except classnames.ClassNameError as exc:
+        print(f"classes: no make answer for this model, a class name does not parse: {exc}")
+        return None
+
+
+def fit_acceptance(args, info: dict, model, pipe, vocab: list[str], classes: list[dict] | None) -> acceptance.Fitted:
     """Calibration and acceptance thresholds from the run's own validation and training photos."""
     data = Path(info.get("data", ""))
     valid_files = [data / rel for rel in info.get("valid_files", [])]
@@ -144,12 +155,14 @@ def fit_acceptance(args, info: dict, model, pipe, vocab: list[str]) -> acceptanc
         print(f"acceptance: no non-car photos to measure with ({exc})", file=sys.stderr)
         noncar = []
     eager = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std)
-    return acceptance.fit(eager, pipe.steps, vocab, valid, train, unknown, noncar)
+    return acceptance.fit(eager, pipe.steps, vocab, valid, train, unknown, noncar, classes)
 
 
 def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list,
-                   fitted: acceptance.Fitted | None) -> Manifest:
+                   fitted: acceptance.Fitted | None, classes: list[dict] | None) -> Manifest:
     extra = {"calibration": fitted.calibration, "acceptance": fitted.acceptance()} if fitted else {}
+    if classes is not None:
+        extra["classes"] = classes
     return Manifest.create(
         folder, name=model_name(args, info, len(learn.dls.vocab)), model_file="model.pt", labels_file="labels.txt",
         num_classes=len(learn.dls.vocab), steps=pipe.steps, checks=check_photos,
@@ -313,8 +326,9 @@ def run(args: argparse.Namespace) -> int:
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
     model = torchscript.plain(learn.model)
     fitted = None
+    classes = class_fields([str(v) for v in learn.dls.vocab], info)
     if not args.no_acceptance:
-        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab])
+        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab], classes)
         for line in acceptance.describe(fitted):
             print(line)
     served = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std,
@@ -343,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         labels = [str(label) for label in learn.dls.vocab]
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
-        manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted)
+        manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes)
         if package is not None:
             shutil.copyfile(package.built.path, folder / compiled.FILE)
             manifest.add_compiled(folder, compiled.FILE, **package.entry())

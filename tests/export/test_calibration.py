@@ -179,3 +179,33 @@ def test_familiarity_traces_into_a_module():
 def test_class_directions_refuse_an_empty_class():
     with pytest.raises(ValueError):
         cal.class_directions(torch.randn(3, 2), torch.tensor([0, 0, 2]), 3)
+
+
+def test_make_probabilities_sum_each_makes_classes():
+    probabilities = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
+    sums = cal.make_probabilities(probabilities, torch.tensor([0, 1, 0]), makes=2)
+    assert torch.allclose(sums, torch.tensor([[0.8, 0.2], [0.9, 0.1]]))
+    with pytest.raises(ValueError):
+        cal.make_probabilities(probabilities, torch.tensor([0, 1]), makes=2)
+
+
+def test_precision_threshold_is_the_lowest_that_stays_right_often_enough():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    correct = torch.tensor([True, True, False, True, False, False])
+    # From the top: 1/1, 2/2, 2/3, 3/4, 3/5, 3/6 right.
+    assert cal.choose_precision_threshold(scores, correct, 0.75) == pytest.approx(0.6)
+    assert cal.choose_precision_threshold(scores, correct, 0.9) == pytest.approx(0.8)
+    assert cal.choose_precision_threshold(scores, correct, 0.5) == pytest.approx(0.4)
+    assert cal.choose_precision_threshold(scores, torch.zeros(6, dtype=torch.bool), 0.5) is None
+    # Tied scores are in or out together: 0.7 would answer both 0.7s, one of them wrong (3/4).
+    tied = torch.tensor([0.9, 0.7, 0.7])
+    assert cal.choose_precision_threshold(tied, torch.tensor([True, True, False]), 0.8) == pytest.approx(0.9)
+
+
+def test_top_k_accuracy_and_confused_pairs():
+    probabilities = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([1, 1, 0, 1])
+    assert cal.top_k_accuracy(probabilities, labels, 1) == pytest.approx(0.25)
+    assert cal.top_k_accuracy(probabilities, labels, 2) == pytest.approx(0.75)
+    pairs = cal.confused_pairs(probabilities.argmax(dim=1), labels, ["a", "b", "c"])
+    assert pairs == [{"a": "a", "b": "b", "count": 2}, {"a": "a", "b": "c", "count": 1}]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import cli, quantize
+from export import classnames, cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
@@ -88,6 +88,12 @@ def test_manifest_describes_the_artifact(artifact, learner):
     assert 0 < accept["min_probability"] <= 1 and -1 <= accept["min_familiarity"] <= 1
     figures = accept["figures"]
     assert figures["validation"]["accepted"] >= 0.9
+    assert 0 <= figures["validation"]["top5"] <= 1 and 0 <= figures["validation"]["make_accuracy"] <= 1
+    assert isinstance(figures["confusions"], list)
+    # Each class's fields, parsed from the Stanford names at export, in labels order.
+    assert manifest["classes"] == [{"label": name, "name": name, **classnames.parse(name)}
+                                   for name in sorted(p.name for p in CARS.iterdir())]
+    assert "min_make_probability" not in accept or 0 <= accept["min_make_probability"] <= 1
     assert figures["non_car"]["photos"] == 18 and 0 <= figures["non_car"]["rejected"] <= 1
     assert manifest["versions"]["torch"] == torch.__version__
     assert len(manifest["source"]["learner_sha256"]) == 64
