@@ -80,14 +80,19 @@ def test_a_request_threshold_replaces_the_exports():
 # ---------------------------------------------------------------------- through the app
 
 
-@pytest.fixture(scope="module")
-def judged(tmp_path_factory):
-    folder = write_tiny_artifact(tmp_path_factory.mktemp("judged") / "artifact", LABELS, acceptance=RULE)
+def serving_client(folder):
+    """A test client of an app serving the artifact in `folder`, closed when the fixture ends."""
     config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
     metrics = Metrics(CollectorRegistry())
     serving = start_serving(config, metrics)
     yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
     serving.close()
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    yield from serving_client(write_tiny_artifact(tmp_path_factory.mktemp("judged") / "artifact", LABELS,
+                                                  acceptance=RULE))
 
 
 def predict(client, colour, **params) -> falcon.testing.Result:
@@ -144,12 +149,7 @@ def test_v2_returns_accepted_as_an_extra_output(judged):
 @pytest.fixture(scope="module")
 def unjudged(tmp_path_factory):
     """An export made before thresholds existed: probabilities only, no acceptance in the manifest."""
-    folder = write_tiny_artifact(tmp_path_factory.mktemp("unjudged") / "artifact", LABELS)
-    config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
-    metrics = Metrics(CollectorRegistry())
-    serving = start_serving(config, metrics)
-    yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
-    serving.close()
+    yield from serving_client(write_tiny_artifact(tmp_path_factory.mktemp("unjudged") / "artifact", LABELS))
 
 
 def test_without_thresholds_answers_are_not_judged_unless_asked(unjudged):
@@ -256,13 +256,8 @@ def test_makes_are_named_with_their_article():
 
 @pytest.fixture(scope="module")
 def with_makes(tmp_path_factory):
-    folder = write_tiny_artifact(tmp_path_factory.mktemp("makes") / "artifact", MAKE_LABELS, acceptance=MAKE_RULE,
-                                 classes=MAKE_CLASSES)
-    config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
-    metrics = Metrics(CollectorRegistry())
-    serving = start_serving(config, metrics)
-    yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
-    serving.close()
+    yield from serving_client(write_tiny_artifact(tmp_path_factory.mktemp("makes") / "artifact", MAKE_LABELS,
+                                                  acceptance=MAKE_RULE, classes=MAKE_CLASSES))
 
 
 def test_predict_gives_the_make_and_the_level_it_accepted_at(with_makes):
