@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from ops import atomic
 
 # A name's words are split on spaces, so makes of more than one word must be known; hyphenated
 # makes (Mercedes-Benz, Rolls-Royce) are one word already.
@@ -102,27 +102,6 @@ def class_fields(labels: list[str], data: Path | None = None) -> list[dict]:
     return [{"label": label, "name": name, **parse(name)} for label, name in zip(labels, display_names(labels, data))]
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    """A reader sees the old manifest or the new one, never half of one, even after a crash."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself survives a crash only once the folder is on disk too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def add_to_version(folder: Path, data: Path | None = None) -> list[dict]:
     """Write the `classes` list into `folder`'s manifest.json; returns it. Without `data`, the
     training data folder the manifest records is used when it is here."""
@@ -134,7 +113,8 @@ def add_to_version(folder: Path, data: Path | None = None) -> list[dict]:
         data = Path(recorded) if recorded and Path(recorded).is_dir() else None
     classes = class_fields(labels, data)
     manifest["classes"] = classes
-    write_json_atomically(path, manifest)
+    # A reader sees the old manifest or the new one, never half of one, even after a crash.
+    atomic.write_text(path, json.dumps(manifest, indent=2) + "\n")
     return classes
 
 

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops import atomic
+
 from .errors import ArtifactError
 
 # 2: the module may return extra outputs after the probabilities ("extra_outputs"), and the
@@ -124,7 +126,8 @@ class Manifest:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST
-        path.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
+        # Whole or not at all: a server reloading this folder never reads half a manifest.
+        atomic.write_text(path, json.dumps(self.data, indent=2) + "\n")
         return path
 
     @classmethod

@@ -18,6 +18,8 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
+from ops import atomic
+
 from .app import State, create_app, start_serving
 from .config import ConfigError, configure_logging, load_config, repository_exposure
 from .errors import ArtifactError
@@ -171,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_pid_file(path: Path) -> None:
     """Our pid, written whole (temporary file, then rename), for `make reload` to signal."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(f"{os.getpid()}\n", encoding="ascii")
-    os.replace(temporary, path)
+    atomic.write_text(path, f"{os.getpid()}\n", encoding="ascii")
 
 
 def remove_pid_file(path: Path) -> None:

@@ -22,6 +22,8 @@ import torch
 from fastai.callback.core import Callback
 from fastcore.foundation import L
 
+from ops import atomic
+
 FILE = "checkpoint.pth"
 FORMAT = 1
 HEAD, BODY = "head", "body"
@@ -180,12 +182,7 @@ class Checkpoints:
         torch.save(state, buffer)
         # A run killed while writing keeps the previous checkpoint: the new one replaces it whole.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        with open(temporary, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, self.path)
+        atomic.write_bytes(self.path, buffer.getbuffer())
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from ..postprocess import clamp_k
 from .rows import ClassifyError, Row, batch_config, score_file
 
 SERVE_PACKAGE = Path(__file__).resolve().parent.parent
+OPS_PACKAGE = SERVE_PACKAGE.parent / "ops"  # serve imports it: it travels too
 # How long the actor pool may take to start before the job is given up (too few CPUs anywhere).
 ACTOR_START_SECONDS = 120.0
 
@@ -127,7 +128,7 @@ class RayScorer:
         watchdog.start()
         try:
             # whatcar's code travels with the job, so the nodes need only the packages installed.
-            self.ray.init(address=address, runtime_env={"py_modules": [str(SERVE_PACKAGE)]},
+            self.ray.init(address=address, runtime_env={"py_modules": [str(SERVE_PACKAGE), str(OPS_PACKAGE)]},
                           logging_level="ERROR", log_to_driver=False)
         except ConnectionError as exc:
             raise ClassifyError(f"cannot reach the Ray cluster at {address}: {exc}") from None
