@@ -9,7 +9,8 @@
 
 A release directory appears under its final name only by a rename once it is complete and checked,
 and `current` only ever changes by renaming a new symlink over it, so a crash at any moment leaves
-either the old state or the new one.
+either the old state or the new one. Those mechanics are ops/store.py's, shared with the model
+folder; what is deploy's own is the build folder, the history and the lock.
 """
 
 from __future__ import annotations
@@ -17,32 +18,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
+
+from ops import atomic
+from ops.store import REMOVE_PREFIX, Store, discard
 
 from .policy import RELEASE_NAME
 
 RELEASE_FILE = "release.json"
 BUILD_PREFIX = ".build-"
-REMOVE_PREFIX = ".remove-"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class Prefix:
@@ -54,6 +38,7 @@ class Prefix:
         self.logs = self.root / "logs"
         self.lock_file = self.root / ".lock"
         self._lock_fd: int | None = None
+        self.store = Store(self.root, self.releases, names=RELEASE_NAME, marker=RELEASE_FILE, absolute_links=True)
 
     # --- locking --------------------------------------------------------------------------------
 
@@ -80,20 +65,17 @@ class Prefix:
             if self.current.exists():
                 raise ValueError(f"{self.current} is not a symlink; move it away so that deploys can manage it")
             return None
-        target = os.readlink(self.current)
-        parent, _, name = target.rpartition("/")
-        if parent not in ("releases", str(self.releases)) or not RELEASE_NAME.match(name):
+        target = self.store.read_link(self.current.name)
+        name = self.store.named(target)
+        if name is None:
             raise ValueError(f"{self.current} points at {target}, not at a release in {self.releases}")
         return name
 
     def is_complete(self, name: str) -> bool:
-        path = self.release_dir(name)
-        return RELEASE_NAME.match(name) is not None and not path.is_symlink() and (path / RELEASE_FILE).is_file()
+        return self.store.is_version(name)
 
     def complete_releases(self) -> list[str]:
-        if not self.releases.is_dir():
-            return []
-        return sorted(entry.name for entry in self.releases.iterdir() if self.is_complete(entry.name))
+        return self.store.versions()
 
     def release_info(self, name: str) -> dict:
         try:
@@ -111,14 +93,10 @@ class Prefix:
     def leftovers(self) -> list[Path]:
         """What interrupted deploys and removals left behind: half-built releases, the names that
         pointed at them while they were built, half-removed releases, temporary symlinks."""
-        found = []
+        found = self.store.leftovers(self.current.name) + atomic.leftovers(self.history_file)
         if self.releases.is_dir():
-            for entry in self.releases.iterdir():
-                name = entry.name
-                if name.startswith((BUILD_PREFIX, REMOVE_PREFIX)) or (entry.is_symlink() and RELEASE_NAME.match(name)):
-                    found.append(entry)
-        found += [entry for entry in self.root.glob(".current.*.tmp")]
-        found += [entry for entry in self.root.glob(".history.*.tmp")]
+            found += [entry for entry in self.releases.iterdir()
+                      if entry.name.startswith(BUILD_PREFIX) or (entry.is_symlink() and RELEASE_NAME.match(entry.name))]
         return sorted(found)
 
     # --- changing -----------------------------------------------------------------------------------
@@ -126,24 +104,20 @@ class Prefix:
     def switch(self, name: str) -> None:
         """Point `current` at a release: a new symlink renamed over the old one (rename(2) is atomic,
         so a reader sees either the old target or the new one, never a missing `current`)."""
-        tmp = self.root / f".current.{os.getpid()}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(f"releases/{name}", tmp)
-        os.replace(tmp, self.current)
-        fsync_dir(self.root)
+        self.store.point(self.current.name, name)
+
+    def add(self, building: Path, name: str) -> None:
+        """Make a built and checked release folder the release `name`: its files on disk first,
+        then one rename."""
+        self.store.add(building, name)
 
     def write_history(self, stack: list[str]) -> None:
-        replace_atomically(self.history_file, "".join(f"{name}\n" for name in stack))
+        atomic.write_text(self.history_file, "".join(f"{name}\n" for name in stack))
 
     def remove(self, path: Path) -> None:
         """Delete a release or a leftover. A release is first renamed out of the releases' namespace,
         so that a removal cut short never leaves a half-deleted folder under a release's name."""
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-            return
-        if not path.name.startswith((BUILD_PREFIX, REMOVE_PREFIX)):
-            doomed = path.with_name(REMOVE_PREFIX + path.name)
-            os.rename(path, doomed)
-            path = doomed
-        shutil.rmtree(path)
+        if path.is_symlink() or path.is_file() or path.name.startswith((BUILD_PREFIX, REMOVE_PREFIX)):
+            discard(path)
+        else:
+            self.store.remove(path.name)

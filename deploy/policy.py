@@ -8,6 +8,8 @@ import json
 import re
 from datetime import datetime, timezone
 
+from ops.store import prunable
+
 # A release is named after when it was built and from which commit, so that names sort by age:
 # 20261126T093015Z-0ef210e (a -2, -3, ... suffix if two builds fall in the same second).
 RELEASE_NAME = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{7,40}(-\d+)?$")
@@ -47,9 +49,7 @@ def releases_to_remove(complete: list[str], stack: list[str], keep: int) -> list
     or the one a rollback would return to."""
     if keep < MIN_KEEP:
         raise ValueError(f"keep must be at least {MIN_KEEP}")
-    kept = set(sorted(complete)[-keep:])
-    kept.update(stack[-2:])
-    return [name for name in sorted(complete) if name not in kept]
+    return prunable(sorted(complete), keep, set(stack[-2:]))
 
 
 def venv_key(python: str, python_version: str, requirements: bytes, pip_args: list[str]) -> str:

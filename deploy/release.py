@@ -24,7 +24,7 @@ from . import build
 from .check import CheckFailed, check_release, photo_checks
 from .envfile import EnvFileError, read_env_file
 from .errors import StepFailed, describe_os_error
-from .layout import BUILD_PREFIX, RELEASE_FILE, Prefix, fsync_dir
+from .layout import BUILD_PREFIX, RELEASE_FILE, Prefix
 from .policy import (new_release_id, previous_release, releases_to_remove, rollback_stack, venv_key)
 
 LOGS_KEPT = 20
@@ -281,10 +281,8 @@ def deploy(opts: Options) -> int:
                     "build_seconds": round(time.monotonic() - started, 1),
                 }
                 (building / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-                os.sync()  # the release's files are on disk before anything can point at them
                 alias.unlink()
-                os.rename(building, prefix.release_dir(release_id))
-                fsync_dir(prefix.releases)
+                prefix.add(building, release_id)
                 finished = True
                 run.say(f"release {release_id} complete: {mb(total)} on disk, {mb(own)} of it its own")
 

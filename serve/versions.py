@@ -12,15 +12,16 @@ that holds one artifact directly (manifest.json at its top, as older exports wro
 as it is, as version "1".
 
 A version is only ever a name this module finds inside the folder: digits, no path. Nothing
-here imports torch, so the control commands run in a blink.
+here imports torch, so the control commands run in a blink. How the disk changes (links switched
+by rename and fsync'd, versions added by rename, removals) is ops/store.py's, shared with deploy.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
+
+from ops.store import Store
 
 CURRENT = "current"
 PREVIOUS = "previous"
@@ -43,6 +44,7 @@ def current_folder(path: str | Path) -> Path:
 class ModelFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.store = Store(self.path, names=VERSION_NAME, numbered=True)
 
     @property
     def flat(self) -> bool:
@@ -51,27 +53,13 @@ class ModelFolder:
 
     def versions(self) -> list[str]:
         """Version names present, oldest first."""
-        if self.flat:
-            return [FLAT_VERSION]
-        try:
-            names = [p.name for p in self.path.iterdir() if VERSION_NAME.match(p.name) and p.is_dir()
-                     and not p.is_symlink()]
-        except OSError:
-            return []
-        return sorted(names, key=int)
-
-    def _link(self, name: str) -> str | None:
-        try:
-            target = os.readlink(self.path / name)
-        except OSError:
-            return None
-        return target if VERSION_NAME.match(target) else None
+        return [FLAT_VERSION] if self.flat else self.store.versions()
 
     def current(self) -> str:
         """The version to serve; VersionError when there is none."""
         if self.flat:
             return FLAT_VERSION
-        target = self._link(CURRENT)
+        target = self.store.linked(CURRENT)
         if target is None:
             if (self.path / CURRENT).exists() or (self.path / CURRENT).is_symlink():
                 raise VersionError(f"{self.path / CURRENT} must be a symlink to a version folder beside it")
@@ -80,7 +68,7 @@ class ModelFolder:
         return self.check(target)
 
     def previous(self) -> str | None:
-        target = None if self.flat else self._link(PREVIOUS)
+        target = None if self.flat else self.store.linked(PREVIOUS)
         return target if target in self.versions() else None
 
     def check(self, version: str) -> str:
@@ -106,33 +94,18 @@ class ModelFolder:
             raise VersionError(f"{self.path} holds a single artifact ({MANIFEST} at its top); move it into "
                                f"{self.path / FLAT_VERSION}/ and link {CURRENT} to it, or export elsewhere")
         self.path.mkdir(parents=True, exist_ok=True)
-        while True:
-            version = str(int(self.versions()[-1]) + 1 if self.versions() else 1)
-            try:
-                os.rename(staging, self.path / version)
-                return version
-            except OSError:
-                if not (self.path / version).exists():
-                    raise
-                # Another export took this number between our look and our rename.
+        return self.store.add(staging)
 
     def point(self, current: str, previous: str | None) -> None:
         """Make `current` (and `previous`) name these versions, each switched by one rename."""
         self.check(current)
         if previous is not None and previous != current:
-            self._relink(PREVIOUS, self.check(previous))
-        self._relink(CURRENT, current)
-
-    def _relink(self, name: str, target: str) -> None:
-        temporary = self.path / f".{name}.{os.getpid()}"
-        if temporary.is_symlink() or temporary.exists():
-            temporary.unlink()
-        os.symlink(target, temporary)
-        os.replace(temporary, self.path / name)
+            self.store.point(PREVIOUS, self.check(previous))
+        self.store.point(CURRENT, current)
 
     def switch_to(self, version: str) -> None:
         """Serve `version` from now on, remembering the version it replaces."""
-        before = self.current() if self._link(CURRENT) else None
+        before = self.current() if self.store.linked(CURRENT) else None
         self.point(version, before if before != version else self.previous())
 
     def rollback(self) -> tuple[str, str]:
@@ -148,9 +121,4 @@ class ModelFolder:
         versions removed."""
         if self.flat:
             return []
-        protected = {self._link(CURRENT), self._link(PREVIOUS)}
-        versions = self.versions()
-        removed = [v for v in versions[:-keep] if v not in protected] if keep > 0 else []
-        for version in removed:
-            shutil.rmtree(self.path / version)
-        return removed
+        return self.store.prune(keep, {self.store.linked(CURRENT), self.store.linked(PREVIOUS)})

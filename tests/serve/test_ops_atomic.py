@@ -177,6 +177,12 @@ def add_class_names(folder: Path) -> None:
     classnames.add_to_version(folder)
 
 
+def write_history(folder: Path) -> None:
+    from deploy.layout import Prefix
+
+    Prefix(folder).write_history(["20261126T000000Z-abcdef0"])
+
+
 def write_pid_file(folder: Path) -> None:
     from serve.server import write_pid_file
 
@@ -184,8 +190,8 @@ def write_pid_file(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("writer, name", [(write_manifest, "manifest.json"), (add_class_names, "manifest.json"),
-                                          (write_pid_file, "serve.pid")],
-                         ids=["Manifest.write", "classnames", "pid file"])
+                                          (write_history, "history"), (write_pid_file, "serve.pid")],
+                         ids=["Manifest.write", "classnames", "deploy history", "pid file"])
 def test_every_writer_of_a_shared_file_replaces_it_whole(tmp_path, monkeypatch, writer, name):
     old = json.dumps({"files": {"labels": {"file": "labels.txt"}}}) if name == "manifest.json" else "old\n"
     (tmp_path / name).write_text(old)

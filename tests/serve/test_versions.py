@@ -7,6 +7,7 @@ import pytest
 
 from serve.versions import ModelFolder, VersionError
 from tests.conftest import ARTIFACTS
+from tests.serve.syncs import record_syncs, synced
 
 
 def folder_with(tmp_path, *versions: str, current: str | None = None):
@@ -106,3 +107,11 @@ def test_prune_keeps_the_newest_and_never_current_or_previous(tmp_path):
     assert models.prune(keep=3) == ["3", "4", "5"]
     assert models.versions() == ["1", "2", "6", "7", "8"]
     assert models.prune(keep=3) == []
+
+
+def test_a_switch_is_on_disk_when_it_returns(tmp_path, monkeypatch):
+    # As a deploy's is: after a power cut, current names the version it was switched to.
+    models = folder_with(tmp_path, "1", "2", current="1")
+    events = record_syncs(monkeypatch)
+    models.switch_to("2")
+    assert events == [("rename", "previous"), synced(tmp_path), ("rename", "current"), synced(tmp_path)]
