@@ -154,3 +154,22 @@ def test_an_image_is_needed_per_class_folder_even_when_empty(tmp_path):
     (data / "Empty Class 2012").mkdir()
     Image.new("RGB", (8, 8)).save(data / "stray.txt", format="PNG")  # not an image name: ignored
     assert "Empty Class 2012 has 0 photos" in refusal(data, tmp_path / "out")
+
+
+def test_a_checkpoint_write_cut_short_keeps_the_one_before(tmp_path, monkeypatch):
+    class Learner:
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    saved = checkpoint.Checkpoints(tmp_path, {"lr": 0.1}, "data")
+    saved.write(Learner, checkpoint.Position(checkpoint.HEAD, 0), [])
+
+    def power_cut(src, dst):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("os.replace", power_cut)
+    with pytest.raises(OSError):
+        saved.write(Learner, checkpoint.Position(checkpoint.HEAD, 1), [])
+    monkeypatch.undo()
+    assert saved.read().position == checkpoint.Position(checkpoint.HEAD, 0)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
