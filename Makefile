@@ -65,18 +65,18 @@ $(VENV)/train/.stamp: requirements-train.txt
 	$(call build-venv,train,requirements-train.txt)
 
 # Test-only: tritonclient and Playwright bring numpy and gevent, which the serve side must never have.
-$(VENV)/client/.stamp: requirements-client.txt requirements-test.txt
-	$(call build-venv,client,requirements-client.txt)
+$(VENV)/client/.stamp: requirements/client.txt requirements/test.txt
+	$(call build-venv,client,requirements/client.txt)
 
 # Ray and its dependencies (numpy, pandas, pyarrow) never go into the serve venv.
-$(VENV)/ray/.stamp: requirements-ray.txt requirements-serve.txt
-	$(call build-venv,ray,requirements-ray.txt)
+$(VENV)/ray/.stamp: requirements/ray.txt requirements-serve.txt
+	$(call build-venv,ray,requirements/ray.txt)
 
-$(VENV)/fuzz/.stamp: requirements-fuzz.txt requirements-serve.txt
-	$(call build-venv,fuzz,requirements-fuzz.txt)
+$(VENV)/fuzz/.stamp: requirements/fuzz.txt requirements-serve.txt
+	$(call build-venv,fuzz,requirements/fuzz.txt)
 
-$(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements-test.txt
-	$(VENV)/$*/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements-test.txt
+$(VENV)/%/.stamp-test: $(VENV)/%/.stamp requirements/test.txt
+	$(VENV)/$*/bin/pip install --quiet --no-input $(PIP_ARGS) -r requirements/test.txt
 	touch $@
 
 serve-env: $(VENV)/serve/.stamp ## build the serving virtualenv only
@@ -158,14 +158,14 @@ chromium:
 	  echo "the browser test needs Chromium: sudo apt-get install chromium (or set WHATCAR_CHROMIUM)"; exit 1)
 
 # The benchmark's peer server. Optional: if it cannot be built, `make bench` says so and skips it.
-$(VENV)/torchserve/.stamp: requirements-torchserve.txt
-	$(call build-venv,torchserve,requirements-torchserve.txt)
+$(VENV)/torchserve/.stamp: requirements/torchserve.txt
+	$(call build-venv,torchserve,requirements/torchserve.txt)
 
 torchserve-env: $(VENV)/torchserve/.stamp ## build TorchServe 0.12, the benchmark's peer server (needs Java)
 
 # The benchmark's forward-pass reference. Optional too: without it `make bench` says so and skips it.
-$(VENV)/openvino/.stamp: requirements-openvino.txt
-	$(call build-venv,openvino,requirements-openvino.txt)
+$(VENV)/openvino/.stamp: requirements/openvino.txt
+	$(call build-venv,openvino,requirements/openvino.txt)
 
 openvino-env: $(VENV)/openvino/.stamp ## build OpenVINO 2026.4, the benchmark's forward-pass reference
 

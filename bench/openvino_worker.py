@@ -1,6 +1,6 @@
 """OpenVINO's CPU runtime on the served module (bench/onnx_export.py's ONNX), the benchmark's
 reference for what this CPU does with the same model. A measuring stick only: the server is
-torch alone. Runs in its own virtualenv (requirements-openvino.txt: openvino and numpy, no torch).
+torch alone. Runs in its own virtualenv (requirements/openvino.txt: openvino and numpy, no torch).
 
     python -m bench.openvino_worker MODEL.onnx HEIGHT WIDTH
     {"op": "forward", "threads": 1, "batch": 1, "count": 25, "seconds": 6}

@@ -1,6 +1,6 @@
 """TorchServe 0.12 as the peer server: the same model.pt behind bench/ts_handler.py.
 
-TorchServe runs from its own virtualenv (requirements-torchserve.txt; `make torchserve-env`),
+TorchServe runs from its own virtualenv (requirements/torchserve.txt; `make torchserve-env`),
 since it brings Java and packages the server never needs. Anything that keeps it from starting
 is reported as a reason to skip, not an error: the peer is a comparison, not a requirement.
 """
