@@ -16,7 +16,7 @@ skipped, the rest appended. Rows are written as they finish, so an interrupted r
 kill) leaves a valid file missing at most the images that were in flight; a row cut off by a
 kill is dropped when the run resumes.
 
-With --ray ADDRESS the same job runs on a Ray cluster (serve/classify_ray.py), from the Ray
+With --ray ADDRESS the same job runs on a Ray cluster (serve/classify/on_ray.py), from the Ray
 virtualenv (`make classify-ray`); the rows, and this file's writer, are the same.
 """
 
