@@ -41,6 +41,7 @@ class Config:
     model_control: str = "none"
     runtime: str = "auto"
     pid_file: Path | None = None
+    ready_file: Path | None = None
     # From WHATCAR_ADMIN_TOKEN only: a flag would show in the process list.
     admin_token: str | None = field(default=None, repr=False)
 
@@ -79,6 +80,9 @@ OPTIONS = [
      "auto, compiled or torchscript: which of the artifact's models runs; auto takes the compiled package when "
      "this CPU and torch can run it and TorchScript otherwise, compiled refuses to start without it"),
     ("--pid-file", "pid_file", Path, "write the process id here (`make reload` signals it)"),
+    ("--ready-file", "ready_file", Path,
+     "once listening with the model loaded (when /readyz turns 200), write {pid, host, port, url} here as JSON; "
+     "removed on a clean stop"),
 ]
 ADMIN_TOKEN = "WHATCAR_ADMIN_TOKEN"
 MODEL_CONTROL = ("none", "explicit")
@@ -153,11 +157,26 @@ def validate(config: Config) -> None:
     if config.runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be {', '.join(RUNTIMES)} (got {config.runtime!r}); "
                           "set --runtime or WHATCAR_RUNTIME")
+    if config.ready_file is not None:
+        check_ready_file(config.ready_file)
     if config.admin_token is not None and len(config.admin_token) < 16:
         raise ConfigError(f"{ADMIN_TOKEN} must be at least 16 characters (e.g. `openssl rand -hex 16`)")
     problem = repository_exposure(config.model_control, config.admin_token, [config.host])
     if problem:
         raise ConfigError(problem)
+
+
+def check_ready_file(path: Path) -> None:
+    """The ready file is written only after the model has loaded and warmed up: a place where it
+    cannot be written is refused now, before that wait, not after it."""
+    where = "set --ready-file or WHATCAR_READY_FILE"
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"ready file folder {folder} does not exist; {where}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"ready file folder {folder} is not writable; {where}")
+    if path.is_dir():
+        raise ConfigError(f"ready file {path} is a folder; {where}")
 
 
 def is_loopback(host: str) -> bool:

@@ -3,6 +3,7 @@ model on SIGHUP, drain on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         # being refused: this is what makes a restart under socket activation lose none.
         log.info("serving the socket inherited from the service manager (%s); --host/--port (%s:%s) are not used",
                  url(*listener.getsockname()[:2]), config.host, config.port)
+    if config.ready_file is not None:
+        # Left behind by a server that was killed, it would say this one is ready while it loads.
+        config.ready_file.unlink(missing_ok=True)
     if config.malloc_arenas:
         # Before any worker thread exists, so that threads starting later share the arenas.
         limit_arenas(config.malloc_arenas)
@@ -161,11 +165,22 @@ def main(argv: list[str] | None = None) -> int:
              "; model repository API on" + ("" if config.admin_token else " (loopback, no token)")
              if config.model_control == "explicit" else "")
     try:
+        if config.ready_file is not None:
+            # The model is loaded and warm and the socket listens, so the loop below answers /readyz
+            # with 200 from its first tick: whoever waits on this file may connect at once.
+            try:
+                write_ready_file(config.ready_file, host, port)
+            except OSError as exc:
+                print(f"whatcar: cannot write the ready file {config.ready_file}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 1
         serve_until(server, stopping, request_timeout=config.channel_timeout)
     finally:
+        if config.ready_file is not None:
+            remove_if_ours(config.ready_file, lambda text: json.loads(text)["pid"])
         serving.close()
         if config.pid_file is not None:
-            remove_pid_file(config.pid_file)
+            remove_if_ours(config.pid_file, int)
     log.info("stopped")
     return 0
 
@@ -176,12 +191,20 @@ def write_pid_file(path: Path) -> None:
     atomic.write_text(path, f"{os.getpid()}\n", encoding="ascii")
 
 
-def remove_pid_file(path: Path) -> None:
-    """Remove the pid file if it still names this process (a newer server may have replaced it)."""
+def write_ready_file(path: Path, host: str, port: str) -> None:
+    """Where we answer, for whoever started us (--ready-file): with --port 0 only we know the port.
+    Written whole, so a reader that sees the file can read all of it."""
+    ready = {"pid": os.getpid(), "host": host, "port": int(port), "url": url(host, port)}
+    atomic.write_text(path, json.dumps(ready) + "\n")
+
+
+def remove_if_ours(path: Path, pid_in) -> None:
+    """Remove a pid or ready file if it still names this process (a newer server may have replaced
+    it); `pid_in` reads the process id from the file's text."""
     try:
-        if path.read_text(encoding="ascii").strip() == str(os.getpid()):
+        if pid_in(path.read_text(encoding="utf-8")) == os.getpid():
             path.unlink()
-    except OSError:
+    except (OSError, ValueError, KeyError, TypeError):
         pass
 
 
