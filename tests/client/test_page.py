@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import ROOT, car_photos
+from tests.support.paths import ROOT, car_photos
 
 CHROMIUM = Path(os.environ.get("WHATCAR_CHROMIUM", "/usr/bin/chromium"))
 SCREENSHOTS = Path(os.environ.get("WHATCAR_SCREENSHOTS", ROOT / "build" / "screenshots"))

@@ -9,8 +9,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.client.conftest import running_server
-from tests.conftest import ARTIFACTS, car_photos
+from tests.support.paths import ARTIFACTS, SERVE_PYTHON, car_photos
+from tests.support.server import Client, start_server
 
 PHOTOS = car_photos()[::6]  # a few photos from every class folder
 
@@ -141,9 +141,9 @@ def admin_server(tmp_path_factory):
     models = tmp_path_factory.mktemp("repository") / "models"
     shutil.copytree(ARTIFACTS, models, symlinks=True)
     shutil.copytree(models / "1", models / "2")
-    with running_server(models.parent / "server.log", models, "--model-control", "explicit", "--threads", "4",
-                        "--inference-workers", "1", environ={"WHATCAR_ADMIN_TOKEN": TOKEN}) as srv:
-        yield srv
+    with start_server(models, models.parent / "server.log", "--model-control", "explicit", "--threads", "4",
+                      "--inference-workers", "1", environ={"WHATCAR_ADMIN_TOKEN": TOKEN}, python=SERVE_PYTHON) as srv:
+        yield Client.of(srv)
 
 
 def test_model_repository_through_tritonclient(admin_server, model):

@@ -22,8 +22,8 @@ from serve.config import Config
 from serve.manifest import Manifest
 from serve.preprocess import Preprocessor
 from serve.handler import load_handler
-from tests.conftest import CARS, ROOT
-from tests.serve.test_server_process import Server, request
+from tests.support.paths import CARS, ROOT
+from tests.support.server import request, start_server
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
                             "('gcc', 'g++', 'cc', 'c++', 'clang')])"], env={**os.environ, **environ},
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[None, None, None, None, None]"
-    server = Server(cross_dir / "artifact", tmp_path / "serve.log", environ=environ)
+    server = start_server(cross_dir / "artifact", tmp_path / "serve.log", environ=environ)
     try:
         status, _, body = request(server.port, "GET", "/metadata")
         assert status == 200 and json.loads(body)["runtime"]["name"] == "compiled"
@@ -85,7 +85,7 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
                                                                                              key=row.__getitem__)]
     finally:
         server.stop()
-    log = server.log()
+    log = server.output()
     assert log.count(" runs on compiled: AVX2 package compiled by torch ") == 1
     assert not (tmp_path / "inductor-cache").exists(), "loading compiled something"
 

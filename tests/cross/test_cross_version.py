@@ -6,7 +6,7 @@ import torch
 
 from serve.artifact import load_artifact
 from serve.preprocess import Preprocessor
-from tests.conftest import CARS
+from tests.support.paths import CARS
 
 
 def test_exported_under_another_torch(cross_dir):

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from deploy.check import CheckFailed, check_release, photo_checks
-from tests.conftest import ROOT
-from tests.deploy.source_repo import LABELS, write_checked_artifact
-from tests.serve.tiny_artifact import write_manifest
+from tests.support.paths import ROOT
+from tests.support.server import clean_env
+from tests.support.source_repo import LABELS, write_checked_artifact
+from tests.support.tiny_artifact import write_manifest
 
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
+ENV = clean_env()
 
 
 def run_check(model_dir: Path, tmp_path: Path, ready_timeout: float = 90) -> list[str]:

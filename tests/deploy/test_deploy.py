@@ -28,8 +28,8 @@ from PIL import Image
 from deploy.activation import listening_socket, spawn_with_socket
 from deploy.layout import Prefix
 from deploy.release import INJECT_VARIABLE, tree_bytes
-from tests.deploy.source_repo import LABELS, commit_all, git, snapshot_repo, use_artifact
-from tests.serve.conftest import encode
+from tests.support.source_repo import LABELS, commit_all, git, snapshot_repo, use_artifact
+from tests.support.uploads import encode
 
 DEPLOY_PYTHON = shutil.which(os.environ.get("WHATCAR_DEPLOY_PYTHON", "python3"))
 PIP_ARGS = os.environ.get("WHATCAR_DEPLOY_PIP_ARGS", "")

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from train import backbones
-from tests.conftest import car_photos
+from tests.support.paths import car_photos
 
 
 def photos(size=224) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export import calibration as cal
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 
 def calibrated_fixture(n: int = 4000, classes: int = 10, seed: int = 0):

@@ -23,7 +23,7 @@ from serve.runtime.compiled import extract_library
 from serve.manifest import Manifest
 from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
-from tests.conftest import CARS, ROOT, car_photos
+from tests.support.paths import CARS, ROOT, car_photos
 
 SIZE = 64
 

@@ -12,7 +12,7 @@ from torch import nn
 from export.learner import load
 from train.stages import WeightAverage
 from export.transforms import read_pipeline
-from tests.conftest import CARS, ROOT
+from tests.support.paths import CARS, ROOT
 
 
 def fake_learner(model: nn.Module, epoch: int) -> SimpleNamespace:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from train import checkpoint
 from export.learner import load
-from tests.conftest import CARS, ROOT
+from tests.support.paths import CARS, ROOT
 
 # Random weights and tiny sizes keep each run to seconds; one head epoch, then one unfrozen epoch at
 # the early size and one at the final size, so a stop can fall in each phase and across the switch.

@@ -8,7 +8,7 @@ from fastai.vision.augment import RandomResizedCropGPU, aug_transforms
 
 from export.transforms import UnsupportedTransform, _item_steps, read_pipeline
 from serve.preprocess import apply_steps
-from tests.conftest import car_photos
+from tests.support.paths import car_photos
 
 
 def photos():
@@ -47,7 +47,7 @@ def test_pillow_steps_match_fastai_pixels(tfm):
 
 def _dls(item_tfms, batch_tfms):
     from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, RandomSplitter, get_image_files, parent_label
-    from tests.conftest import CARS
+    from tests.support.paths import CARS
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, get_y=parent_label,
                       splitter=RandomSplitter(0.25, seed=0), item_tfms=item_tfms, batch_tfms=batch_tfms)
     return block.dataloaders(CARS, bs=4, num_workers=0)

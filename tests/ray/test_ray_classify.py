@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ARTIFACTS, ROOT, car_photos
-from tests.ray.cluster import NODE_IP, LocalCluster, free_port
+from tests.support.paths import ARTIFACTS, ROOT, SERVE_PYTHON, car_photos
+from tests.support.ray_cluster import NODE_IP, LocalCluster, free_port
 
-SERVE_PYTHON = Path(os.environ.get("WHATCAR_SERVE_PYTHON", ROOT / ".venv" / "serve" / "bin" / "python"))
 RAY = Path(sys.executable).parent / "ray"
 
 

@@ -1,5 +1,3 @@
-import io
-
 import falcon.testing
 import pytest
 
@@ -7,7 +5,7 @@ from serve.app import State, create_app
 from serve.config import Config
 from serve.handler import build_handler
 from serve.live_model import LiveModel
-from tests.conftest import ARTIFACTS, car_photos
+from tests.support.paths import ARTIFACTS, car_photos
 
 
 @pytest.fixture(scope="session")
@@ -41,20 +39,3 @@ def client(config, serving, state) -> falcon.testing.TestClient:
 def photo() -> bytes:
     return car_photos()[0].read_bytes()
 
-
-def encode(image, fmt: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-def multipart(fields: list[tuple[str, str, bytes, str]], boundary: str = "whatcarboundary") -> tuple[bytes, str]:
-    """A multipart/form-data body from (name, filename, data, content type) parts."""
-    out = io.BytesIO()
-    for name, filename, data, content_type in fields:
-        out.write(f"--{boundary}\r\n".encode())
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        out.write(f"Content-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n".encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"

@@ -22,7 +22,7 @@ from serve.manifest import Acceptance
 from serve.metrics import Metrics
 from serve.manifest import CarClass
 from serve.postprocess import MAKE, MODEL, Makes, Output, judge, with_article
-from tests.serve.tiny_artifact import write_tiny_artifact
+from tests.support.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
 RULE = {"min_probability": 0.6, "min_familiarity": 0.1, "rule": "test rule",

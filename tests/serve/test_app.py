@@ -5,8 +5,8 @@ import json
 import pytest
 from PIL import Image
 
-from tests.conftest import car_photos
-from tests.serve.conftest import encode, multipart
+from tests.support.paths import car_photos
+from tests.support.uploads import encode, multipart
 
 # Photos the committed model must name correctly (the folder is the class).
 KNOWN = [p for p in car_photos() if p.stem in ("047", "030", "029")]
@@ -172,7 +172,7 @@ def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(t
 
     from serve.app import get_app
     from serve.config import ConfigError
-    from tests.serve.tiny_artifact import write_tiny_artifact
+    from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")
     monkeypatch.setattr("sys.argv", ["gunicorn", "--workers", "3", "serve.app:get_app()"])

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from serve.artifact import ArtifactError, load_artifact, sha256_file
-from tests.conftest import ARTIFACT
+from tests.support.paths import ARTIFACT
 
 
 @pytest.fixture()

@@ -19,8 +19,8 @@ from PIL import Image
 
 from serve.classify import cli, output
 from serve.classify.rows import Row
-from tests.conftest import ARTIFACTS, ROOT, car_photos
-from tests.serve.conftest import encode
+from tests.support.paths import ARTIFACTS, ROOT, car_photos
+from tests.support.uploads import encode
 
 PHOTOS = car_photos()[::4]
 

@@ -4,7 +4,7 @@ import pytest
 
 from serve import cpus
 from serve.config import ConfigError, load_config
-from tests.conftest import ARTIFACTS
+from tests.support.paths import ARTIFACTS
 
 
 def test_defaults_fit_the_cpus_the_process_has(monkeypatch):
@@ -28,6 +28,8 @@ def test_environment_then_flags(tmp_path):
     (["--threads", "0"], "threads must be at least 1"),
     (["--log-level", "LOUD"], "log_level"),
     (["--model-dir", "/nonexistent/whatcar"], "does not exist"),
+    (["--ready-file", "/nonexistent/whatcar/ready.json"], "ready file folder /nonexistent/whatcar does not exist"),
+    (["--ready-file", "/"], "ready file / is a folder"),
 ])
 def test_bad_settings_are_named(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from serve.decode import decode
 from serve.preprocess import DRAFT_MARGIN, Preprocessor, draft_size
-from tests.conftest import car_photos
+from tests.support.paths import car_photos
 
 STEPS = [{"op": "resize", "method": "squish", "height": 288, "width": 288, "resample": "bilinear",
           "pad_mode": "reflection"}]

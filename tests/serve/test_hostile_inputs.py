@@ -24,8 +24,8 @@ from PIL import Image, ImageChops, ImageStat
 from serve.decode import decode
 from serve.errors import TooManyPixels
 from serve.preprocess import apply_steps
-from tests.conftest import car_photos
-from tests.serve.conftest import encode, multipart
+from tests.support.paths import car_photos
+from tests.support.uploads import encode, multipart
 
 T = Image.Transpose
 

@@ -23,7 +23,7 @@ def test_applied_on_glibc():
 
 def test_arena_cap_is_a_setting_off_by_default():
     from serve.config import ConfigError, load_config
-    from tests.conftest import ARTIFACTS
+    from tests.support.paths import ARTIFACTS
 
     assert load_config(["--model-dir", str(ARTIFACTS)], environ={}).malloc_arenas == 0
     config = load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_MALLOC_ARENAS": "1"})

@@ -7,7 +7,6 @@ import time
 import falcon.testing
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from serve.app import create_app
 from serve.errors import ImageRejected
@@ -15,22 +14,8 @@ from serve.scheduler import Model
 from serve.metrics import Metrics, rejection_reasons
 from serve.handler import Handler
 from serve.live_model import LiveModel
-from tests.conftest import car_photos
-
-
-def scrape(client) -> dict:
-    """Every sample as {(name, frozenset of labels): value}."""
-    resp = client.simulate_get("/metrics")
-    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(resp.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: dict, metric: str, **labels) -> float:
-    return samples.get((metric, frozenset(labels.items())), 0.0)
+from tests.support.metrics import scrape, value
+from tests.support.paths import car_photos
 
 
 @pytest.fixture()

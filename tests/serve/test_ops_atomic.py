@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from ops import atomic
-from tests.conftest import ROOT
-from tests.serve.syncs import record_syncs, synced
+from tests.support.paths import ROOT
+from tests.support.syncs import record_syncs, synced
 
 
 def kill_before_rename(code: str) -> subprocess.CompletedProcess:

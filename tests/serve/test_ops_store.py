@@ -13,7 +13,7 @@ import pytest
 
 from ops import atomic
 from ops.store import Store, prunable
-from tests.serve.syncs import record_syncs, synced
+from tests.support.syncs import record_syncs, synced
 
 NUMBER = re.compile(r"^[0-9]{1,9}$")
 RELEASE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{7}$")

@@ -21,8 +21,8 @@ from serve.metrics import Metrics
 from serve.handler import build_handler, load_handler
 from serve.live_model import NotServing, NotThisModel, LiveModel
 from serve.versions import ModelFolder
-from tests.serve.tiny_artifact import add_tiny_version, write_manifest
-from tests.serve.test_metrics import scrape, value
+from tests.support.metrics import scrape, value
+from tests.support.tiny_artifact import add_tiny_version, write_manifest
 
 TOKEN = "0123456789abcdef-test-token"
 OLD_LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -363,7 +363,7 @@ def test_a_request_while_unloaded_is_refused_not_crashed(model_dir):
 
 def test_the_committed_default_folder_reloads_unchanged(tmp_path):
     # A deployment's reload with nothing new must not swap the model.
-    from tests.conftest import ARTIFACTS
+    from tests.support.paths import ARTIFACTS
 
     folder = tmp_path / "artifacts"
     shutil.copytree(ARTIFACTS, folder, symlinks=True)

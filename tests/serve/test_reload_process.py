@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from serve.versions import ModelFolder
-from tests.conftest import ROOT
-from tests.serve.test_server_process import Server, request
-from tests.serve.tiny_artifact import add_tiny_version
+from tests.support.paths import ROOT
+from tests.support.server import request, start_server
+from tests.support.tiny_artifact import add_tiny_version
 
 TOKEN = "swap-test-token-0123456789"
 CLIENTS = 8
@@ -49,8 +49,8 @@ def model_dir(tmp_path):
 
 
 def test_ten_swaps_under_eight_clients_drop_nothing_and_switch_cleanly(model_dir, tmp_path):
-    server = Server(model_dir, tmp_path / "server.log", "--model-control", "explicit", "--threads", "12",
-                    environ={"WHATCAR_ADMIN_TOKEN": TOKEN})
+    server = start_server(model_dir, tmp_path / "server.log", "--model-control", "explicit", "--threads", "12",
+                          environ={"WHATCAR_ADMIN_TOKEN": TOKEN})
     answers, failures, stop = [], [], threading.Event()
     lock = threading.Lock()
 
@@ -101,7 +101,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
     pid_file = tmp_path / "run" / "serve.pid"
     models = ModelFolder(model_dir)
     models.switch_to("1")
-    server = Server(model_dir, tmp_path / "server.log", "--pid-file", str(pid_file))
+    server = start_server(model_dir, tmp_path / "server.log", "--pid-file", str(pid_file))
     try:
         assert int(pid_file.read_text()) == server.proc.pid
         assert predict(server.port)[1]["model"]["version"] == "1"
@@ -142,7 +142,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
     finally:
         server.stop()
     assert not pid_file.exists(), "the pid file outlived the server"
-    assert "reload of version 3 failed" in server.log()
+    assert "reload of version 3 failed" in server.output()
 
 
 def test_make_reload_without_a_server_says_so(tmp_path):

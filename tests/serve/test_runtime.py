@@ -15,7 +15,7 @@ from serve.config import ConfigError, load_config
 from serve.runtime.rows import output_rows
 from serve.manifest import Manifest
 from serve.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
-from tests.conftest import ARTIFACT, ARTIFACTS
+from tests.support.paths import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}
 EPYC = Host(cpu_capability="AVX2", arch="x86_64", torch="2.13.0+cpu")
@@ -227,7 +227,7 @@ def test_metadata_and_metrics_say_which_runtime_serves(client, handler):
 def test_the_runtime_line_is_logged_once_at_load(tmp_path, caplog):
     from serve.config import Config
     from serve.handler import load_handler
-    from tests.serve.tiny_artifact import write_tiny_artifact
+    from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")
     with caplog.at_level(logging.INFO, logger="whatcar"):

@@ -307,7 +307,7 @@ def test_each_pass_is_reported_with_its_real_batch_size():
 
 def test_photos_scored_together_get_the_answers_they_get_alone(handler):
     """The real model and preprocessor: shared batches change nothing a client sees."""
-    from tests.conftest import car_photos
+    from tests.support.paths import car_photos
 
     artifact, preprocessor = handler.artifact, handler.model.preprocess
     photos = car_photos()[::3]
@@ -344,7 +344,7 @@ def test_photos_scored_together_get_the_answers_they_get_alone(handler):
 
 def test_batching_settings_come_from_flags_and_environment():
     from serve.config import ConfigError, load_config
-    from tests.conftest import ARTIFACTS
+    from tests.support.paths import ARTIFACTS
 
     env = {"WHATCAR_MICRO_BATCH": "4", "WHATCAR_BATCH_WAIT_MS": "2.5"}
     config = load_config(["--model-dir", str(ARTIFACTS)], environ=env)

@@ -17,8 +17,8 @@ from serve.app import STATIC, State, create_app
 from serve.config import Config, load_config
 from serve.handler import build_handler
 from serve.live_model import LiveModel
-from tests.conftest import ARTIFACT
-from tests.serve.tiny_artifact import write_tiny_artifact
+from tests.support.paths import ARTIFACT
+from tests.support.tiny_artifact import write_tiny_artifact
 
 HOSTILE_LABELS = ['<script>alert("label")</script> Coupe 2001', "Beta </li><img src=x onerror=alert(1)> Van",
                   "Gamma & \"Sons\" 'Sedan' 2003"]

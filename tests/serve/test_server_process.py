@@ -7,9 +7,7 @@ server started is stopped (SIGTERM, then SIGKILL) when its test ends.
 from __future__ import annotations
 
 import http.client
-import io
 import json
-import os
 import re
 import select
 import shutil
@@ -24,82 +22,28 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ops.launch import Server
 from serve.manifest import FORMAT_VERSION
-from tests.conftest import ARTIFACT, ARTIFACTS, ROOT, car_photos
-from tests.serve.conftest import encode, multipart
-from tests.serve.tiny_artifact import write_manifest, write_tiny_artifact
+from tests.support.paths import ARTIFACT, ARTIFACTS, ROOT, car_photos
+from tests.support.server import clean_env, request, start_server
+from tests.support.tiny_artifact import write_manifest, write_tiny_artifact
+from tests.support.uploads import encode, multipart
 
 CHANNEL_TIMEOUT = 2
 MAX_UPLOAD = 1 << 20
-START_TIMEOUT = 90  # loading and warming a model on a busy 2-core machine
 
 
-class Server:
-    """One `python -m serve` process on a port of its own choosing (--port 0)."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, environ: dict | None = None):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")} | (environ or {})
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-             "--channel-timeout", str(CHANNEL_TIMEOUT), "--max-upload-bytes", str(MAX_UPLOAD), *args],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
-        self.port = self._wait_until_ready()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_until_ready(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT
-        port = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            if port is None:
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", self.log())
-                port = int(found.group(1)) if found else None
-            if port is not None:
-                try:
-                    if request(port, "GET", "/readyz", timeout=5)[0] == 200:
-                        return port
-                except OSError:
-                    pass
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"server not ready after {START_TIMEOUT}s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self._log.close()
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            timeout: float = 30, conn: http.client.HTTPConnection | None = None):
-    """(status, headers, body) of one request, on `conn` if given (kept open) or a new connection."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        if own:
-            conn.close()
+def start(model_dir: Path, log_path: Path, *args: str) -> Server:
+    """A server with this module's short channel timeout and upload limit."""
+    return start_server(model_dir, log_path, "--channel-timeout", str(CHANNEL_TIMEOUT),
+                        "--max-upload-bytes", str(MAX_UPLOAD), *args)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(ARTIFACTS, tmp_path_factory.mktemp("server") / "server.log", "--threads", "4")
+    srv = start(ARTIFACTS, tmp_path_factory.mktemp("server") / "server.log", "--threads", "4")
     yield srv
-    srv.stop()
-    assert srv.proc.returncode == 0, srv.log()
+    assert srv.stop() == 0, srv.output()
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +227,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny, tmp_path, small_jpeg):
-    server = Server(tiny, tmp_path / "server.log", "--threads", "4", "--inference-workers", "1")
+    server = start(tiny, tmp_path / "server.log", "--threads", "4", "--inference-workers", "1")
     clients = 8
     sent = threading.Barrier(clients + 1)
     results: list[tuple[int, float]] = []
@@ -326,15 +270,15 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny, tmp_path
     assert errors == [] and [status for status, _ in results] == [200] * clients, (errors, results)
     assert max(done for _, done in results) > signalled, "no request was still in flight at SIGTERM"
     assert refused_at is not None, "new connections were still accepted 5 s after SIGTERM"
-    assert returncode == 0, server.log()
+    assert returncode == 0, server.output()
     # Once the last in-flight answer is out, nothing should hold the process up. (Counted from
     # then, not from the signal: on a loaded machine the slow model alone can take seconds.)
     assert exited - max(done for _, done in results) < 5
-    assert "draining" in server.log() and "stopped" in server.log()
+    assert "draining" in server.output() and "stopped" in server.output()
 
 
 def test_inference_error_is_a_json_500_and_the_server_carries_on(tiny, tmp_path, small_jpeg):
-    server = Server(tiny, tmp_path / "server.log")
+    server = start(tiny, tmp_path / "server.log")
     try:
         white = encode(Image.new("RGB", (32, 32), (255, 255, 255)), "PNG")
         status, headers, body = request(server.port, "POST", "/predict", white, {"Content-Type": "image/png"})
@@ -345,7 +289,7 @@ def test_inference_error_is_a_json_500_and_the_server_carries_on(tiny, tmp_path,
         assert status == 200
     finally:
         server.stop()
-    log = server.log()
+    log = server.output()
     assert "unhandled error on POST /predict" in log and "tiny model refuses all-white images" in log
 
 
@@ -395,9 +339,8 @@ def test_start_up_refuses_a_broken_artifact(tmp_path, breakage, expected):
     folder = tmp_path / "artifact"
     shutil.copytree(ARTIFACT, folder)
     breakage(folder, json.loads((folder / "manifest.json").read_text()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
     done = subprocess.run([sys.executable, "-m", "serve", "--model-dir", str(folder), "--port", "0"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0
     assert len(lines) == 1, done.stderr

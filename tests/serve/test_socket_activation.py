@@ -3,13 +3,11 @@ restart on that socket answers every connection instead of refusing any."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,13 +16,13 @@ import pytest
 from PIL import Image
 
 from deploy.activation import listening_socket, spawn_with_socket
+from ops.launch import Server, launch
 from serve.config import ConfigError
 from serve.server import inherited_socket
-from tests.conftest import ROOT
-from tests.serve.conftest import encode
-from tests.serve.tiny_artifact import write_tiny_artifact
-
-START_TIMEOUT = 90
+from tests.support.paths import ROOT
+from tests.support.server import START_TIMEOUT, clean_env
+from tests.support.tiny_artifact import write_tiny_artifact
+from tests.support.uploads import encode
 
 
 def activation_env(pid: int, count: str = "1") -> dict:
@@ -99,23 +97,10 @@ def red_jpeg() -> bytes:
     return encode(Image.new("RGB", (32, 32), (250, 10, 10)), "JPEG", quality=90)
 
 
-def start(sock: socket.socket, model_dir: Path, log_path: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
-    with open(log_path, "ab") as log:
-        return spawn_with_socket([sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", "1",
-                                  "--threads", "4", *args],
-                                 sock, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=log)
-
-
-def stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait(timeout=20)
+def start(sock: socket.socket, model_dir: Path, log_path: Path) -> Server:
+    """A server on `sock`, as systemd starts it; --port 1 shows that the flag is then not used."""
+    return launch(["--model-dir", str(model_dir), "--port", "1", "--threads", "4"], log=log_path, env=clean_env(),
+                  cwd=ROOT, timeout=START_TIMEOUT, spawn=functools.partial(spawn_with_socket, sock=sock))
 
 
 class Clients:
@@ -167,27 +152,28 @@ def test_requests_before_ready_and_across_a_restart_are_all_answered(tiny, tmp_p
     sock = listening_socket()
     port = sock.getsockname()[1]
     log_path = tmp_path / "servers.log"
-    first = start(sock, tiny, log_path)
     started = time.monotonic()
+    # Sending before the first server even starts: those requests can only wait in the socket's queue.
     clients = Clients(port, red_jpeg)
-    second = None
+    first = second = None
     try:
-        # Everything sent so far went out before the first server could have been ready.
+        first = start(sock, tiny, log_path)
+        assert first.port == port, "the ready file names the inherited socket's port, not --port"
         wait_for(lambda: clients.answered_after(started) >= 8, "the first server's answers")
         first_ready = min(done for _, done, outcome in clients.results if outcome == 200)
         assert any(sent < first_ready for sent, _, _ in clients.results)
-        assert stop(first) == 0
+        assert first.stop() == 0
         first_gone = time.monotonic()
         time.sleep(1.0)  # no server at all: connections can only wait in the socket's queue
         second = start(sock, tiny, log_path)
         wait_for(lambda: clients.answered_after(first_gone) >= 8, "the second server's answers")
         clients.stop()
-        assert stop(second) == 0
+        assert second.stop() == 0
     finally:
         clients.stop()
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        for server in (first, second):
+            if server is not None:
+                server.stop()
         sock.close()
     log = log_path.read_text(errors="replace")
     failures = [outcome for _, _, outcome in clients.results if outcome != 200]

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from tests.conftest import car_photos
+from tests.support.paths import car_photos
 
 PHOTOS = car_photos()[:3]
 

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from serve.versions import ModelFolder, VersionError
-from tests.conftest import ARTIFACTS
-from tests.serve.syncs import record_syncs, synced
+from tests.support.paths import ARTIFACTS
+from tests.support.syncs import record_syncs, synced
 
 
 def folder_with(tmp_path, *versions: str, current: str | None = None):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.conftest import ROOT
-from tests.serve.tiny_artifact import write_tiny_artifact
+from tests.support.paths import ROOT
+from tests.support.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "whatcar tests", "GIT_AUTHOR_EMAIL": "tests@whatcar.invalid",
