@@ -95,8 +95,9 @@ def export_code(source: Path, commit: str, dest: Path) -> None:
         code = proc.wait()
     if code != 0:
         raise StepFailed("code", f"git archive {commit[:12]} failed: {stderr.splitlines()[-1] if stderr else code}")
-    if not (dest / REQUIREMENTS).is_file() or not (dest / "serve").is_dir():
-        raise StepFailed("code", f"commit {commit[:12]} has no {REQUIREMENTS} or serve/: not a whatcar tree")
+    # serve/ imports ops/ (standard library code it shares with this tool): a release needs both.
+    if not (dest / REQUIREMENTS).is_file() or not (dest / "serve").is_dir() or not (dest / "ops").is_dir():
+        raise StepFailed("code", f"commit {commit[:12]} has no {REQUIREMENTS}, serve/ or ops/: not a whatcar tree")
 
 
 def build_venv(root: Path, scratch: Path, python: str, pip_args: list[str], log: IO[bytes]) -> None:

@@ -11,14 +11,13 @@ A manifest without checks fails the check: a release that cannot show it scores 
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ops.launch import LaunchError, last_lines, launch
 from serve.errors import ArtifactError
 from serve.manifest import Manifest
 from serve.versions import VersionError, current_folder
@@ -57,24 +56,6 @@ def photo_checks(model_dir: Path) -> list[PhotoCheck]:
     return checks
 
 
-def last_line(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_SECONDS)
     try:
@@ -83,26 +64,6 @@ def post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, byt
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def wait_until_ready(proc: subprocess.Popen, port: int, timeout: float, server_log: Path) -> float:
-    started = time.monotonic()
-    deadline = started + timeout
-    while True:
-        code = proc.poll()
-        if code is not None:
-            raise CheckFailed(f"the release's server exited with {code} before it was ready: {last_line(server_log)}")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise CheckFailed(f"the release's server was not ready after {timeout:g} s: {last_line(server_log)}")
-        try:
-            # The socket is already listening, so this connects at once and waits in the queue
-            # until the server has loaded its model and starts accepting.
-            if get(port, "/readyz", min(2.0, remaining))[0] == 200:
-                return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(0.1)
 
 
 def score(port: int, check: PhotoCheck) -> str:
@@ -120,46 +81,35 @@ def score(port: int, check: PhotoCheck) -> str:
         raise CheckFailed(f"POST /predict with {check.path.name} answered unreadable JSON: {body[:200]!r}") from None
 
 
-def stop(proc: subprocess.Popen) -> int | None:
-    """SIGTERM, as systemd stops it; None if it had to be killed."""
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None
-
-
 def check_release(root: Path, python: Path, env: dict[str, str], model_dir: Path, ready_timeout: float,
                   server_log: Path) -> list[str]:
     """Run the check; a line per result on success, CheckFailed with one line otherwise."""
     checks = photo_checks(model_dir)
     env = {**env, "WHATCAR_MODEL_DIR": str(model_dir)}  # the model whose checks these are
     sock = listening_socket()
-    port = sock.getsockname()[1]
-    proc = None
     try:
-        with open(server_log, "ab") as log:
-            proc = spawn_with_socket([str(python), "-m", "serve"], sock, cwd=root, env=env,
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        ready_after = wait_until_ready(proc, port, ready_timeout, server_log)
-        results = [f"ready after {ready_after:.1f} s on a spare port ({port})"]
-        for check in checks:
-            label = score(port, check)
-            if label != check.top1:
-                raise CheckFailed(f"{check.path.name} scored {label!r} first; its manifest expects {check.top1!r}")
-            results.append(f"{check.path.name}: {label} (as expected)")
-        code = stop(proc)
+        try:
+            server = launch([], log=server_log, python=python, env=env, cwd=root, timeout=ready_timeout,
+                            spawn=functools.partial(spawn_with_socket, sock=sock))
+        except LaunchError as exc:
+            raise CheckFailed(f"the release's server {exc.reason}: {last_line(exc.tail)}") from None
+        with server:
+            results = [f"ready after {server.ready_seconds:.1f} s on a spare port ({server.port})"]
+            for check in checks:
+                label = score(server.port, check)
+                if label != check.top1:
+                    raise CheckFailed(f"{check.path.name} scored {label!r} first; its manifest expects {check.top1!r}")
+                results.append(f"{check.path.name}: {label} (as expected)")
+            code = server.stop(STOP_SECONDS)
         if code is None:
             raise CheckFailed(f"the release's server did not stop within {STOP_SECONDS} s of SIGTERM")
         if code != 0:
-            raise CheckFailed(f"the release's server exited with {code} on SIGTERM: {last_line(server_log)}")
+            raise CheckFailed(f"the release's server exited with {code} on SIGTERM: "
+                              f"{last_line(last_lines(server.output()))}")
         return results
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
         sock.close()
+
+
+def last_line(lines: list[str]) -> str:
+    return lines[-1] if lines else ""
