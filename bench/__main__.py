@@ -32,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from ops.launch import Server, launch
 from serve.cpus import available_cpus
 from serve.versions import current_folder
 
 from . import inputs as inputs_mod
 from . import peer
-from .load import (Process, free_port, get_body, get_status, percentile, rss_mib, run_load, tree_cpu_seconds,
-                   tree_rss_mib)
+from .load import get_body, percentile, rss_mib, run_load, tree_cpu_seconds, tree_rss_mib
 from .report import Series, bracketed, evaluate, single_thread_counts, table
 from .workers import Worker, start_worker
 
@@ -123,10 +123,6 @@ def http(port: int, path: str, item, concurrency: int, requests: int, seconds: f
 # ---------------------------------------------------------------- whatcar start-up
 
 
-def serve_command(args, port: int) -> list[str]:
-    return [sys.executable, "-m", "serve", "--model-dir", str(args.model_dir), "--port", str(port)]
-
-
 def import_torch_seconds(rounds: int) -> list[float]:
     """How long a bare `import torch` takes here: the part of any cold start no server code controls."""
     times = []
@@ -142,23 +138,21 @@ def server_settings() -> dict:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("WHATCAR_")}
 
 
-def cold_starts(args, rounds: int) -> tuple[list[float], list[float], Process, int]:
-    """Start the server `rounds` times, timing process start to /readyz 200, each after timing a bare
-    `import torch` (so each start has its own reference, taken a moment before); keep the last one."""
-    times, imports, process, port = [], [], None, None
+def cold_starts(args, rounds: int) -> tuple[list[float], list[float], Server]:
+    """Start the server `rounds` times, timing process start to ready (its ready file, written when
+    /readyz turns 200), each after timing a bare `import torch` (so each start has its own reference,
+    taken a moment before); keep the last one."""
+    times, imports, server = [], [], None
+    log_path = args.out.parent / "bench-serve.log"
+    log_path.unlink(missing_ok=True)
     for _ in range(rounds):
-        if process is not None:
-            process.stop()
+        if server is not None:
+            server.stop()
         imports += import_torch_seconds(1)
-        port = free_port()
-        process = Process(serve_command(args, port), env=os.environ.copy(), cwd=ROOT,
-                          log=args.out.parent / "bench-serve.log")
-        seconds = process.wait_until(lambda: get_status(port, "/readyz", timeout=0.5) == 200, timeout=120)
-        if seconds is None:
-            process.stop()
-            raise RuntimeError(f"whatcar did not become ready; see {args.out.parent / 'bench-serve.log'}")
-        times.append(seconds)
-    return times, imports, process, port
+        server = launch(["--model-dir", str(args.model_dir), "--port", "0"], log=log_path, env=os.environ.copy(),
+                        cwd=ROOT)
+        times.append(server.ready_seconds)
+    return times, imports, server
 
 
 def classify_throughput(args, photo: Path, count: int) -> float:
@@ -248,7 +242,8 @@ def run(args, items: dict, files: dict, budget: Budget) -> dict:
     whatcar = None
     try:
         log("whatcar: cold starts")
-        starts, imports, whatcar, port = cold_starts(args, 3 if not args.quick else 1)
+        starts, imports, whatcar = cold_starts(args, 3 if not args.quick else 1)
+        port = whatcar.port
         out["whatcar"].update(cold_start_s=starts, import_torch_s=imports, settings=server_settings(),
                               runtime=json.loads(get_body(port, "/metadata"))["runtime"])
         log(f"  ready after {', '.join(f'{s:.2f}' for s in starts)} s, serving on {out['whatcar']['runtime']['name']}")

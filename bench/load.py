@@ -1,4 +1,4 @@
-"""A small HTTP load generator and the server processes it drives, all on 127.0.0.1.
+"""A small HTTP load generator, and what it reads of the servers it drives, all on 127.0.0.1.
 
 Each client thread keeps one HTTP/1.1 connection open and sends the next request as soon as
 the last answer is read (a closed loop), so `concurrency` is the number of requests in flight.
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import http.client
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,20 +134,6 @@ def post(port: int, path: str, body: bytes, content_type: str, timeout: float = 
         conn.close()
 
 
-def get_status(port: int, path: str, timeout: float = 1.0) -> int | None:
-    try:
-        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException):
-        return None
-
-
 def get_body(port: int, path: str, timeout: float = 10.0) -> bytes:
     """The body of a GET that must succeed (raises otherwise)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
@@ -220,56 +204,3 @@ def tree_rss_mib(pid: int) -> float | None:
             children = []
         stack.extend(int(c) for c in children)
     return total or None
-
-
-class Process:
-    """A server started in its own process group, so stopping it takes its children along."""
-
-    def __init__(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None, log: Path | None = None):
-        self.log = open(log, "wb") if log else subprocess.DEVNULL
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_until(self, ready, timeout: float, poll: float = 0.01) -> float | None:
-        """Seconds from process start until `ready()` is true; None on time-out or exit."""
-        deadline = self.started + timeout
-        while time.perf_counter() < deadline:
-            if ready():
-                return time.perf_counter() - self.started
-            if self.proc.poll() is not None:
-                return None
-            time.sleep(poll)
-        return None
-
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM to the whole group, then SIGKILL to whatever is left of it after `grace` seconds
-        (TorchServe's Java front end outlives the launcher that started it)."""
-        group = self.proc.pid
-        try:
-            os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            self.proc.poll()
-            try:
-                os.killpg(group, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.killpg(group, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        if self.log is not subprocess.DEVNULL:
-            self.log.close()

@@ -8,15 +8,71 @@ is reported as a reason to skip, not an error: the peer is a comparison, not a r
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .load import Process, free_port
+from .load import free_port
 
 HANDLER = Path(__file__).resolve().parent / "ts_handler.py"
 MODEL = "whatcar"
+
+
+class Process:
+    """TorchServe, started in its own process group, so stopping it takes its children along."""
+
+    def __init__(self, cmd: list[str], env: dict | None = None, cwd: Path | None = None, log: Path | None = None):
+        self.log = open(log, "wb") if log else subprocess.DEVNULL
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_until(self, ready, timeout: float, poll: float = 0.01) -> float | None:
+        """Seconds from process start until `ready()` is true; None on time-out or exit."""
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if ready():
+                return time.perf_counter() - self.started
+            if self.proc.poll() is not None:
+                return None
+            time.sleep(poll)
+        return None
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to the whole group, then SIGKILL to whatever is left of it after `grace` seconds
+        (TorchServe's Java front end outlives the launcher that started it)."""
+        group = self.proc.pid
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            self.proc.poll()
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
 
 
 @dataclass

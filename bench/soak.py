@@ -17,9 +17,7 @@ import io
 import os
 import random
 import re
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 from PIL import Image
+
+from ops.launch import LaunchError, launch, without_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CARS = ROOT / "tests" / "data" / "cars"
@@ -145,24 +145,6 @@ def run_clients(port: int, mix, count: int, clients: int, seed: int, tally: Tall
         t.join(max(0.0, deadline - time.monotonic()) + 60)
 
 
-def start_server(model_dir: Path, log) -> tuple[subprocess.Popen, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WHATCAR_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-         "--max-upload-bytes", str(MAX_UPLOAD), "--log-level", "INFO"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"soak: the server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-        found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text(errors="replace"))
-        if found:
-            return proc, int(found.group(1))
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("soak: the server did not start within 120 s")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=int(os.environ.get("SOAK_REQUESTS", 10000)))
@@ -173,30 +155,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     mix = build_mix()
-    with tempfile.NamedTemporaryFile("w+b", prefix="whatcar-soak-", suffix=".log", delete=False) as log:
-        proc, port = start_server(args.model_dir, log)
+    fd, log = tempfile.mkstemp(prefix="whatcar-soak-", suffix=".log")
+    os.close(fd)
+    try:
+        try:
+            server = launch(["--model-dir", str(args.model_dir), "--host", "127.0.0.1", "--port", "0",
+                             "--max-upload-bytes", str(MAX_UPLOAD), "--log-level", "INFO"], log=log,
+                            env=without_settings(), cwd=ROOT)
+        except LaunchError as exc:
+            raise SystemExit(f"soak: {exc}") from None
         try:
             deadline = time.monotonic() + args.max_seconds
             warm = Tally()
-            run_clients(port, mix, args.warmup, args.clients, 1, warm, deadline)
+            run_clients(server.port, mix, args.warmup, args.clients, 1, warm, deadline)
             time.sleep(0.5)  # let the server close the warm-up connections
-            rss_before, fds_before = proc_numbers(proc.pid)
+            rss_before, fds_before = proc_numbers(server.pid)
 
             tally = Tally()
             started = time.monotonic()
-            run_clients(port, mix, args.requests, args.clients, 2, tally, deadline)
+            run_clients(server.port, mix, args.requests, args.clients, 2, tally, deadline)
             wall = time.monotonic() - started
             time.sleep(0.5)
-            rss_after, fds_after = proc_numbers(proc.pid)
+            rss_after, fds_after = proc_numbers(server.pid)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                returncode = proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                returncode = proc.wait()
-        server_errors = len(re.findall(r"unhandled error", Path(log.name).read_text(errors="replace")))
-    os.unlink(log.name)
+            returncode = server.stop(timeout=30)
+        server_errors = len(re.findall(r"unhandled error", server.output()))
+    finally:
+        os.unlink(log)
 
     latencies = sorted(tally.latencies) or [0.0]
     failures = sum(tally.failures.values()) + warm.sent - sum(warm.statuses.values())
@@ -211,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS                  {rss_before / 1024:.1f} MB after warm-up, {rss_after / 1024:.1f} MB at the end "
           f"({(rss_after - rss_before) / 1024:+.1f} MB)")
     print(f"open fds             {fds_before} after warm-up, {fds_after} at the end")
-    print(f"server exit          {returncode} after SIGTERM")
+    print(f"server exit          {'killed 30 s' if returncode is None else returncode} after SIGTERM")
     return 0 if failures == 0 and server_errors == 0 and returncode == 0 else 1
 
 

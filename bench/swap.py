@@ -31,11 +31,12 @@ import threading
 import time
 from pathlib import Path
 
+from ops.launch import Server, launch, without_settings
 from serve.manifest import Manifest
 from serve.versions import current_folder
 
 from .inputs import DEFAULT_PHOTO
-from .load import Process, free_port, get_status, percentile, post, rss_mib
+from .load import percentile, post, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,15 +77,10 @@ def latencies(records) -> list[float]:
     return [(end - start) * 1000 for start, end, ok in records if ok]
 
 
-def start_server(model_dir: Path, log: Path, runtime: str) -> tuple[Process, int]:
-    port = free_port()
-    server = Process([sys.executable, "-m", "serve", "--model-dir", str(model_dir), "--port", str(port),
-                      "--model-control", "explicit", "--runtime", runtime], env={k: v for k, v in os.environ.items()
-                                                            if not k.startswith("WHATCAR_")}, cwd=ROOT, log=log)
-    if server.wait_until(lambda: get_status(port, "/readyz") == 200, timeout=180) is None:
-        server.stop()
-        raise RuntimeError(f"the server did not become ready; see {log}")
-    return server, port
+def start_server(model_dir: Path, log: Path, runtime: str) -> Server:
+    return launch(["--model-dir", str(model_dir), "--port", "0", "--model-control", "explicit", "--runtime", runtime],
+                  log=log, env=without_settings(), cwd=ROOT,
+                  timeout=180)
 
 
 def settled(pid: int, clients: Clients, seconds: float = 3.0) -> dict:
@@ -117,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         for version in ("1", "2"):
             shutil.copytree(source, models / version)
         os.symlink("1", models / "current")
-        server, port = start_server(models, work / "serve.log", args.runtime)
+        server = start_server(models, work / "serve.log", args.runtime)
+        port = server.port
         clients = Clients(port, photo, args.concurrency)
         try:
             time.sleep(3)  # every client connected and every thread warm
@@ -157,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             clients.close()
             server.stop()
         all_records = clients.records
-        fresh, fresh_port = start_server(models, work / "fresh.log", args.runtime)
+        fresh = start_server(models, work / "fresh.log", args.runtime)
         try:
-            warm = Clients(fresh_port, photo, args.concurrency)
+            warm = Clients(fresh.port, photo, args.concurrency)
             time.sleep(3 + args.steady_seconds)
             rss_fresh = settled(fresh.pid, warm)
         finally:
