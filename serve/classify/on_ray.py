@@ -10,7 +10,7 @@ one-machine writer: the same file, the same format, resumable the same way.
 
 What travels to the cluster with the job: whatcar's code (Ray's `py_modules`) and the model
 version's files (through Ray's object store). What the nodes need beforehand: Python 3.11 and
-requirements-ray.txt installed (the same Ray as the driver), and the photos at the same path.
+requirements/ray.txt installed (the same Ray as the driver), and the photos at the same path.
 
 Ray is imported here only, never by the server: it lives in its own virtualenv (.venv/ray).
 """
@@ -43,7 +43,7 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         return
     if address.startswith("ray://"):
         raise ClassifyError(f"{address}: Ray Client addresses are not supported (no ray[client] in "
-                            "requirements-ray.txt); run the command on a node of the cluster with the head's HOST:PORT")
+                            "requirements/ray.txt); run the command on a node of the cluster with the head's HOST:PORT")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ClassifyError(f"--ray {address!r} is not HOST:PORT (the head node's GCS address) or auto")
