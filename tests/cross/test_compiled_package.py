@@ -97,7 +97,7 @@ def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
               "from serve.handler import load_handler; logging.basicConfig(level=logging.INFO); "
               f"folder = Path({str(folder)!r}); "
               "s = load_handler(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
-              "print(json.dumps(s.runtime.as_dict())); s.close()")
+              "print(json.dumps(s.artifact.runtime.as_dict())); s.close()")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **environ},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
