@@ -52,6 +52,12 @@ def test_wrong_label_count_is_detected_even_with_a_matching_checksum(copy):
     with pytest.raises(ArtifactError, match="classes but the manifest says"):
         load_artifact(copy)
     rewrite_manifest(copy, lambda m: m.update(num_classes=m["num_classes"] + 1))
+    with pytest.raises(ArtifactError, match="'classes' must list one entry for each of the"):
+        load_artifact(copy)
+    # With the class fields agreeing too, the model itself is found to answer for one class fewer.
+    extra = {"label": "Extra Car 2020", "name": "Extra Car 2020", "make": "Extra", "model": "Car", "body": None,
+             "year": 2020}
+    rewrite_manifest(copy, lambda m: m["classes"].append(extra))
     with pytest.raises(ArtifactError, match="model outputs shape"):
         load_artifact(copy)
 

@@ -308,10 +308,13 @@ def flip_a_model_byte(folder: Path, manifest: dict) -> None:
 
 
 def add_a_label(folder: Path, manifest: dict) -> None:
-    # Labels and manifest agree with each other, but not with the model's output.
+    # Labels and manifest (its class fields too) agree with each other, but not with the model's output.
     with open(folder / "labels.txt", "a", encoding="utf-8") as fh:
         fh.write("Extra Class 2099\n")
     manifest["num_classes"] += 1
+    if "classes" in manifest:
+        manifest["classes"].append({"label": "Extra Class 2099", "name": "Extra Class 2099", "make": "Extra",
+                                    "model": "Class", "body": None, "year": 2099})
     write_manifest(folder, manifest)
 
 

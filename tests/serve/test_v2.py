@@ -159,9 +159,15 @@ def test_binary_extension_both_ways(client, handler, infer_path):
     assert resp.status_code == 200, resp.text
     header, blobs = split_response(resp)
     classes = len(handler.artifact.labels)
-    judged = {"accepted"} if handler.artifact.manifest.acceptance else set()  # a model with thresholds answers that too
-    assert set(blobs) == {"probabilities", "labels"} | judged and not any("data" in o for o in header["outputs"])
+    # A model with thresholds answers whether each image is accepted too, and one with makes the make.
+    judged = {"accepted"} if handler.artifact.manifest.acceptance else set()
+    makes = {"make", "make_probability"} | ({"accepted_level"} if judged else set()) if handler.makes else set()
+    assert set(blobs) == {"probabilities", "labels"} | judged | makes
+    assert not any("data" in o for o in header["outputs"])
     assert all(len(blobs[name]) == 2 for name in judged)  # one byte per image
+    if makes:
+        assert len(blobs["make_probability"]) == 2 * 4  # one float32 per image
+        assert len(unpack_strings(blobs["make"])) == 2
     values = struct.unpack(f"<{2 * classes}f", blobs["probabilities"])
 
     raw = bytes(pixels.flatten().tolist())
