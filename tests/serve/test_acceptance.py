@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import falcon.testing
 import pytest
@@ -18,9 +19,8 @@ from serve.app import State, create_app, start_serving
 from serve.artifact import load_artifact
 from serve.config import Config
 from serve.errors import ArtifactError
-from serve.manifest import Acceptance
+from serve.manifest import Acceptance, CarClass
 from serve.metrics import Metrics
-from serve.manifest import CarClass
 from serve.postprocess import MAKE, MODEL, Makes, Output, judge, with_article
 from tests.support.tiny_artifact import write_tiny_artifact
 
@@ -172,7 +172,8 @@ def test_without_thresholds_answers_are_not_judged_unless_asked(unjudged):
     assert client.simulate_post(f"/v2/models/{name}/infer", json=request).status_code == 200
 
 
-def test_batch_rows_carry_the_verdict(judged, tmp_path):
+def classify_three_photos(tmp_path, out_name: str, **artifact) -> Path:
+    """`make classify` over a sure, an unsure and an unfamiliar photo with a tiny model; its output."""
     from serve.classify import cli
 
     folder = tmp_path / "photos"
@@ -180,9 +181,14 @@ def test_batch_rows_carry_the_verdict(judged, tmp_path):
     for name, colour in (("sure", SURE), ("unsure", UNSURE), ("unfamiliar", UNFAMILIAR)):
         (folder / f"{name}.png").write_bytes(png(colour))
     model_dir = tmp_path / "models"
-    write_tiny_artifact(model_dir, LABELS, acceptance=RULE)
-    out = tmp_path / "rows.jsonl"
+    write_tiny_artifact(model_dir, **artifact)
+    out = tmp_path / out_name
     assert cli.main([str(folder), str(out), "--model-dir", str(model_dir)]) == 0
+    return out
+
+
+def test_batch_rows_carry_the_verdict(judged, tmp_path):
+    out = classify_three_photos(tmp_path, "rows.jsonl", labels=LABELS, acceptance=RULE)
     rows = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
     assert rows["sure.png"]["accepted"] is True and rows["sure.png"]["reason"] is None
     assert rows["unsure.png"]["accepted"] is False and rows["unsure.png"]["reason"].startswith("not one of the 3")
@@ -300,16 +306,7 @@ def test_v2_returns_the_make_and_the_level_as_extra_outputs(with_makes):
 
 
 def test_batch_rows_carry_the_make_and_the_summary_counts_each_level(tmp_path, capsys):
-    from serve.classify import cli
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name, colour in (("sure", SURE), ("unsure", UNSURE), ("unfamiliar", UNFAMILIAR)):
-        (folder / f"{name}.png").write_bytes(png(colour))
-    model_dir = tmp_path / "models"
-    write_tiny_artifact(model_dir, MAKE_LABELS, acceptance=MAKE_RULE, classes=MAKE_CLASSES)
-    out = tmp_path / "rows.csv"
-    assert cli.main([str(folder), str(out), "--model-dir", str(model_dir)]) == 0
+    out = classify_three_photos(tmp_path, "rows.csv", labels=MAKE_LABELS, acceptance=MAKE_RULE, classes=MAKE_CLASSES)
     import csv
     rows = {r["path"]: r for r in csv.DictReader(out.read_text().splitlines())}
     assert rows["unsure.png"]["accepted_level"] == "make" and rows["unsure.png"]["make"] == "Alpha"
