@@ -189,6 +189,38 @@ def test_make_probabilities_sum_each_makes_classes():
         cal.make_probabilities(probabilities, torch.tensor([0, 1]), makes=2)
 
 
+def test_make_probabilities_count_the_makes_from_the_index():
+    probabilities = torch.tensor([[0.1, 0.15, 0.35, 0.4]])
+    sums = cal.make_probabilities(probabilities, torch.tensor([2, 0, 2, 1]))
+    assert sums.shape == (1, 3)
+    assert torch.allclose(sums, torch.tensor([[0.15, 0.4, 0.45]]))
+    # The top make need not be the top class's: class 3 (make 1) has 0.4, make 2 has 0.1 + 0.35.
+    assert int(sums.argmax(dim=1)) == 2
+    with pytest.raises(ValueError):
+        cal.make_probabilities(probabilities, torch.tensor([2, 0, 2, 1]), makes=2)
+    with pytest.raises(ValueError):
+        cal.make_probabilities(probabilities, torch.tensor([0, -1, 0, 1]))
+
+
+def test_written_threshold_rounds_down_to_six_decimals():
+    assert cal.written_threshold(0.1234567) == 0.123456
+    assert cal.written_threshold(0.1234564) == 0.123456
+    assert cal.written_threshold(0.5) == 0.5
+    assert cal.written_threshold(-0.1234561) == -0.123457
+    generator = torch.Generator().manual_seed(4)
+    for value in torch.rand(1000, generator=generator, dtype=torch.float64).tolist():
+        written = cal.written_threshold(value)
+        assert written <= value < written + 1.0001e-6 and written == round(written, 6)
+
+
+def test_acceptance_compares_a_float32_score_as_the_server_does():
+    score = torch.tensor([0.7], dtype=torch.float32)
+    above = float(score[0]) + 1e-12  # rounds to the score itself in float32
+    assert float(score[0]) < above
+    assert not cal.acceptance(score, above).item()
+    assert cal.acceptance(score, float(score[0])).item()
+
+
 def test_precision_threshold_is_the_lowest_that_stays_right_often_enough():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     correct = torch.tensor([True, True, False, True, False, False])
@@ -197,6 +229,7 @@ def test_precision_threshold_is_the_lowest_that_stays_right_often_enough():
     assert cal.choose_precision_threshold(scores, correct, 0.9) == pytest.approx(0.8)
     assert cal.choose_precision_threshold(scores, correct, 0.5) == pytest.approx(0.4)
     assert cal.choose_precision_threshold(scores, torch.zeros(6, dtype=torch.bool), 0.5) is None
+    assert cal.choose_precision_threshold(torch.tensor([]), torch.tensor([], dtype=torch.bool), 0.9) is None
     # Tied scores are in or out together: 0.7 would answer both 0.7s, one of them wrong (3/4).
     tied = torch.tensor([0.9, 0.7, 0.7])
     assert cal.choose_precision_threshold(tied, torch.tensor([True, True, False]), 0.8) == pytest.approx(0.9)
@@ -209,3 +242,14 @@ def test_top_k_accuracy_and_confused_pairs():
     assert cal.top_k_accuracy(probabilities, labels, 2) == pytest.approx(0.75)
     pairs = cal.confused_pairs(probabilities.argmax(dim=1), labels, ["a", "b", "c"])
     assert pairs == [{"a": "a", "b": "b", "count": 2}, {"a": "a", "b": "c", "count": 1}]
+
+
+def test_confused_pairs_count_both_directions_and_keep_the_most():
+    names = ["a", "b", "c", "d"]
+    # b taken for a twice and a for b once: 3; c and d confused once each way: 2; a for c once.
+    predicted = torch.tensor([0, 0, 1, 3, 2, 0, 2])
+    labels = torch.tensor([1, 1, 0, 2, 3, 2, 2])
+    assert cal.confused_pairs(predicted, labels, names) == [
+        {"a": "a", "b": "b", "count": 3}, {"a": "c", "b": "d", "count": 2}, {"a": "a", "b": "c", "count": 1}]
+    assert cal.confused_pairs(predicted, labels, names, most=1) == [{"a": "a", "b": "b", "count": 3}]
+    assert cal.confused_pairs(labels, labels, names) == []
