@@ -12,7 +12,10 @@
 - The make threshold, for models whose classes carry makes: among the familiar validation photos
   that the model threshold turns away, the lowest make probability (the sum over a make's models)
   at which the make given is right at least MAKE_PRECISION of the time. Those photos then get
-  the make alone as their answer.
+  the make alone as their answer. When no threshold is right that often, it is MAKE_OFF, which
+  a sum of probabilities reaches only when the photo is all but certainly that make.
+- Each threshold is measured as written into the manifest (six decimals, rounded down), and
+  compared in float64 as the server compares it, so the figures are the server's.
 No other photos are used to choose any threshold; photos of other car models (`unknown`) and
 non-car photos (export/noncar_photos.py) only measure what the rule does with them.
 
@@ -38,6 +41,7 @@ from .parity import IMAGE_SUFFIXES
 
 ACCEPT_SHARE = 0.90
 MAKE_PRECISION = 0.90
+MAKE_OFF = 1.0
 BATCH = 16
 MAX_PIXELS = 200_000_000
 
@@ -79,21 +83,25 @@ class Fitted:
     min_familiarity: float
     calibration: dict
     figures: dict = field(default_factory=dict)
-    min_make_probability: float | None = None  # None: no make level (no makes, or none precise enough)
+    min_make_probability: float | None = None  # None: the classes carry no makes
 
     def acceptance(self) -> dict:
-        make = {} if self.min_make_probability is None else {
-            "min_make_probability": round(self.min_make_probability, 6)}
+        rule = (f"accepted when the photo's familiarity is at least min_familiarity (the lowest of any validation "
+                f"photo) and the top probability at least min_probability (keeps {ACCEPT_SHARE:.0%} of validation "
+                f"photos)")
+        make = {}
+        if self.min_make_probability is not None:
+            make = {"min_make_probability": round(self.min_make_probability, 6)}
+            chosen = (f"off: no threshold made {MAKE_PRECISION:.0%}" if self.make_off
+                      else f"the lowest at which {MAKE_PRECISION:.0%}")
+            rule += (f"; otherwise the make alone is the answer when its probability (the sum over its models) is "
+                     f"at least min_make_probability ({chosen} of such validation answers name the right make)")
         return {"min_probability": round(self.min_probability, 6), "min_familiarity": round(self.min_familiarity, 6),
-                **make,
-                "rule": f"accepted when the photo's familiarity is at least min_familiarity (the lowest of any "
-                        f"validation photo) and the top probability at least min_probability (keeps "
-                        f"{ACCEPT_SHARE:.0%} of validation photos)"
-                        + ("" if not make else f"; otherwise the make alone is the answer when its probability (the "
-                                               f"sum over its models) is at least min_make_probability (the lowest at "
-                                               f"which {MAKE_PRECISION:.0%} of such validation answers name the right "
-                                               f"make)"),
-                "figures": self.figures}
+                **make, "rule": rule, "figures": self.figures}
+
+    @property
+    def make_off(self) -> bool:
+        return self.min_make_probability is not None and self.min_make_probability >= MAKE_OFF
 
 
 @dataclass
@@ -149,16 +157,17 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
     directions = calibration.class_directions(train_features, train.labels, classes_count)
     familiarity = calibration.familiarity(features, directions)
     top = calibration.top_probability(logits, temperature)
-    min_familiarity = calibration.choose_threshold(familiarity, keep=1.0)
-    min_probability = calibration.choose_threshold(top, keep=ACCEPT_SHARE)
+    min_familiarity = calibration.written_threshold(calibration.choose_threshold(familiarity, keep=1.0))
+    min_probability = calibration.written_threshold(calibration.choose_threshold(top, keep=ACCEPT_SHARE))
     makes = Makes.of(classes) if classes else None
     min_make = None
     if makes is not None:
         familiar = calibration.acceptance(familiarity, min_familiarity)
         short = familiar & ~calibration.acceptance(top, min_probability)
         make_p, make = makes.top(probabilities)
-        min_make = calibration.choose_precision_threshold(make_p[short], (make == makes.index[valid.labels])[short],
-                                                          MAKE_PRECISION) if short.any() else None
+        chosen = calibration.choose_precision_threshold(make_p[short], (make == makes.index[valid.labels])[short],
+                                                        MAKE_PRECISION)
+        min_make = MAKE_OFF if chosen is None else calibration.written_threshold(chosen)
 
     def levels(batch_logits, batch_features) -> Levels:
         batch_p = calibration.calibrated_probabilities(batch_logits, temperature)
@@ -167,8 +176,7 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
         if makes is None:
             return Levels(model, torch.zeros_like(model), None)
         make_p, make = makes.top(batch_p)
-        by_make = familiar & ~model & (calibration.acceptance(make_p, min_make) if min_make is not None
-                                       else torch.zeros_like(model))
+        by_make = familiar & ~model & calibration.acceptance(make_p, min_make)
         return Levels(model, by_make, make)
 
     predicted = logits.argmax(dim=1)
@@ -227,38 +235,53 @@ def photo_makes(files: list[Path]) -> list[str | None]:
     return [make(f.parent.name) for f in files]
 
 
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
+
+
 def describe(fitted: Fitted) -> list[str]:
     """The export log's lines about accuracy, calibration and acceptance, with the targets."""
     c, f = fitted.calibration, fitted.figures
     v = f["validation"]
-    lines = [f"validation: top-1 {v['accuracy_of_all']:.1%} (target >= 80 %), top-5 {v['top5']:.1%} (target >= 95 %)"
-             + (f", make-level top-1 {v['make_accuracy']:.1%} (target >= 92 %)" if "make_accuracy" in v else "")
+    if fitted.min_make_probability is None:
+        make_rule = ""
+    elif fitted.make_off:
+        make_rule = (f"; make level off (no make threshold made {MAKE_PRECISION:.0%} of the make answers on "
+                     f"validation right)")
+    else:
+        make_rule = f"; else the make alone when its probability >= {fitted.min_make_probability:.3f}"
+    lines = [f"validation: top-1 {percent(v['accuracy_of_all'])} (target >= 80 %), top-5 {percent(v['top5'])} "
+             f"(target >= 95 %)"
+             + (f", make-level top-1 {percent(v['make_accuracy'])} (target >= 92 %)" if "make_accuracy" in v else "")
              + f" on {v['photos']} photos",
              f"calibration: temperature {c['temperature']:.3f}; expected calibration error on the {c['photos']} "
              f"validation photos {c['ece_before']:.3f} before, {c['ece_after']:.3f} after (target <= 0.05)",
              f"acceptance: familiarity >= {fitted.min_familiarity:.3f} and top probability >= "
-             f"{fitted.min_probability:.3f}" + ("" if fitted.min_make_probability is None else
-                                                 f"; else the make alone when its probability >= "
-                                                 f"{fitted.min_make_probability:.3f}")]
-    lines.append(f"  validation: {v['accepted']:.1%} of {v['photos']} photos accepted at model level (target >= 90 %), "
-                 f"{(v['accuracy_of_accepted'] or 0):.1%} of those right (target >= 93 %)")
-    if v.get("answered_make") is not None:
-        lines.append(f"  validation: {v['answered_make']:.1%} answered with the make alone, "
-                     f"{(v['make_answers_right'] or 0):.1%} of those the right make; {v['turned_away']:.1%} turned away")
+             f"{fitted.min_probability:.3f}{make_rule}",
+             f"  validation: {percent(v['accepted'])} of {v['photos']} photos accepted at model level "
+             f"(target >= 90 %), {percent(v['accuracy_of_accepted'])} of those right (target >= 93 %)"]
+    if "answered_make" in v:
+        lines.append(f"  validation: {percent(v['answered_make'])} answered with the make alone, "
+                     f"{percent(v['make_answers_right'])} of those the right make "
+                     f"(target >= {MAKE_PRECISION * 100:.0f} %); "
+                     f"{percent(v['turned_away'])} turned away")
     if "unknown_cars" in f:
         u = f["unknown_cars"]
         if "not_named" in u:
-            lines.append(f"  other car models: {u['not_named']:.1%} of {u['photos']} photos not named as a known model "
-                         f"(target >= 60 %): {u['turned_away']:.1%} turned away, {u['answered_right_make']:.1%} "
-                         f"answered with the right make; {u['answered_wrong_make']:.1%} with a wrong make, "
-                         f"{u['named_as_known']:.1%} named as a known model")
+            lines.append(f"  other car models: {percent(u['not_named'])} of {u['photos']} photos not named as a known "
+                         f"model (target >= 60 %): {percent(u['turned_away'])} turned away, "
+                         f"{percent(u['answered_right_make'])} answered with the right make; "
+                         f"{percent(u['answered_wrong_make'])} with a wrong make, {percent(u['named_as_known'])} named "
+                         f"as a known model")
         else:
-            lines.append(f"  other car models: {u['rejected']:.1%} of {u['photos']} photos turned away (target >= 60 %)")
+            lines.append(f"  other car models: {percent(u['rejected'])} of {u['photos']} photos turned away "
+                         f"(target >= 60 %)")
         lines.append(f"  ROC AUC known vs unknown cars {u['roc_auc_top_probability']:.3f}")
     if "non_car" in f:
         n = f["non_car"]
-        lines.append(f"  photos with no car: {n['rejected']:.1%} of {n['photos']} turned away (target >= 90 %)")
+        lines.append(f"  photos with no car: {percent(n['rejected'])} of {n['photos']} turned away at both levels "
+                     f"(target >= 90 %)")
     if f.get("confusions"):
-        lines.append("most confused pairs on validation: " + "; ".join(
-            f"{p['a']} / {p['b']} ({p['count']})" for p in f["confusions"]))
+        lines.append(f"the {len(f['confusions'])} most confused pairs on validation (mistakes either way):")
+        lines.extend(f"  {p['count']:3d}  {p['a']} / {p['b']}" for p in f["confusions"])
     return lines

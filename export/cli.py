@@ -131,7 +131,7 @@ def class_fields(vocab: list[str], info: dict) -> list[dict] | None:
     try:
         return classnames.class_fields(vocab, data)
     except classnames.ClassNameError as exc:
-        print(f"classes: no make answer for this model, a class name does not parse: {exc}")
+        print(f"classes: the make answer is off for this model, a class name does not parse: {exc}")
         return None
 
 
