@@ -34,9 +34,11 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
+from serve.onednn import cap_isa  # noqa: E402
 from serve.openmp import passive_waits  # noqa: E402
 
 passive_waits()  # as the server does, before torch loads
+cap_isa()
 
 import torch  # noqa: E402
 
@@ -44,6 +46,7 @@ from serve.artifact import ArtifactError, load_artifact  # noqa: E402
 from serve.config import Config  # noqa: E402
 from serve.cpus import available_cpus  # noqa: E402
 from serve.preprocess import Preprocessor  # noqa: E402
+from serve.scheduler import PassPlan  # noqa: E402
 from serve.versions import current_folder  # noqa: E402
 
 from .report import floor_layouts  # noqa: E402
@@ -109,6 +112,11 @@ def forward_passes(runner, pixels: torch.Tensor, threads: int, batch: int, count
     return in_fresh_thread(work)
 
 
+def passes(cpus: int) -> PassPlan:
+    """The passes measured here: streams of one thread each, and one stream on every CPU."""
+    return PassPlan(workers=cpus, torch_threads=1, micro_batch=1, solo_threads=cpus if cpus > 1 else 0)
+
+
 def forward_runners(folder, served, cpus: int) -> tuple[dict, dict]:
     """Each runtime the artifact offers on this host, loaded as the server loads it, for forward
     passes side by side; and why any is missing."""
@@ -117,7 +125,7 @@ def forward_runners(folder, served, cpus: int) -> tuple[dict, dict]:
         if runtime in runners:
             continue
         try:
-            runners[runtime] = load_artifact(folder, runtime=runtime, runners=cpus + 1).runner
+            runners[runtime] = load_artifact(folder, runtime=runtime, plan=passes(cpus)).runner
         except ArtifactError as exc:
             missing[runtime] = str(exc)
     return runners, missing
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = current_folder(config.model_dir)
     # The runtime the server picks, with the same setting.
     artifact = load_artifact(folder, runtime=os.environ.get("WHATCAR_RUNTIME", "auto"),
-                             runners=available_cpus() + 1)
+                             plan=passes(available_cpus()))
     runners, missing = forward_runners(folder, artifact, available_cpus())
     preprocess = Preprocessor(artifact.steps, config.max_image_pixels)
     inputs = {}

@@ -110,6 +110,7 @@ class PredictResource:
                     "postprocess": ms(prediction.postprocess),
                     "total": ms(finished - started),
                 },
+                "forward_pass": {"ran": prediction.ran, "images": prediction.batch_size},
             }
 
 

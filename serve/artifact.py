@@ -19,6 +19,7 @@ from .manifest import MANIFEST, Acceptance, Manifest, sha256_file
 from .preprocess import SpecError, validate_steps
 from .runtime.choice import RuntimeChoice
 from .runtime.loading import fall_back, open_runner, torchscript_runner
+from .scheduler import PassPlan
 
 __all__ = ["Artifact", "ArtifactError", "first_line", "load_artifact", "read_labels", "sha256_file"]
 
@@ -43,7 +44,7 @@ class Artifact:
     # from the manifest once, at load, so that a malformed block is refused then.
     extra_outputs: list[str] = field(default_factory=list)
     acceptance: Acceptance | None = None
-    # The TorchScript module, when it is what serves (None when the compiled package does).
+    # The TorchScript module, when it is what serves (None when compiled packages do).
     module: torch.jit.ScriptModule | None = None
     load_seconds: float = 0.0
     # Which version of its model folder this is (serve/versions.py).
@@ -66,7 +67,7 @@ class Artifact:
         return self.manifest.steps
 
     def fall_back(self, requested: str, problem: str, optimize: bool = True) -> RuntimeChoice:
-        """Serve TorchScript instead of the compiled package, which failed after loading (a warm-up
+        """Serve TorchScript instead of the compiled packages, which failed after loading (a warm-up
         or a check photo), by serve/runtime/loading.py's one policy; returns the new choice. The
         artifact was verified when it loaded."""
         choice = fall_back(requested, problem)
@@ -84,24 +85,22 @@ class Artifact:
         self.runner = self.module = None
 
 
-def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", runners: int = 1,
+def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", plan: PassPlan = PassPlan(),
                   version: str = "1") -> Artifact:
     """Verify and load an artifact folder, or raise ArtifactError saying what is wrong.
 
     Every file the manifest lists is checked against its sha256 first, the compiled package too
     whichever runtime serves. `runtime` (auto, compiled, torchscript) picks what is loaded, see
-    serve/runtime/; with auto, a compiled package that cannot serve here leaves TorchScript
-    serving, and `Artifact.runtime.reason` says why. `runners` is how many threads will run
-    passes at once (each needs a compiled model instance of its own).
+    serve/runtime/; with auto, a compiled package that cannot serve here leaves its passes to
+    the next runtime, and a WARNING line says why. `plan` says which passes the inference
+    threads will run, so that each gets its compiled shape and each thread an instance.
     """
     started = time.perf_counter()
     folder = Path(folder)
     manifest = Manifest.read(folder)
     manifest.verified_file(folder, "model")
     labels = read_labels(manifest.verified_file(folder, "labels"))
-    package = manifest.compiled
-    if package is not None:
-        manifest.verified_file(folder, "compiled")  # whichever runtime serves
+    manifest.verified_packages(folder)  # whichever runtime serves
     extra_outputs, acceptance = manifest.extra_outputs, manifest.acceptance
     if len(labels) != manifest.num_classes:
         raise ArtifactError(f"labels file has {len(labels)} classes but the manifest says {manifest.num_classes}")
@@ -118,7 +117,7 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     if (height, width) != manifest.input_size:
         raise ArtifactError(f"preprocessing produces {height}x{width} but the model input is "
                             "{}x{}".format(*manifest.input_size))
-    runner, module, choice = open_runner(folder, manifest, len(labels), runtime, runners, optimize)
-    return Artifact(folder=folder, manifest=manifest, labels=labels, runner=runner, runtime=choice,
-                    extra_outputs=extra_outputs, acceptance=acceptance, module=module,
+    opened = open_runner(folder, manifest, len(labels), runtime, plan, optimize)
+    return Artifact(folder=folder, manifest=manifest, labels=labels, runner=opened.runner, runtime=opened.choice,
+                    extra_outputs=extra_outputs, acceptance=acceptance, module=opened.module,
                     load_seconds=time.perf_counter() - started, version=version)

@@ -32,7 +32,7 @@ class Config:
     max_image_pixels: int = 50_000_000
     top_k: int = 5
     max_batch: int = 32
-    micro_batch: int = 2
+    micro_batch: int = 1
     solo_threads: int = 1
     malloc_arenas: int = 0
     batch_wait_ms: float = 0.0

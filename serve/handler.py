@@ -23,7 +23,7 @@ from .errors import ArtifactError, ImageRejected, first_line
 from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer
 from .preprocess import Preprocessor
-from .runtime.loading import WARM_UP_ROUNDS
+from .runtime.loading import check_shapes, compiled_choice, warm_up_rounds
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -51,6 +51,7 @@ class Prediction:
     forward: float = 0.0     # the forward pass it was part of
     batch_size: int = 0      # images in that forward pass (other requests' included)
     postprocess: float = 0.0  # making the answers from the output rows
+    ran: str = ""            # what ran that pass: a compiled shape such as "b1t1", or "torchscript"
 
     @property
     def rejected(self) -> ImageRejected | None:
@@ -75,7 +76,7 @@ class Handler:
                           options.min_probability, self.makes)
                    for row in scored.rows]
         return Prediction(answers, scored.queue, scored.preprocess, scored.forward, scored.batch_size,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, scored.ran)
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather
@@ -85,10 +86,11 @@ class Handler:
         self.artifact.close()
 
 
-def verify_checks(handler: Handler, required: bool) -> int:
+def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> int:
     """Score the artifact's check photos, one request each as clients send them, and hold each
     top-1 to the one recorded at export; returns how many were checked. Raises ArtifactError on
-    a disagreement, or when `required` and the manifest lists none."""
+    a disagreement, or when `required` and the manifest lists none. Then every compiled shape
+    gets them too: one that disagrees leaves its passes to the next runtime (check_shapes)."""
     folder, checks = handler.artifact.folder, handler.artifact.manifest.checks
     if required and not checks:
         raise ArtifactError(f"{folder / 'manifest.json'} lists no check photos to prove the model with; "
@@ -102,6 +104,13 @@ def verify_checks(handler: Handler, required: bool) -> int:
         if got != check.top1:
             raise ArtifactError(f"check photo {path} is scored {got!r} but the export recorded {check.top1!r}: "
                                 "this is not the model that was exported, or it runs differently here")
+    artifact = handler.artifact
+    if checks:
+        pixels = torch.stack([handler.model.preprocess(artifact.manifest.verified(
+            folder, check.file, check.sha256, "check").read_bytes()) for check in checks])
+        expected = [artifact.labels.index(check.top1) for check in checks]
+        if check_shapes(artifact.runner, pixels, expected, len(artifact.labels), requested):
+            artifact.runtime = compiled_choice(artifact.runner, handler.model.threads.plan.passes())
     return len(checks)
 
 
@@ -117,11 +126,11 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
     reason logged; TorchScript failing them fails the load."""
     torch.set_num_threads(config.torch_threads)
     threads = threads if threads is not None else inference_threads(config)
-    artifact = load_artifact(folder, runtime=config.runtime, runners=threads.workers, version=version)
+    artifact = load_artifact(folder, runtime=config.runtime, plan=threads.plan, version=version)
     preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
     while True:
         started = time.perf_counter()
-        rounds = WARM_UP_ROUNDS[artifact.runtime.name]
+        rounds = warm_up_rounds(artifact.runner, threads.plan.passes())
         model = Model(artifact.runner, preprocessor, artifact.input_size, threads, observer=observer,
                       warm_up_rounds=rounds)
         handler = Handler(artifact, model)
@@ -131,7 +140,7 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
             except Exception as exc:
                 raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
             warmed = time.perf_counter()
-            checked = verify_checks(handler, require_checks)
+            checked = verify_checks(handler, require_checks, config.runtime)
             break
         except ArtifactError as exc:
             model.close()
@@ -148,7 +157,7 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
             raise
     # The one line that says which runtime serves and why; a warning when a package was passed over.
     passed_over = artifact.runtime.name == "torchscript" and config.runtime == "auto" and \
-        artifact.manifest.compiled is not None
+        bool(artifact.manifest.compiled)
     log.log(logging.WARNING if passed_over else logging.INFO, "%s version %s runs on %s: %s", artifact.name, version,
             artifact.runtime.name, artifact.runtime.reason)
     log.info("loaded %s version %s (%d classes, sha256 %s) on %s in %.2fs, warmed up in %.2fs, "

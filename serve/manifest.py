@@ -19,7 +19,8 @@ from .errors import ArtifactError
 
 # 2: the module may return extra outputs after the probabilities ("extra_outputs"), and the
 # manifest may carry "calibration" and "acceptance". A server that knows only 1 refuses 2.
-FORMAT_VERSION = 2
+# 3: files.compiled may be a list of packages, one per compiled shape (batch, threads).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 REQUIRED = ("files", "input", "preprocessing", "num_classes")
 
@@ -62,8 +63,14 @@ class CarClass:
 
 @dataclass(frozen=True)
 class CompiledPackage:
-    """The compiled package (files.compiled): the same module as model.pt, compiled to machine
-    code for one CPU capability by one torch, for batches of min_batch to max_batch images."""
+    """One compiled package (an entry of files.compiled): the same module as model.pt, compiled
+    to machine code for one CPU capability by one torch, for batches of min_batch to max_batch
+    images on `threads` intra-op threads (None: its kernels follow the caller's thread count).
+
+    A static package (one batch size, one thread count) is compiled with its convolution weights
+    packed for oneDNN ahead of time, in the layout oneDNN picks for `onednn_isa`; a dynamic one
+    packs nothing (onednn_isa None) and reorders weights on every pass (serve/runtime/shapes.py
+    says what that costs)."""
 
     file: str
     sha256: str
@@ -74,10 +81,49 @@ class CompiledPackage:
     min_batch: int
     max_batch: int
     quantization: str | None = None  # None (float32 weights) or "int8"
+    threads: int | None = None
+    onednn_isa: str | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.min_batch == self.max_batch and self.threads is not None
+
+    @property
+    def shape(self) -> str:
+        """The shape's name in logs, metrics and JSON timings: b1t2 is batch 1 on 2 threads,
+        b1-64 any batch from 1 to 64 on any thread count."""
+        batch = str(self.min_batch) if self.min_batch == self.max_batch else f"{self.min_batch}-{self.max_batch}"
+        return f"b{batch}" + (f"t{self.threads}" if self.threads is not None else "")
 
     def requirements(self) -> dict:
         """What serve/runtime/choice.py compares with the host."""
-        return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch}
+        return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch,
+                "onednn_isa": self.onednn_isa}
+
+    @classmethod
+    def parse(cls, entry: dict, source: str) -> "CompiledPackage":
+        where = f"{source}: files.compiled"
+        try:
+            batch = entry["batch"]
+            package = cls(file=entry["file"], sha256=entry["sha256"], bytes=entry["bytes"], torch=entry["torch"],
+                          cpu_capability=entry["cpu_capability"], arch=entry["arch"], min_batch=batch["min"],
+                          max_batch=batch["max"], quantization=entry.get("quantization"),
+                          threads=entry.get("threads"), onednn_isa=entry.get("onednn_isa"))
+        except (KeyError, TypeError):
+            raise ArtifactError(f"{where} needs file, sha256, bytes, torch, cpu_capability, arch and "
+                                "batch.min/batch.max for each package") from None
+        texts = (package.file, package.sha256, package.torch, package.cpu_capability, package.arch)
+        counts = (package.bytes, package.min_batch, package.max_batch)
+        if not all(isinstance(v, str) and v for v in texts) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in counts) \
+                or not 1 <= package.min_batch <= package.max_batch:
+            raise ArtifactError(f"{where} has a field of the wrong type or an empty batch range")
+        if package.threads is not None and (not isinstance(package.threads, int) or isinstance(package.threads, bool)
+                                            or package.threads < 1):
+            raise ArtifactError(f"{where}: threads must be a positive integer or absent")
+        if package.onednn_isa is not None and not (isinstance(package.onednn_isa, str) and package.onednn_isa):
+            raise ArtifactError(f"{where}: onednn_isa must be a name such as AVX2, or absent")
+        return package
 
 
 @dataclass(frozen=True)
@@ -261,39 +307,36 @@ class Manifest:
             raise ArtifactError(f"{self.source}: each of 'checks' needs file, sha256 and top1") from None
 
     @property
-    def compiled(self) -> CompiledPackage | None:
-        """The compiled package's entry, or None when the artifact has none (TorchScript only)."""
-        entry = self.data["files"].get("compiled") if isinstance(self.data["files"], dict) else None
-        if entry is None:
-            return None
-        try:
-            batch = entry["batch"]
-            package = CompiledPackage(
-                file=entry["file"], sha256=entry["sha256"], bytes=entry["bytes"], torch=entry["torch"],
-                cpu_capability=entry["cpu_capability"], arch=entry["arch"], min_batch=batch["min"],
-                max_batch=batch["max"], quantization=entry.get("quantization"))
-        except (KeyError, TypeError):
-            raise ArtifactError(f"{self.source}: files.compiled needs file, sha256, bytes, torch, cpu_capability, "
-                                "arch and batch.min/batch.max") from None
-        texts = (package.file, package.sha256, package.torch, package.cpu_capability, package.arch)
-        counts = (package.bytes, package.min_batch, package.max_batch)
-        if not all(isinstance(v, str) and v for v in texts) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in counts) \
-                or not 1 <= package.min_batch <= package.max_batch:
-            raise ArtifactError(f"{self.source}: files.compiled has a field of the wrong type or an empty "
-                                "batch range")
-        return package
+    def compiled(self) -> list[CompiledPackage]:
+        """The compiled packages, one per shape; empty when the artifact has none (TorchScript
+        only). Format 2 wrote one entry, format 3 a list."""
+        entries = self.data["files"].get("compiled") if isinstance(self.data["files"], dict) else None
+        if entries is None:
+            return []
+        packages = [CompiledPackage.parse(entry, self.source)
+                    for entry in (entries if isinstance(entries, list) else [entries])]
+        shapes = [p.shape for p in packages]
+        if len(set(shapes)) != len(shapes) or len({p.file for p in packages}) != len(packages):
+            raise ArtifactError(f"{self.source}: files.compiled lists a shape or a file twice")
+        return packages
 
     def add_compiled(self, folder: Path, file: str, *, torch: str, cpu_capability: str, arch: str, min_batch: int,
-                     max_batch: int, quantization: str | None = None, **facts) -> CompiledPackage:
-        """List the compiled package already written in `folder`, its checksum taken now; `facts`
-        (parity, compile time, ...) are kept as given."""
+                     max_batch: int, quantization: str | None = None, threads: int | None = None,
+                     onednn_isa: str | None = None, **facts) -> CompiledPackage:
+        """List one more compiled package, already written in `folder`, its checksum taken now;
+        `facts` (parity, compile time, ...) are kept as given."""
         path = Path(folder) / file
-        self.data["files"]["compiled"] = {
-            "file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch,
-            "cpu_capability": cpu_capability, "arch": arch, "batch": {"min": min_batch, "max": max_batch},
-            "quantization": quantization, **facts}
-        return self.compiled
+        entry = {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch,
+                 "cpu_capability": cpu_capability, "arch": arch, "batch": {"min": min_batch, "max": max_batch},
+                 "threads": threads, "onednn_isa": onednn_isa, "quantization": quantization, **facts}
+        entries = self.data["files"].get("compiled")
+        entries = [] if entries is None else entries if isinstance(entries, list) else [entries]
+        self.data["files"]["compiled"] = [e for e in entries if e.get("file") != file] + [entry]
+        return CompiledPackage.parse(entry, self.source)
+
+    def verified_packages(self, folder: Path) -> list[tuple[CompiledPackage, Path]]:
+        """Every compiled package with its path, each checked like verified_file."""
+        return [(p, self.verified(folder, p.file, p.sha256, f"compiled {p.shape}")) for p in self.compiled]
 
     def entry(self, role: str) -> tuple[str, str]:
         """(file name, sha256) of a listed file."""

@@ -47,6 +47,10 @@ class Metrics:
                                            buckets=INFERENCE_BUCKETS, registry=registry)
         self.batch_size = Histogram("whatcar_inference_batch_size", "Images in each forward pass",
                                     buckets=BATCH_BUCKETS, registry=registry)
+        # Bounded: a model's compiled shapes, and torchscript.
+        self.passes = Counter("whatcar_inference_passes", "Forward passes by what ran them: a compiled shape "
+                              "(b1t2: batch 1 on 2 threads; b1-64: the dynamic-batch package) or torchscript",
+                              ["ran"], registry=registry)
         self.queue_seconds = Histogram("whatcar_inference_queue_seconds",
                                        "Time a request waited for an inference thread",
                                        buckets=INFERENCE_BUCKETS, registry=registry)
@@ -79,10 +83,11 @@ class Metrics:
         self.reloads.labels(outcome=status.outcome).inc()
         self.serving(handler)
 
-    def observe_pass(self, seconds: float, batch: int) -> None:
+    def observe_pass(self, seconds: float, batch: int, ran: str) -> None:
         """Called by the inference thread that ran the pass (see serve/scheduler.py)."""
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(batch)
+        self.passes.labels(ran=ran).inc()
 
     def observe_queue(self, seconds: float) -> None:
         self.queue_seconds.observe(seconds)

@@ -188,7 +188,13 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
                 "reason": {"type": "string", "description": "why it does not, when it does not"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"},
                                                            "sha256": {"type": "string"}}},
-                "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}}}},
+                "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+                "forward_pass": {"type": "object", "description": "the forward pass this photo was part of",
+                                 "properties": {
+                                     "ran": {"type": "string", "description": "what ran it: a compiled shape "
+                                             "(b1t2: batch 1 on 2 threads; b1-64: any batch to 64) or torchscript"},
+                                     "images": {"type": "integer", "description": "images in that pass, other "
+                                                "requests' included"}}}}},
             "V2ModelMetadata": {"type": "object", "properties": {
                 "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
                 "platform": {"type": "string"},

@@ -51,8 +51,9 @@ from .errors import ImageRejected
 
 # An encoded image file, or uint8 [3, H, W] pixels at the model's input size.
 Item = Union[bytes, torch.Tensor]
-# Told the seconds and the number of images of every forward pass, from the thread that ran it.
-PassObserver = Callable[[float, int], None]
+# Told the seconds, the number of images and what ran it (a compiled shape such as "b1t1", or
+# "torchscript") of every forward pass, from the thread that ran it.
+PassObserver = Callable[[float, int, str], None]
 
 
 class ModelClosed(RuntimeError):
@@ -104,6 +105,30 @@ def warm_up_sizes(micro_batch: int) -> list[int]:
     return sorted({1, micro_batch} | {2 ** i for i in range(1, micro_batch.bit_length()) if 2 ** i < micro_batch})
 
 
+@dataclass(frozen=True)
+class PassPlan:
+    """The forward passes a set of inference threads will run, for the runtime to load a compiled
+    shape for each (serve/runtime/shapes.py)."""
+
+    workers: int = 1
+    torch_threads: int = 1
+    micro_batch: int = 1
+    solo_threads: int = 0  # 0: no solo thread
+
+    def passes(self) -> list[tuple[int, int]]:
+        """(batch, intra-op threads) of every pass the threads warm up: the shared threads at each
+        batch size they see, then the solo thread's single image."""
+        shared = [(size, self.torch_threads) for size in warm_up_sizes(self.micro_batch)]
+        return shared + ([(1, self.solo_threads)] if self.solo_threads else [])
+
+    def callers(self, threads: int | None) -> int:
+        """How many threads may run passes at once on a package built for `threads` intra-op
+        threads (None: any count), each needing a model instance of its own."""
+        count = self.workers if threads in (None, self.torch_threads) else 0
+        count += 1 if self.solo_threads and threads in (None, self.solo_threads) else 0
+        return max(1, count)
+
+
 # ---------------------------------------------------------------------- requests
 
 
@@ -116,6 +141,7 @@ class Scored:
     preprocess: float = 0.0  # decoding and preprocessing its images, on the inference thread
     forward: float = 0.0     # the forward pass it was part of
     batch_size: int = 0      # images in that forward pass (other requests' included)
+    ran: str = ""            # what ran that pass: a compiled shape such as "b1t1", or "torchscript"
 
     @property
     def rejected(self) -> ImageRejected | None:
@@ -202,6 +228,10 @@ class InferenceThreads:
     def workers(self) -> int:
         """How many threads run passes (and so may run at once): the shared ones and the solo one."""
         return self.shared + (1 if self.solo_threads else 0)
+
+    @property
+    def plan(self) -> PassPlan:
+        return PassPlan(self.shared, self.torch_threads, self.micro_batch, self.solo_threads)
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -386,14 +416,15 @@ class InferenceThreads:
         try:
             with torch.inference_mode():
                 batch = pixels[0].unsqueeze(0) if len(pixels) == 1 else torch.stack(pixels)
+                ran = model.ran(len(pixels))
                 t0 = time.perf_counter()
                 probabilities = model.runner(batch)
                 forward = time.perf_counter() - t0
             for (scored, index), row in zip(owners, probabilities):
                 scored.rows[index] = row
-                scored.forward, scored.batch_size = forward, len(pixels)
+                scored.forward, scored.batch_size, scored.ran = forward, len(pixels), ran
             if model.observer is not None:
-                model.observer(forward, len(pixels))
+                model.observer(forward, len(pixels), ran)
         except BaseException as exc:  # noqa: BLE001 - every caller in the pass gets the error
             for request in requests:
                 request.error = request.error or exc
@@ -444,6 +475,11 @@ class Model:
     @property
     def workers(self) -> int:
         return self.threads.workers
+
+    def ran(self, batch: int) -> str:
+        """What runs a pass of `batch` images on the calling thread, as the runner names it."""
+        name = getattr(self.runner, "ran", None)
+        return name(batch) if name is not None else type(self.runner).__name__
 
     @property
     def solo_threads(self) -> int:

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from .. import onednn
 from ..postprocess import clamp_k
 from .rows import ClassifyError, Row, batch_config, score_file
 
@@ -127,9 +128,12 @@ class RayScorer:
         watchdog.daemon = True
         watchdog.start()
         try:
-            # whatcar's code travels with the job, so the nodes need only the packages installed.
-            self.ray.init(address=address, runtime_env={"py_modules": [str(SERVE_PACKAGE), str(OPS_PACKAGE)]},
-                          logging_level="ERROR", log_to_driver=False)
+            # whatcar's code travels with the job, so the nodes need only the packages installed;
+            # the actors' oneDNN gets the cap the packages were packed for (serve/onednn.py).
+            self.ray.init(address=address, runtime_env={
+                "py_modules": [str(SERVE_PACKAGE), str(OPS_PACKAGE)],
+                "env_vars": {onednn.VARIABLE: os.environ.get(onednn.VARIABLE, onednn.PACKED_FOR)}},
+                logging_level="ERROR", log_to_driver=False)
         except ConnectionError as exc:
             raise ClassifyError(f"cannot reach the Ray cluster at {address}: {exc}") from None
         finally:

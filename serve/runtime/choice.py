@@ -41,6 +41,7 @@ class Host:
     cpu_capability: str  # torch.backends.cpu.get_cpu_capability()
     arch: str            # platform.machine()
     torch: str           # torch.__version__
+    onednn_isa: str = ""  # the ISA oneDNN's kernels use here (serve/onednn.py); "" for the CPU's own
 
 
 def capability_ok(package: str, host: str) -> bool:
@@ -68,14 +69,16 @@ def torch_ok(compiled_with: str, serving_with: str) -> bool:
     because the library is opened with every symbol resolved at once. What the shim does not
     cover is the oneDNN weight blobs that freezing packs into the package, which the serving
     torch's own oneDNN reads back: a changed format there is not a load error. So only the
-    torch that compiled the package and the release before it are accepted, the pair whatcar
-    exports and serves with (2.14 and 2.13), which `make test` loads and compares on real photos
-    every run (tests/cross). Anything else serves TorchScript until the model is re-exported.
+    torch that compiled the package and the releases next to it are accepted, the pair whatcar
+    exports and serves with (2.14 and 2.13), both ways round, each of which is run on real
+    photos every time: `make export` compiles with the serving 2.13 and checks every package's
+    parity under the exporting 2.14, and `make test` loads packages that 2.14 compiled under
+    2.13 (tests/cross). Anything else serves TorchScript until the model is re-exported.
     """
     built, here = release(compiled_with), release(serving_with)
     if built is None or here is None:
         return False
-    return here[0] == built[0] and built[1] - 1 <= here[1] <= built[1]
+    return here[0] == built[0] and abs(here[1] - built[1]) <= 1
 
 
 def choose_runtime(requested: str, package: dict | None, host: Host) -> RuntimeChoice:
@@ -109,7 +112,12 @@ def package_problem(package: dict | None, host: Host) -> str | None:
                 f"{host.cpu_capability}")
     if not torch_ok(package["torch"], host.torch):
         return (f"the compiled package was built by torch {package['torch']}, and this server's torch "
-                f"{host.torch} is neither that release nor the one before it")
+                f"{host.torch} is neither that release nor one next to it")
+    packed = package.get("onednn_isa")
+    running = host.onednn_isa or host.cpu_capability
+    if packed and packed != running:
+        return (f"its weights are packed for oneDNN's {packed} kernels and oneDNN runs {running} ones here "
+                f"(ONEDNN_MAX_CPU_ISA), which would repack them on every pass")
     return None
 
 

@@ -1,23 +1,29 @@
 """Loading a model in the runtime that will serve it, and the one fallback policy.
 
-`choose_runtime` (choice.py) decides before anything loads. What can still go wrong afterwards
-(the package fails to load, to warm up, or to give a check photo its recorded answer) is handled
-by `fall_back` alone: with --runtime auto, TorchScript serves instead and the reason is kept;
-with --runtime compiled, the load fails with that reason.
+`choose_runtime` (choice.py) decides for each compiled package before it loads. What can still
+go wrong afterwards (a package fails to load, to warm up, or to give the check photos their
+recorded answers) is handled by `fall_back` alone: with --runtime auto, the next runtime serves
+and one WARNING line says why; with --runtime compiled, the load fails with that same line.
 """
 
 from __future__ import annotations
 
+import logging
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import ArtifactError
-from ..manifest import Manifest
-from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback
+from ..manifest import CompiledPackage, Manifest
+from ..onednn import effective_isa
+from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback, package_problem
 from .compiled import load_compiled
+from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
+
+log = logging.getLogger("whatcar")
 
 # TorchScript's profiling executor settles on the second run of a shape; compiled code has
 # nothing to profile, and its second pass already runs at full speed (measured per thread and
@@ -25,9 +31,18 @@ from .torchscript import TorchScriptRunner, load_torchscript
 WARM_UP_ROUNDS = {"compiled": 1, "torchscript": 2}
 
 
+def warm_up_rounds(runner, passes: list[tuple[int, int]]) -> int:
+    """Warm-up passes a thread runs at each batch size: enough for whatever runs its passes."""
+    if not isinstance(runner, ShapedRunner):
+        return WARM_UP_ROUNDS["torchscript"]
+    return max(WARM_UP_ROUNDS["compiled" if runner.choose(batch, threads) else "torchscript"]
+               for batch, threads in passes or [(1, 1)])
+
+
 def this_host() -> Host:
-    return Host(cpu_capability=torch.backends.cpu.get_cpu_capability(), arch=platform.machine(),
-                torch=torch.__version__)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return Host(cpu_capability=capability, arch=platform.machine(), torch=torch.__version__,
+                onednn_isa=effective_isa(capability))
 
 
 def fall_back(requested: str, problem: str) -> RuntimeChoice:
@@ -38,22 +53,110 @@ def fall_back(requested: str, problem: str) -> RuntimeChoice:
     return fallback(problem)
 
 
-def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, runners: int,
-                optimize: bool = True) -> tuple[object, torch.jit.ScriptModule | None, RuntimeChoice]:
-    """(runner, TorchScript module or None, choice) for a verified artifact in `folder`.
-    `runners` is how many threads will run passes at once (each compiled instance serves one)."""
-    package = manifest.compiled
-    try:
-        choice = choose_runtime(requested, package.requirements() if package else None, this_host())
-    except RuntimeChoiceError as exc:
-        raise ArtifactError(str(exc)) from None
-    if choice.name == "compiled":
+def pass_over(requested: str, problem: str) -> None:
+    """One compiled shape is not used: a WARNING line with --runtime auto, the load's failure
+    with --runtime compiled."""
+    if requested == "compiled":
+        raise ArtifactError(f"--runtime compiled cannot be served: {problem}")
+    log.warning("%s", problem)
+
+
+@dataclass
+class Opened:
+    runner: object
+    module: torch.jit.ScriptModule | None
+    choice: RuntimeChoice
+    passes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, plan,
+                optimize: bool = True) -> Opened:
+    """The runner for a verified artifact in `folder`: its compiled packages that can serve here,
+    one per shape, and TorchScript for any pass none of them takes. `plan` (scheduler.PassPlan)
+    says which passes the inference threads will run."""
+    packages = manifest.compiled
+    if requested == "torchscript" or not packages:
         try:
-            runner = load_compiled(folder / package.file, package, manifest, classes, runners)
-            return runner, None, choice
-        except ArtifactError as exc:
-            choice = fall_back(requested, f"it failed to load: {exc}")
-    return torchscript_runner(folder, manifest, classes, optimize) + (choice,)
+            choice = choose_runtime(requested, None, this_host())
+        except RuntimeChoiceError as exc:
+            raise ArtifactError(str(exc)) from None
+        return Opened(*torchscript_runner(folder, manifest, classes, optimize), choice)
+    host, passes = this_host(), plan.passes()
+    loaded: dict[CompiledPackage, object] = {}
+    problems: dict[CompiledPackage, str] = {}
+    try:
+        for package in packages:
+            problem = package_problem(package.requirements(), host)
+            if problem is None:
+                try:
+                    loaded[package] = load_compiled(folder / package.file, package, manifest, classes,
+                                                    plan.callers(package.threads))
+                except ArtifactError as exc:
+                    problem = f"it failed to load: {exc}"
+            if problem is not None:
+                problems[package] = problem
+                if requested == "compiled":
+                    raise ArtifactError(f"--runtime compiled cannot be served: {named(package, packages)}{problem}")
+        if not loaded:
+            choice = fall_back(requested, "; ".join(named(p, packages) + problems[p] for p in packages))
+            return Opened(*torchscript_runner(folder, manifest, classes, optimize), choice, passes)
+        for package, problem in problems.items():
+            pass_over(requested, f"compiled {package.shape} not used, its passes go to the next runtime: {problem}")
+        if any(p.static for p in packages):
+            # A set of static shapes that lacks one of the passes planned here.
+            for batch, threads in passes:
+                chosen = choose_shape(batch, threads, list(loaded))
+                if chosen is None or not chosen.static:
+                    pass_over(requested, f"no compiled b{batch}t{threads} package: passes of {batch} image(s) on "
+                                         f"{threads} thread(s) run on {shape_name(chosen)}")
+    except ArtifactError:
+        for runner in loaded.values():
+            runner.close()
+        raise
+    runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0])
+    return Opened(runner, None, compiled_choice(runner, passes, host), passes)
+
+
+def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: Host | None = None) -> RuntimeChoice:
+    """The start-up line's account of a ShapedRunner: what runs each planned pass."""
+    host = host or this_host()
+    packages = runner.packages
+    if not packages:
+        return fallback("no compiled shape is left to serve")
+    return RuntimeChoice("compiled", f"{describe_passes(passes, packages)}; packages compiled by torch "
+                                     f"{', '.join(sorted({p.torch for p in packages}))} for "
+                                     f"{', '.join(sorted({p.cpu_capability for p in packages}))}, this host offers "
+                                     f"{host.cpu_capability} (oneDNN kernels: {host.onednn_isa}) and runs torch "
+                                     f"{host.torch}")
+
+
+def named(package: CompiledPackage, packages: list[CompiledPackage]) -> str:
+    """The package's shape before its problem, when there is more than one to tell apart."""
+    return f"{package.shape}: " if len(packages) > 1 else ""
+
+
+def check_shapes(runner, pixels: torch.Tensor, expected: list[int], classes: int, requested: str) -> list[str]:
+    """Give every compiled shape the check photos (uint8 [N, 3, H, W]) and compare each top-1 with
+    the recorded one (`expected`, class indices); a shape that disagrees is dropped with one
+    WARNING line (an ArtifactError with --runtime compiled). Returns the shapes dropped."""
+    if not isinstance(runner, ShapedRunner) or not len(pixels):
+        return []
+    dropped = []
+    for package in runner.packages:
+        size, got = package.min_batch, []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), size):
+                part = pixels[start:start + size]
+                if len(part) < size:  # a static batch is filled with copies of its last photo
+                    part = torch.cat([part, part[-1:].expand(size - len(part), *part.shape[1:])])
+                got += runner.runners[package](part.contiguous())[:len(pixels) - start, :classes].argmax(dim=1).tolist()
+        wrong = sum(g != e for g, e in zip(got, expected))
+        if wrong:
+            runner.drop(package)
+            dropped.append(package.shape)
+            pass_over(requested, f"compiled {package.shape} not used, its passes go to the next runtime: it named "
+                                 f"{wrong} of {len(expected)} check photos differently from the export")
+    return dropped
 
 
 def torchscript_runner(folder: Path, manifest: Manifest, classes: int,

@@ -21,6 +21,9 @@ class TorchScriptRunner:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return output_rows(self.module(images))
 
+    def ran(self, batch: int) -> str:
+        return "torchscript"
+
 
 def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimize: bool) -> torch.jit.ScriptModule:
     try:

@@ -3,6 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from serve.onednn import cap_isa
+
+# Compiled packages run here as the server runs them: oneDNN capped at the ISA their weights are
+# packed for (serve/onednn.py), set before any test runs a convolution.
+cap_isa()
+
 
 @pytest.fixture(scope="module")
 def cross_dir() -> Path:

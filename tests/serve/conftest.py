@@ -5,7 +5,12 @@ from serve.app import State, create_app
 from serve.config import Config
 from serve.handler import build_handler
 from serve.live_model import LiveModel
+from serve.onednn import cap_isa
 from tests.support.paths import ARTIFACTS, car_photos
+
+# Compiled packages run here as the server runs them: oneDNN capped at the ISA their weights are
+# packed for (serve/onednn.py), set before any test runs a convolution.
+cap_isa()
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ def observed(config, handler, state):
         time.sleep(0.2)
         return handler.artifact.runner(batch)
 
+    slow.ran = lambda images: f"slow b{images}"  # what a runner names each pass by (serve/runtime/shapes.py)
+
     model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
@@ -47,7 +49,8 @@ def test_requests_inference_batches_and_rejections_are_counted(observed, handler
     client = observed
     photos = car_photos()[:3]
     jpeg = {"Content-Type": "image/jpeg"}
-    assert client.simulate_post("/predict", body=photos[0].read_bytes(), headers=jpeg).status_code == 200
+    answer = client.simulate_post("/predict", body=photos[0].read_bytes(), headers=jpeg)
+    assert answer.status_code == 200 and answer.json["forward_pass"] == {"ran": "slow b1", "images": 1}
     assert client.simulate_post("/predict", body=b"plain text", headers=jpeg).status_code == 415
     assert client.simulate_post("/predict", body=photos[0].read_bytes()[:500], headers=jpeg).status_code == 400
     batch = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
@@ -70,6 +73,8 @@ def test_requests_inference_batches_and_rejections_are_counted(observed, handler
     assert value(samples, "whatcar_inference_batch_size_bucket", le="1.0") == 1
     assert value(samples, "whatcar_inference_batch_size_bucket", le="4.0") == 2
     assert value(samples, "whatcar_inference_duration_seconds_count") == 2
+    assert value(samples, "whatcar_inference_passes_total", ran="slow b1") == 1
+    assert value(samples, "whatcar_inference_passes_total", ran="slow b3") == 1
     assert value(samples, "whatcar_inference_duration_seconds_sum") >= 0.4
     assert value(samples, "whatcar_inference_queue_seconds_count") == 2
     assert value(samples, "whatcar_images_rejected_total", reason="unsupported_type") == 1

@@ -32,14 +32,15 @@ def test_a_package_runs_only_on_a_cpu_offering_at_least_its_capability(package, 
 
 
 @pytest.mark.parametrize("compiled, serving, ok", [
-    ("2.14.1+cu130", "2.13.0+cpu", True),   # the pair whatcar exports and serves with
+    ("2.14.1+cu130", "2.13.0+cpu", True),   # the pair whatcar exports and serves with, one way
+    ("2.13.0+cpu", "2.14.1+cu130", True),   # and the other: the export checks parity under 2.14
     ("2.14.1+cu130", "2.14.0", True),
     ("2.14.1", "2.12.0", False),            # two releases back
-    ("2.14.1", "2.15.0", False),            # newer than the compiler: not proven here
+    ("2.13.0", "2.15.0", False),            # two releases on: not proven here
     ("2.14.1", "3.13.0", False),
     ("2.14.1", "nightly", False),
 ])
-def test_torch_rule_accepts_the_compiling_release_and_the_one_before(compiled, serving, ok):
+def test_torch_rule_accepts_the_compiling_release_and_those_next_to_it(compiled, serving, ok):
     assert torch_ok(compiled, serving) is ok
 
 
@@ -138,14 +139,14 @@ ENTRY = {"file": "model.pt2", "sha256": "ab" * 32, "bytes": 20_000_000, "torch":
          "cpu_capability": "AVX2", "arch": "x86_64", "batch": {"min": 1, "max": 64}, "quantization": None}
 
 
-def test_manifest_reads_the_compiled_entry():
-    package = manifest_with(ENTRY).compiled
-    assert (package.file, package.torch, package.cpu_capability, package.min_batch, package.max_batch) == \
-        ("model.pt2", "2.14.1+cu130", "AVX2", 1, 64)
-    assert package.requirements() == PACKAGE
+def test_manifest_reads_the_compiled_entry_format_2_wrote():
+    [package] = manifest_with(ENTRY).compiled
+    assert (package.file, package.torch, package.cpu_capability, package.min_batch, package.max_batch,
+            package.threads, package.onednn_isa) == ("model.pt2", "2.14.1+cu130", "AVX2", 1, 64, None, None)
+    assert package.requirements() == {**PACKAGE, "onednn_isa": None}
     without = json.loads((ARTIFACT / "manifest.json").read_text())
     without["files"].pop("compiled", None)
-    assert Manifest(without).compiled is None
+    assert Manifest(without).compiled == []
 
 
 @pytest.mark.parametrize("change", [
@@ -157,6 +158,8 @@ def test_a_malformed_compiled_entry_is_refused(change):
     change(entry)
     with pytest.raises(ArtifactError, match="files.compiled"):
         manifest_with(entry).compiled
+    with pytest.raises(ArtifactError, match="files.compiled"):
+        manifest_with([entry]).compiled
 
 
 def test_manifest_lists_a_package_with_its_checksum(tmp_path):
@@ -164,8 +167,11 @@ def test_manifest_lists_a_package_with_its_checksum(tmp_path):
     (tmp_path / "model.pt2").write_bytes(b"package bytes")
     package = manifest.add_compiled(tmp_path, "model.pt2", torch="2.14.1", cpu_capability="AVX2", arch="x86_64",
                                     min_batch=1, max_batch=64, parity={"passed": True})
-    assert package.bytes == 13 and manifest.data["files"]["compiled"]["parity"] == {"passed": True}
-    assert manifest.verified_file(tmp_path, "compiled") == tmp_path / "model.pt2"
+    assert package.bytes == 13 and manifest.data["files"]["compiled"][0]["parity"] == {"passed": True}
+    assert manifest.verified_packages(tmp_path) == [(package, tmp_path / "model.pt2")]
+    (tmp_path / "model.pt2").write_bytes(b"changed")
+    with pytest.raises(ArtifactError, match="model.pt2 sha256 is"):
+        manifest.verified_packages(tmp_path)
 
 
 # ---------------------------------------------------------------------- the committed artifact

@@ -285,7 +285,9 @@ def test_closed_model_refuses_new_work():
 def test_each_pass_is_reported_with_its_real_batch_size():
     module = Recorder(delay=0.1)
     passes = []
-    model = model_with(module, workers=1, micro_batch=2, observer=lambda seconds, n: passes.append((seconds, n)))
+    model = model_with(module, workers=1, micro_batch=2,
+                       observer=lambda seconds, n, ran: passes.append((seconds, n)) or ran_by.append(ran))
+    ran_by = []
     results = {}
 
     def one(v, delay):
@@ -300,6 +302,8 @@ def test_each_pass_is_reported_with_its_real_batch_size():
     assert sorted(n for _, n in passes) == [1, 2]
     assert all(seconds >= 0.1 for seconds, _ in passes)
     assert sorted(r.batch_size for r in results.values()) == [1, 2, 2]
+    # A runner that does not name its passes is named by its type.
+    assert ran_by == ["Recorder"] * 2 and {r.ran for r in results.values()} == {"Recorder"}
     # Whoever went second waited through the other pass: that is queue time, not forward time.
     assert max(r.queue for r in results.values()) >= 0.06
     assert all(r.forward >= 0.1 for r in results.values())
