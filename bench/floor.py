@@ -34,11 +34,13 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
+from serve.malloc import keep_freed_memory  # noqa: E402
 from serve.onednn import cap_isa  # noqa: E402
 from serve.openmp import passive_waits  # noqa: E402
 
 passive_waits()  # as the server does, before torch loads
 cap_isa()
+keep_freed_memory()
 
 import torch  # noqa: E402
 

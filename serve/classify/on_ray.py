@@ -73,7 +73,9 @@ class ScoreBatch:
         import ray
 
         from ..handler import load_handler
+        from ..malloc import keep_freed_memory
 
+        keep_freed_memory()  # as the server does (serve/malloc.py)
         # Ray Data passes constructor arguments nested, so an object reference arrives unresolved.
         if isinstance(files, ray.ObjectRef):
             files = ray.get(files)

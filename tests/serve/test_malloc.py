@@ -30,3 +30,11 @@ def test_arena_cap_is_a_setting_off_by_default():
     assert config.malloc_arenas == 1
     with pytest.raises(ConfigError, match="malloc_arenas"):
         load_config(["--model-dir", str(ARTIFACTS), "--malloc-arenas", "-1"], environ={})
+
+
+def test_freed_memory_is_kept_unless_the_operator_set_glibcs_thresholds():
+    from serve.malloc import keep_freed_memory
+
+    for chosen in ({"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}):
+        assert keep_freed_memory(chosen) is False
+    assert keep_freed_memory({}) is True  # glibc accepted both settings
