@@ -106,12 +106,12 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
-export: $(VENV)/train/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
-	$(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))
+export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
+	WHATCAR_COMPILE_PYTHON=$(abspath $(SERVE_PY)) $(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
-# AOTInductor compiles the artifact's compiled package with a C++ compiler at export time (serving
-# needs none): installed here when missing (as root). Without one, the export writes TorchScript only
-# and says so.
+# AOTInductor compiles the artifact's compiled packages with a C++ compiler at export time (serving
+# needs none), under the serve virtualenv's torch, the one that runs them: installed here when
+# missing (as root). Without one, the export writes TorchScript only and says so.
 cxx:
 	@$(call install-missing,$${CXX:-g++},g++,for the compiled package,\
 	  echo "no C++ compiler: the export writes no compiled package (sudo apt-get install g++)")
@@ -124,6 +124,8 @@ test: test-serve test-export test-cross test-client test-ray test-deploy ## run 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
 
+# Its exports compile with the training torch (no WHATCAR_COMPILE_PYTHON), so that test-cross
+# proves the older pairing too: packages built by 2.14, served by 2.13.
 test-export: $(VENV)/train/.stamp-test cxx
 	rm -rf $(BUILD)/cross
 	WHATCAR_CROSS_DIR=$(BUILD)/cross $(TRAIN_PY) -m pytest tests/export

@@ -4,12 +4,14 @@
                              [--quantize int8] [--triton]
 
 Adds the next numbered version to the model folder (artifacts/2/, artifacts/3/, ...) and
-points artifacts/current at it: model.pt (traced, frozen TorchScript), model.pt2 (the same
-module compiled for AVX2 CPUs, see export/compiled.py), labels.txt, manifest.json and checks/
-(a few parity photos with the top-1 the module gave them), and with --triton a Triton model
-repository in triton/ too. The parity check runs first; if it fails nothing is added. The
+points artifacts/current at it: model.pt (traced, frozen TorchScript), the same module
+compiled for AVX2 CPUs once per shape the server runs (model-b1t1.pt2, model-b1t2.pt2 and the
+dynamic-batch model.pt2, see export/compiled.py), labels.txt, manifest.json and checks/ (a few
+parity photos with the top-1 the module gave them), and with --triton a Triton model
+repository in triton/ too. The parity check runs first; if it fails nothing is added. Each
 compiled package passes the same check or is left out, with the reason printed (with
---quantize int8, its accuracy check instead, and then nothing is added when it fails). Older
+--quantize int8, the one dynamic package's accuracy check instead, and then nothing is added
+when it fails). Older
 versions beyond --keep are removed, never current or previous.
 """
 
@@ -32,6 +34,7 @@ from serve.artifact import ArtifactError, first_line, load_artifact
 from serve.runtime.torchscript import TorchScriptRunner
 from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.preprocess import Preprocessor
+from serve.scheduler import PassPlan
 from serve.versions import KEEP, ModelFolder
 
 from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton
@@ -197,53 +200,64 @@ class Package:
     def entry(self) -> dict:
         built = self.built
         return {"torch": built.torch, "cpu_capability": built.cpu_capability, "arch": built.arch,
-                "min_batch": built.min_batch, "max_batch": built.max_batch,
+                "min_batch": built.min_batch, "max_batch": built.max_batch, "threads": built.threads,
+                "onednn_isa": built.onednn_isa,
                 "quantization": "int8" if self.quantization else None, "parity": self.parity.as_dict(),
                 "compile_seconds": built.compile_seconds, "isa_check": built.isa_check,
                 **({"int8": self.quantization} if self.quantization else {})}
 
 
-def compiled_package(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path) -> Package | None:
-    """The compiled package of `served`, checked like model.pt was; None (saying why) when none
-    can be made. With --quantize int8 a failed check is an error: the int8 model was asked for."""
+def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path) -> list[Package]:
+    """A compiled package of `served` for each shape in compiled.SHAPES (the dynamic one alone
+    with --quantize int8), each checked like model.pt was; a shape that cannot be made or fails
+    its check is left out, saying why, and its passes go to the next runtime when served. With
+    --quantize int8 a failed check is an error: the int8 model was asked for."""
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
-    started = time.perf_counter()
-    try:
-        if args.quantize:
-            calibration = quantize.calibration_files(info, args.calibration_images)
-            keep_float = [part for part in args.int8_float.split(",") if part]
-            program = quantize.int8_program(served, pipe.steps, calibration, height, width, keep_float)
-            print(f"int8: calibrated on {len(calibration)} training photos"
-                  + (f", {' and '.join(keep_float)} left in float32" if keep_float else "")
-                  + f" ({time.perf_counter() - started:.0f} s)")
-        else:
-            program = compiled.export_program(served, height, width)
-        exported = time.perf_counter()
-        built = compiled.compile_package(program, scratch, quantized=bool(args.quantize))
-        runner = compiled.load_runner(built, height, width)
+    packages = []
+    for shape in compiled.SHAPES if not args.quantize else [compiled.Shape(None, None)]:
+        started = time.perf_counter()
         try:
-            # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
-            classes = len(learn.dls.vocab)
-            report = parity.check(learn, lambda images: runner(images)[:, :classes], pipe.steps, files,
-                                  served.temperature)
-            quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
-        finally:
-            runner.close()
-    except Exception as exc:  # noqa: BLE001 - torch.export and Inductor fail in many ways; any means no package
-        reason = str(exc) if isinstance(exc, compiled.CompileError) else first_line(exc)
-        if args.quantize:
-            raise compiled.CompileError(f"no int8 package: {reason}; nothing was added to {args.out}") from None
-        print(f"export: no compiled package, the artifact serves TorchScript only: {reason}")
-        return None
-    print(f"compiled package: {built.path.stat().st_size / 1e6:.1f} MB for {built.cpu_capability} CPUs, batches "
-          f"{built.min_batch}-{built.max_batch}, exported in {exported - started:.0f} s and compiled in "
-          f"{built.compile_seconds:.0f} s; {built.isa_check}; parity {report.top1_agree}/{report.images} top-1 "
-          f"agree, max |p - p_fastai| = {report.max_abs_diff:.2e}")
-    if not args.quantize and not report.passed:
-        print(f"export: no compiled package, the artifact serves TorchScript only: its parity check failed "
-              f"(tolerance {report.tolerance:g})")
-        return None
-    return Package(built, report, quantization)
+            if args.quantize:
+                calibration = quantize.calibration_files(info, args.calibration_images)
+                keep_float = [part for part in args.int8_float.split(",") if part]
+                program = quantize.int8_program(served, pipe.steps, calibration, height, width, keep_float)
+                print(f"int8: calibrated on {len(calibration)} training photos"
+                      + (f", {' and '.join(keep_float)} left in float32" if keep_float else "")
+                      + f" ({time.perf_counter() - started:.0f} s)")
+            else:
+                program = compiled.export_program(served, height, width, batch=shape.batch)
+            exported = time.perf_counter()
+            built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
+            runner = compiled.load_runner(built, height, width)
+            try:
+                # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
+                classes = len(learn.dls.vocab)
+                one = compiled.one_at_a_time(runner)
+                report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,
+                                      served.temperature)
+                quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
+            finally:
+                runner.close()
+        except Exception as exc:  # noqa: BLE001 - torch.export and Inductor fail in many ways; any means no package
+            reason = str(exc) if isinstance(exc, compiled.CompileError) else first_line(exc)
+            if args.quantize:
+                raise compiled.CompileError(f"no int8 package: {reason}; nothing was added to {args.out}") from None
+            print(f"export: no compiled {shape.name} package, its passes will run on the next runtime: {reason}")
+            if isinstance(exc, compiled.CompileError) and reason.startswith("no C++ compiler"):
+                break
+            continue
+        print(f"compiled {shape.name}: {built.path.stat().st_size / 1e6:.1f} MB for {built.cpu_capability} CPUs "
+              f"by torch {built.torch}, exported in {exported - started:.0f} s and compiled in "
+              f"{built.compile_seconds:.0f} s; {built.isa_check}; parity {report.top1_agree}/{report.images} top-1 "
+              f"agree, max |p - p_fastai| = {report.max_abs_diff:.2e}")
+        if not args.quantize and not report.passed:
+            print(f"export: no compiled {shape.name} package, its passes will run on the next runtime: its parity "
+                  f"check failed (tolerance {report.tolerance:g})")
+            continue
+        packages.append(Package(built, report, quantization))
+    if not packages:
+        print("export: no compiled package, the artifact serves TorchScript only")
+    return packages
 
 
 def judge_int8(args, runner, module, pipe, info: dict, learn, files: list[Path]) -> dict:
@@ -273,6 +287,10 @@ def judge_int8(args, runner, module, pipe, info: dict, learn, files: list[Path])
             "calibration_images": args.calibration_images, "float_parts": args.int8_float or None}
 
 
+# The passes compiled.SHAPES are for: one image on one thread, and on two.
+SERVED_PASSES = PassPlan(workers=1, torch_threads=1, micro_batch=1, solo_threads=2)
+
+
 def add_version(out: Path, fill, keep: int) -> str:
     """Build a new version beside `out`'s others, check it as the server would, then add it and
     make it current; returns its name. On any error `out` is untouched."""
@@ -288,8 +306,8 @@ def add_version(out: Path, fill, keep: int) -> str:
         # The server's own checks, before anything changes: TorchScript, and the compiled package
         # if there is one (with `compiled`, a package this host cannot run is an error, not a fallback).
         load_artifact(staging, runtime="torchscript")
-        if Manifest.read(staging).compiled is not None:
-            load_artifact(staging, runtime="compiled").close()
+        if Manifest.read(staging).compiled:
+            load_artifact(staging, runtime="compiled", plan=SERVED_PASSES).close()
         version = models.add(staging)
     finally:
         if staging.exists():
@@ -346,9 +364,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     scratch = tempfile.TemporaryDirectory(prefix="whatcar-export-")
-    package = None
+    packages = []
     if args.compiled:
-        package = compiled_package(args, learn, served, pipe, info, files, module, Path(scratch.name))
+        packages = compiled_packages(args, learn, served, pipe, info, files, module, Path(scratch.name))
 
     def fill(folder: Path) -> None:
         with warnings.catch_warnings():
@@ -358,9 +376,9 @@ def run(args: argparse.Namespace) -> int:
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
         manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes)
-        if package is not None:
-            shutil.copyfile(package.built.path, folder / compiled.FILE)
-            manifest.add_compiled(folder, compiled.FILE, **package.entry())
+        for package in packages:
+            shutil.copyfile(package.built.path, folder / package.built.path.name)
+            manifest.add_compiled(folder, package.built.path.name, **package.entry())
         manifest.write(folder)
         if args.triton:
             triton.write_model_repository(folder, manifest)
@@ -372,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     folder = args.out / version
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"wrote {folder}/ ({size / 1e6:.1f} MB): model.pt, "
-          + (f"{compiled.FILE}, " if package is not None else "") + f"labels.txt, {MANIFEST}, {checks.FOLDER}/"
+          + "".join(f"{package.built.path.name}, " for package in packages) + f"labels.txt, {MANIFEST}, {checks.FOLDER}/"
           + (f", {triton.REPOSITORY}/" if args.triton else "")
           + f"; {args.out}/current is now version {version} (`make reload` to serve it)")
     return 0

@@ -15,11 +15,21 @@ whatever CPU exports it, so the compiling process is told so three ways:
     oneDNN reads it once, when it starts, so the compile runs in a child process of its own:
     `python -m export.compiled PROGRAM OUT` (this module's main).
 Freezing (BatchNorm folded into the convolutions, oneDNN fusions) happens only when grad mode
-is off while compiling, silently otherwise: hence torch.no_grad(). The batch dimension stays
-dynamic: a static batch gained nothing once freezing ran, and bakes weight layouts for the
-compiling thread count (70 ms instead of 32 ms a pass at 1 thread, measured). Kernels follow
-the calling thread's intra-op thread count (cpp.dynamic_threads), so one package serves the
-single-threaded workers and the all-cores solo thread alike.
+is off while compiling, silently otherwise: hence torch.no_grad().
+
+One package per shape the server runs (SHAPES): a static batch on a fixed thread count is the
+only case where freezing packs the convolution weights for oneDNN ahead of time (pytorch#121400)
+and the kernels' thread count matches the caller's. Measured against OpenVINO fp32 in the same
+run (serve/runtime/shapes.py): 1.15x on 1 thread and 1.12x on 2 with the static batch-1
+packages, 1.23x and 1.43x with the dynamic one. The dynamic-batch package, whose kernels follow
+the caller's thread count (cpp.dynamic_threads), takes every other pass: larger batches, and
+thread counts of bigger machines. Each package holds its own copy of the weights (about 21 MB
+for the default model), so the set is what fits the 90 MB a version may take.
+
+The child compiles with the torch that serves (the serve virtualenv's, WHATCAR_COMPILE_PYTHON,
+which `make export` sets): torch.export's program, saved by the training torch, loads there,
+and PyTorch promises a package only to the torch that built it and newer ones. Without it,
+the training torch compiles, and serve/runtime/choice.py accepts its packages one release back.
 
 `check_library` then proves the result runs where it should: no AVX-512 (EVEX-encoded)
 instruction in its code, and no call that would need torch's proxy executor, which the
@@ -42,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from serve.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
 from serve.runtime.compiled import CompiledModel, CompiledRunner, extract_library
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +64,33 @@ CPU_CAPABILITY = "AVX2"
 MAX_BATCH = 64
 INDUCTOR_CONFIGS = {
     "freezing": True,
-    "cpp.dynamic_threads": True,
     "cpp.simdlen": 256,
     "cpp.march": "x86-64-v3",
 }
-COMPILE_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+COMPILE_ENV = {"ONEDNN_MAX_CPU_ISA": ONEDNN_PACKED_FOR}
+COMPILE_PYTHON = "WHATCAR_COMPILE_PYTHON"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one package is compiled for: `batch` images (None: any from 1 to MAX_BATCH) on
+    `threads` intra-op threads (None: the caller's)."""
+
+    batch: int | None
+    threads: int | None
+
+    @property
+    def file(self) -> str:
+        return FILE if self.batch is None else f"model-b{self.batch}t{self.threads}.pt2"
+
+    @property
+    def name(self) -> str:
+        return f"b1-{MAX_BATCH}" if self.batch is None else f"b{self.batch}t{self.threads}"
+
+
+# The passes the server runs with its defaults on two cores: each shared worker one image on
+# one thread, a request alone on both; the dynamic package takes every other pass.
+SHAPES = (Shape(1, 1), Shape(1, 2), Shape(None, None))
 COMPILE_TIMEOUT = 1800
 # The C shim function a package calls for operators outside it; the server passes no executor.
 PROXY_CALL = b"aoti_torch_proxy_executor_call_function"
@@ -79,51 +112,65 @@ class Compiled:
     max_batch: int
     compile_seconds: float
     isa_check: str
+    threads: int | None = None
+    onednn_isa: str | None = None
+
+    @property
+    def static(self) -> bool:
+        return self.min_batch == self.max_batch and self.threads is not None
 
 
-def export_program(module: torch.nn.Module, height: int, width: int, max_batch: int = MAX_BATCH):
-    """torch.export of `module` (uint8 [N, 3, H, W] in, already in eval mode) with N free from 1 to
-    `max_batch`."""
+def export_program(module: torch.nn.Module, height: int, width: int, max_batch: int = MAX_BATCH,
+                   batch: int | None = None):
+    """torch.export of `module` (uint8 [N, 3, H, W] in, already in eval mode): N is `batch`, or
+    free from 1 to `max_batch` when None."""
     from torch.export import Dim
 
     # An example batch of 1 would specialise the batch dimension to 1.
-    example = torch.zeros((2, 3, height, width), dtype=torch.uint8)
+    example = torch.zeros((batch or 2, 3, height, width), dtype=torch.uint8)
+    dynamic = None if batch else ({0: Dim("batch", min=1, max=max_batch)},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(module, (example,),
-                                   dynamic_shapes=({0: Dim("batch", min=1, max=max_batch)},))
+        return torch.export.export(module, (example,), dynamic_shapes=dynamic)
 
 
-def compile_package(program, out_dir: Path, max_batch: int = MAX_BATCH, quantized: bool = False) -> Compiled:
-    """Compile an exported program into `out_dir`/model.pt2 in a child process set up for AVX2,
+def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), quantized: bool = False,
+                    max_batch: int = MAX_BATCH) -> Compiled:
+    """Compile an exported program into `out_dir`/`shape.file` in a child process set up for AVX2,
     then check the library; raises CompileError. `quantized`: the program holds torchao's
-    quantisation operators (PT2E int8), which the child must register before loading it."""
+    quantisation operators (PT2E int8), which only the training virtualenv has, so its torch
+    compiles it and the child must register them before loading it."""
     if not cxx_compiler():
         raise CompileError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
                            "serving it needs none")
     out_dir.mkdir(parents=True, exist_ok=True)
-    program_path, package = out_dir / "program.pt2", out_dir / FILE
+    program_path, package = out_dir / f"program-{shape.name}.pt2", out_dir / shape.file
     with warnings.catch_warnings():
         # "No complete tensor found in the group": channels-last weights are saved as they are.
         warnings.simplefilter("ignore", UserWarning)
         torch.export.save(program, str(program_path))
+    python = sys.executable if quantized else os.environ.get(COMPILE_PYTHON) or sys.executable
     started = time.perf_counter()
     try:
-        command = [sys.executable, "-m", "export.compiled", str(program_path), str(package)]
+        command = [python, "-m", "export.compiled", str(program_path), str(package)]
+        command += ["--threads", str(shape.threads)] if shape.threads else []
         done = subprocess.run(command + (["--quantized"] if quantized else []), cwd=ROOT,
                               env={**os.environ, **COMPILE_ENV}, capture_output=True, text=True,
                               timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise CompileError(f"compiling took more than {COMPILE_TIMEOUT} s") from None
+        raise CompileError(f"compiling {shape.name} took more than {COMPILE_TIMEOUT} s") from None
     finally:
         program_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0 or not package.is_file():
         tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {done.returncode}"]
-        raise CompileError(f"AOTInductor failed: {tail[0]}")
-    return Compiled(path=package, torch=torch.__version__, cpu_capability=CPU_CAPABILITY, arch=platform.machine(),
-                    min_batch=1, max_batch=max_batch, compile_seconds=round(seconds, 1),
-                    isa_check=check_library(package))
+        raise CompileError(f"AOTInductor failed on {shape.name}: {tail[0]}")
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    low, high = (shape.batch, shape.batch) if shape.batch else (1, max_batch)
+    return Compiled(path=package, torch=facts["torch"], cpu_capability=CPU_CAPABILITY, arch=platform.machine(),
+                    min_batch=low, max_batch=high, compile_seconds=round(seconds, 1),
+                    isa_check=check_library(package), threads=shape.threads,
+                    onednn_isa=ONEDNN_PACKED_FOR if shape.batch else None)
 
 
 def cxx_compiler() -> str | None:
@@ -175,13 +222,28 @@ def load_runner(compiled: Compiled, height: int, width: int) -> CompiledRunner:
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
 
 
+def one_at_a_time(runner: CompiledRunner):
+    """`runner` as the parity check calls a module, one image at a time: a static batch is filled
+    with copies of the image and the first row kept."""
+    def run(images: torch.Tensor) -> torch.Tensor:
+        if runner.min_batch == images.shape[0]:
+            return runner(images)
+        return runner(images.expand(runner.min_batch, *images.shape[1:]).contiguous())[:images.shape[0]]
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     """The child process: compile PROGRAM (torch.export.save's file) into OUT (.pt2)."""
     argv = sys.argv[1:] if argv is None else argv
     quantized = "--quantized" in argv
     argv = [arg for arg in argv if arg != "--quantized"]
+    threads = None
+    if "--threads" in argv:
+        at = argv.index("--threads")
+        threads = int(argv[at + 1])
+        del argv[at:at + 2]
     if len(argv) != 2:
-        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--quantized]", file=sys.stderr)
+        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--threads N] [--quantized]", file=sys.stderr)
         return 2
     if os.environ.get("ONEDNN_MAX_CPU_ISA") != COMPILE_ENV["ONEDNN_MAX_CPU_ISA"]:
         print("export.compiled: run through compile_package(), which sets ONEDNN_MAX_CPU_ISA", file=sys.stderr)
@@ -191,13 +253,18 @@ def main(argv: list[str] | None = None) -> int:
         # 8 s under load, so only when needed).
         import torchao.quantization.pt2e  # noqa: F401
     program = torch.export.load(argv[0])
+    configs = dict(INDUCTOR_CONFIGS)
+    if threads is None:
+        configs["cpp.dynamic_threads"] = True  # the kernels follow the calling thread's count
+    else:
+        # Kernels built for `threads`, and weights packed by a oneDNN running that many.
+        configs["cpp.threads"] = threads
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # A copy: the call adds its own keys to the dict it is given.
-        torch._inductor.aoti_compile_and_package(program, package_path=argv[1],
-                                                 inductor_configs=dict(INDUCTOR_CONFIGS))
-    print(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+        torch._inductor.aoti_compile_and_package(program, package_path=argv[1], inductor_configs=configs)
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__}))
     return 0
 
 

@@ -198,3 +198,4 @@ def test_a_shape_that_names_a_check_photo_differently_is_dropped_with_one_warnin
     with pytest.raises(ArtifactError, match="^--runtime compiled cannot be served: compiled b2t1 not used"):
         check_shapes(runner, pixels[:1], [0], classes=3, requested="compiled")
     assert [size for size, _ in pair.calls] == [2] and runner.packages == []
+
