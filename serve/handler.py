@@ -23,7 +23,7 @@ from .errors import ArtifactError, ImageRejected, first_line
 from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer
 from .preprocess import Preprocessor
-from .runtime.loading import check_shapes, compiled_choice, warm_up_rounds
+from .runtime.loading import SHAPE_CHECKS, check_shapes, compiled_choice, warm_up_rounds
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -107,10 +107,11 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
     artifact = handler.artifact
     if checks:
         pixels = torch.stack([handler.model.preprocess(artifact.manifest.verified(
-            folder, check.file, check.sha256, "check").read_bytes()) for check in checks])
+            folder, check.file, check.sha256, "check").read_bytes()) for check in checks[:SHAPE_CHECKS]])
         expected = [artifact.labels.index(check.top1) for check in checks]
-        if check_shapes(artifact.runner, pixels, expected, len(artifact.labels), requested):
-            artifact.runtime = compiled_choice(artifact.runner, handler.model.threads.plan.passes())
+        passes = handler.model.threads.plan.passes()
+        if check_shapes(artifact.runner, pixels, expected, len(artifact.labels), requested, passes):
+            artifact.runtime = compiled_choice(artifact.runner, passes)
     return len(checks)
 
 

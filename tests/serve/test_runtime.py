@@ -164,6 +164,7 @@ def test_a_malformed_compiled_entry_is_refused(change):
 
 def test_manifest_lists_a_package_with_its_checksum(tmp_path):
     manifest = Manifest(json.loads((ARTIFACT / "manifest.json").read_text()))
+    manifest.data["files"].pop("compiled")
     (tmp_path / "model.pt2").write_bytes(b"package bytes")
     package = manifest.add_compiled(tmp_path, "model.pt2", torch="2.14.1", cpu_capability="AVX2", arch="x86_64",
                                     min_batch=1, max_batch=64, parity={"passed": True})
@@ -208,6 +209,7 @@ def test_a_listed_package_is_verified_even_when_torchscript_serves(copy):
 def test_a_package_that_does_not_load_leaves_torchscript_serving(copy, caplog):
     """A listed, intact file that is not a package: auto serves TorchScript and says why, compiled refuses."""
     manifest = Manifest.read(copy)
+    manifest.data["files"].pop("compiled")
     (copy / "model.pt2").write_bytes(b"not a zip")
     manifest.add_compiled(copy, "model.pt2", torch=torch.__version__, cpu_capability="DEFAULT", arch=EPYC.arch,
                           min_batch=1, max_batch=64)
@@ -218,6 +220,30 @@ def test_a_package_that_does_not_load_leaves_torchscript_serving(copy, caplog):
     assert "not a readable package" in artifact.runtime.reason
     with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: .*not a readable package"):
         load_artifact(copy, runtime="compiled")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the committed packages need a CPU with AVX2")
+def test_one_package_that_does_not_load_leaves_its_passes_to_the_next_with_one_line(copy, caplog):
+    from serve.scheduler import PassPlan
+
+    manifest = Manifest.read(copy)
+    (copy / "model-b1t2.pt2").write_bytes(b"not a zip")
+    manifest.add_compiled(copy, "model-b1t2.pt2", torch=torch.__version__, cpu_capability="AVX2", arch=EPYC.arch,
+                          min_batch=1, max_batch=1, threads=2, onednn_isa="AVX2")
+    manifest.write(copy)
+    plan = PassPlan(workers=2, torch_threads=1, micro_batch=1, solo_threads=2)
+    with caplog.at_level(logging.WARNING, logger="whatcar"):
+        artifact = load_artifact(copy, optimize=False, plan=plan)
+    assert artifact.runtime.name == "compiled" and artifact.runtime.reason.startswith("b1t1 on b1t1, b1t2 on b1-64; ")
+    artifact.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "not a readable package" in lines[0]
+    assert lines[0].startswith("compiled b1t2 not used, its passes go to the next runtime: it failed to load: ")
+    assert lines[1] == "no compiled b1t2 package: passes of 1 image(s) on 2 thread(s) run on b1-64"
+    with pytest.raises(ArtifactError, match="^--runtime compiled cannot be served: b1t2: it failed to load: .*not a "
+                                            "readable package"):
+        load_artifact(copy, runtime="compiled", plan=plan)
 
 
 def test_metadata_and_metrics_say_which_runtime_serves(client, handler):

@@ -179,12 +179,15 @@ class Names(Fake):
         return rows
 
 
+PASSES = [(1, 1), (1, 2)]
+
+
 def test_a_shape_that_names_a_check_photo_differently_is_dropped_with_one_warning(caplog):
     runner = ShapedRunner({B1T1: Names(0), B1T2: Names(1)}, lambda: Fake(9))
     dropped = runner.runners[B1T2]
     pixels = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     with caplog.at_level(logging.WARNING, logger="whatcar"):
-        assert check_shapes(runner, pixels, [0, 0], classes=3, requested="auto") == ["b1t2"]
+        assert check_shapes(runner, pixels, [0, 0], classes=3, requested="auto", passes=PASSES) == ["b1t2"]
     assert runner.packages == [B1T1] and dropped.closed
     assert compiled_choice(runner, [(1, 1), (1, 2)]).reason.startswith("b1t1 on b1t1, b1t2 on torchscript; ")
     runner.drop(B1T1)
@@ -196,6 +199,14 @@ def test_a_shape_that_names_a_check_photo_differently_is_dropped_with_one_warnin
     pair = Names(2)
     runner = ShapedRunner({B2T1: pair}, lambda: Fake(9))
     with pytest.raises(ArtifactError, match="^--runtime compiled cannot be served: compiled b2t1 not used"):
-        check_shapes(runner, pixels[:1], [0], classes=3, requested="compiled")
+        check_shapes(runner, pixels[:1], [0], classes=3, requested="compiled", passes=[(2, 1)])
     assert [size for size, _ in pair.calls] == [2] and runner.packages == []
 
+
+
+def test_only_the_shapes_planned_passes_use_are_given_check_photos():
+    unused = Names(1)  # would disagree, but no planned pass runs it
+    runner = ShapedRunner({B1T1: Names(0), DYNAMIC: unused}, lambda: Fake(9))
+    pixels = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    assert check_shapes(runner, pixels, [0, 0, 0], classes=3, requested="compiled", passes=[(1, 1)]) == []
+    assert unused.calls == [] and [size for size, _ in runner.runners[B1T1].calls] == [1, 1]  # SHAPE_CHECKS
