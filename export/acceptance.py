@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from serve.postprocess import Makes
 from serve.preprocess import Preprocessor
 
 from . import calibration
@@ -105,23 +106,6 @@ class Fitted:
 
 
 @dataclass
-class Makes:
-    """Which make each class is, for the make-level answer: `index[c]` is class c's make."""
-
-    names: list[str]
-    index: torch.Tensor
-
-    @classmethod
-    def of(cls, classes: list[dict]) -> "Makes":
-        names = list(dict.fromkeys(c["make"] for c in classes))
-        return cls(names, torch.tensor([names.index(c["make"]) for c in classes], dtype=torch.long))
-
-    def top(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's most likely make: (its probability, its index)."""
-        return calibration.make_probabilities(probabilities, self.index, len(self.names)).max(dim=1)
-
-
-@dataclass
 class Levels:
     """What the two-level rule answers for each photo: the model, the make alone, or neither."""
 
@@ -159,12 +143,12 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
     top = calibration.top_probability(logits, temperature)
     min_familiarity = calibration.written_threshold(calibration.choose_threshold(familiarity, keep=1.0))
     min_probability = calibration.written_threshold(calibration.choose_threshold(top, keep=ACCEPT_SHARE))
-    makes = Makes.of(classes) if classes else None
+    makes = Makes([c["make"] for c in classes]) if classes else None
     min_make = None
     if makes is not None:
         familiar = calibration.acceptance(familiarity, min_familiarity)
         short = familiar & ~calibration.acceptance(top, min_probability)
-        make_p, make = makes.top(probabilities)
+        make_p, make = makes.probabilities(probabilities).max(dim=1)
         chosen = calibration.choose_precision_threshold(make_p[short], (make == makes.index[valid.labels])[short],
                                                         MAKE_PRECISION)
         min_make = MAKE_OFF if chosen is None else calibration.written_threshold(chosen)
@@ -175,7 +159,7 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
         model = familiar & calibration.acceptance(batch_p.max(dim=1).values, min_probability)
         if makes is None:
             return Levels(model, torch.zeros_like(model), None)
-        make_p, make = makes.top(batch_p)
+        make_p, make = makes.probabilities(batch_p).max(dim=1)
         by_make = familiar & ~model & calibration.acceptance(make_p, min_make)
         return Levels(model, by_make, make)
 

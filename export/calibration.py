@@ -11,8 +11,9 @@ writes what they return into the artifact.
 - `roc_auc`: how well a score separates photos of known classes from others (rank-based).
 - `choose_threshold`: the strictest acceptance threshold that still keeps a given share of
   photos of the known classes.
-- `make_probabilities`, `choose_precision_threshold`: the make-level answer's scores (the sums
-  over each make's classes) and the lowest threshold at which its answers are right often enough.
+- `choose_precision_threshold`: the lowest threshold at which the make-level answers (their
+  scores are serve.postprocess.Makes' sums over each make's classes, as the server sums them)
+  are right often enough.
 - `written_threshold`: a threshold as the manifest stores it, never above the one measured.
 """
 
@@ -173,23 +174,6 @@ def written_threshold(threshold: float, digits: int = 6) -> float:
     every photo the measured one did, so the figures measured with it hold for the server."""
     rounded = round(threshold, digits)
     return rounded if rounded <= threshold else round(rounded - 10.0 ** -digits, digits)
-
-
-def make_probabilities(probabilities: torch.Tensor, make_index: torch.Tensor,
-                       makes: int | None = None) -> torch.Tensor:
-    """[N, classes] probabilities summed into [N, makes]: column m is the sum over the classes
-    whose make_index is m; `makes` defaults to the highest make index + 1. The server sums the
-    same way, so the make it gives is the argmax of these columns."""
-    if probabilities.dim() != 2 or make_index.shape != (probabilities.shape[1],):
-        raise ValueError("need probabilities [N, classes] and one make index per class")
-    if make_index.numel() and int(make_index.min()) < 0:
-        raise ValueError("make indices must not be negative")
-    needed = int(make_index.max()) + 1 if make_index.numel() else 0
-    makes = needed if makes is None else makes
-    if makes < needed:
-        raise ValueError(f"make index {needed - 1} is beyond the {makes} makes")
-    out = torch.zeros(probabilities.shape[0], makes, dtype=probabilities.dtype)
-    return out.index_add_(1, make_index.long(), probabilities)
 
 
 def choose_precision_threshold(scores: torch.Tensor, correct: torch.Tensor, precision: float) -> float | None:

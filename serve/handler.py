@@ -64,7 +64,7 @@ class Handler:
         self.artifact = artifact
         self.model = model
         classes = artifact.manifest.classes
-        self.makes = Makes(classes) if classes else None
+        self.makes = Makes.of(classes) if classes else None
 
     def predict(self, items: list[Item], options: Options = Options()) -> Prediction:
         """An answer for each encoded image or uint8 [3, H, W] tensor of one request."""

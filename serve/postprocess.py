@@ -60,14 +60,21 @@ def split_row(row: torch.Tensor, classes: int, extra_outputs: list[str]) -> Outp
 class Makes:
     """The makes of a model's classes, and which make each output column belongs to."""
 
-    def __init__(self, classes: list[CarClass]):
-        self.names: list[str] = list(dict.fromkeys(c.make for c in classes))
+    def __init__(self, makes: list[str]):
+        """`makes`: each output column's make, in column order."""
+        self.names: list[str] = list(dict.fromkeys(makes))
         position = {name: i for i, name in enumerate(self.names)}
-        self.index = torch.tensor([position[c.make] for c in classes], dtype=torch.long)
+        self.index = torch.tensor([position[make] for make in makes], dtype=torch.long)
+
+    @classmethod
+    def of(cls, classes: list[CarClass]) -> "Makes":
+        return cls([c.make for c in classes])
 
     def probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """Each make's probability, the sum over its models: [classes] -> [makes]."""
-        return torch.zeros(len(self.names), dtype=probabilities.dtype).index_add_(0, self.index, probabilities)
+        """Each make's probability, the sum over its models: [classes] -> [makes], or a batch of
+        rows, [N, classes] -> [N, makes] (the export fits the make threshold on these)."""
+        sums = probabilities.new_zeros(*probabilities.shape[:-1], len(self.names))
+        return sums.index_add_(probabilities.dim() - 1, self.index, probabilities)
 
     def top(self, probabilities: torch.Tensor) -> Ranked:
         """The most likely make of one image's probability row."""

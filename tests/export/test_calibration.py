@@ -181,27 +181,6 @@ def test_class_directions_refuse_an_empty_class():
         cal.class_directions(torch.randn(3, 2), torch.tensor([0, 0, 2]), 3)
 
 
-def test_make_probabilities_sum_each_makes_classes():
-    probabilities = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]])
-    sums = cal.make_probabilities(probabilities, torch.tensor([0, 1, 0]), makes=2)
-    assert torch.allclose(sums, torch.tensor([[0.8, 0.2], [0.9, 0.1]]))
-    with pytest.raises(ValueError):
-        cal.make_probabilities(probabilities, torch.tensor([0, 1]), makes=2)
-
-
-def test_make_probabilities_count_the_makes_from_the_index():
-    probabilities = torch.tensor([[0.1, 0.15, 0.35, 0.4]])
-    sums = cal.make_probabilities(probabilities, torch.tensor([2, 0, 2, 1]))
-    assert sums.shape == (1, 3)
-    assert torch.allclose(sums, torch.tensor([[0.15, 0.4, 0.45]]))
-    # The top make need not be the top class's: class 3 (make 1) has 0.4, make 2 has 0.1 + 0.35.
-    assert int(sums.argmax(dim=1)) == 2
-    with pytest.raises(ValueError):
-        cal.make_probabilities(probabilities, torch.tensor([2, 0, 2, 1]), makes=2)
-    with pytest.raises(ValueError):
-        cal.make_probabilities(probabilities, torch.tensor([0, -1, 0, 1]))
-
-
 def test_written_threshold_rounds_down_to_six_decimals():
     assert cal.written_threshold(0.1234567) == 0.123456
     assert cal.written_threshold(0.1234564) == 0.123456

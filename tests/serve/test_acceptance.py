@@ -226,7 +226,7 @@ def cars(labels: list[str], makes: list[str]) -> list[CarClass]:
 
 
 def test_make_probabilities_are_sums_over_each_makes_models():
-    makes = Makes(cars(["a1", "b1", "a2", "c1"], ["A", "B", "A", "C"]))
+    makes = Makes.of(cars(["a1", "b1", "a2", "c1"], ["A", "B", "A", "C"]))
     assert makes.names == ["A", "B", "C"]
     assert makes.probabilities(torch.tensor([0.3, 0.35, 0.25, 0.1])).tolist() == pytest.approx([0.55, 0.35, 0.1])
     # The top make can differ from the top model's make: B's one model beats each of A's, not their sum.
@@ -234,9 +234,20 @@ def test_make_probabilities_are_sums_over_each_makes_models():
     assert (top.label, top.probability) == ("A", pytest.approx(0.55))
 
 
+def test_a_batch_of_rows_is_summed_row_by_row_as_the_export_fits_the_make_threshold():
+    makes = Makes.of(cars(["c1", "a1", "c2", "b1"], ["C", "A", "C", "B"]))
+    rows = torch.tensor([[0.1, 0.15, 0.35, 0.4], [0.5, 0.2, 0.3, 0.0]])
+    sums = makes.probabilities(rows)
+    assert sums.shape == (2, 3) and torch.allclose(sums, torch.tensor([[0.45, 0.15, 0.4], [0.8, 0.2, 0.0]]))
+    # Each row as the server sums it alone.
+    assert all(torch.allclose(sums[i], makes.probabilities(rows[i])) for i in range(2))
+    # The top make need not be the top class's: B's one class has 0.4, C's two 0.1 + 0.35.
+    assert sums.max(dim=1).indices.tolist() == [0, 0]
+
+
 def test_below_the_model_threshold_a_sure_make_is_the_answer():
     rule = Acceptance(0.6, 0.1, min_make_probability=0.65)
-    makes = Makes(cars(MAKE_LABELS, ["Rolls-Royce", "Rolls-Royce", "Audi"]))
+    makes = Makes.of(cars(MAKE_LABELS, ["Rolls-Royce", "Rolls-Royce", "Audi"]))
     probabilities = torch.tensor([0.45, 0.35, 0.2])
     verdict = judge(Output(probabilities, 0.5), rule, MAKE_LABELS, make=makes.top(probabilities))
     assert (verdict.accepted, verdict.level) == (False, MAKE)
