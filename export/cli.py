@@ -303,11 +303,18 @@ def add_version(out: Path, fill, keep: int) -> str:
     staging.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be read by others
     try:
         fill(staging)
-        # The server's own checks, before anything changes: TorchScript, and the compiled package
-        # if there is one (with `compiled`, a package this host cannot run is an error, not a fallback).
+        # The server's own checks, before anything changes: TorchScript, and every compiled
+        # package listed (one this host cannot run is an error here, not a fallback).
         load_artifact(staging, runtime="torchscript")
-        if Manifest.read(staging).compiled:
-            load_artifact(staging, runtime="compiled", plan=SERVED_PASSES).close()
+        listed = {package.shape for package in Manifest.read(staging).compiled}
+        if listed:
+            # auto: a shape that was left out only warns here; one that is listed must load.
+            served = load_artifact(staging, runtime="auto", plan=SERVED_PASSES)
+            loaded = {package.shape for package in getattr(served.runner, "packages", [])}
+            served.close()
+            if loaded != listed:
+                why = served.runtime.reason if served.runtime.name == "torchscript" else "the warning above says why"
+                raise ArtifactError(f"compiled {', '.join(sorted(listed - loaded))} does not load here: {why}")
         version = models.add(staging)
     finally:
         if staging.exists():

@@ -1,8 +1,9 @@
-"""The compiled package tests/export built under the train side's torch, served under this side's.
+"""The compiled packages tests/export built under the train side's torch, served under this side's.
 
-The package is machine code for AVX2 CPUs, built by torch 2.14 with a C++ compiler; here it
-must load with torch 2.13 and no compiler, answer like the TorchScript module on real photos,
-and be passed over (with the reason logged) or refused exactly when the rules say so.
+The packages (one per shape: batch 1 on 1 thread, batch 1 on 2, any batch) are machine code for
+AVX2 CPUs, built by torch 2.14 with a C++ compiler; here each must load with torch 2.13 and no
+compiler, answer like the TorchScript module on real photos, and be passed over (with the
+reason logged) or refused exactly when the rules say so.
 """
 
 import json
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.runtime.compiled import CompiledModel, CompiledRunner
+from serve.runtime.compiled import CompiledModel
+from serve.runtime.shapes import ShapedRunner
 from serve.config import Config
 from serve.manifest import Manifest
 from serve.preprocess import Preprocessor
@@ -33,30 +35,45 @@ def copy(cross_dir, tmp_path) -> Path:
     return folder
 
 
-def edit_package_entry(folder: Path, **changes) -> None:
+def edit_package_entry(folder: Path, file: str | None = None, **changes) -> None:
+    """Change the manifest's entry of the package in `file`, or of every package."""
     manifest = Manifest.read(folder)
-    manifest.data["files"]["compiled"].update(changes)
+    for entry in manifest.data["files"]["compiled"]:
+        if file is None or entry["file"] == file:
+            entry.update(changes)
     manifest.write(folder)
 
 
-def test_the_package_built_by_the_train_torch_runs_here_like_torchscript(cross_dir):
+def test_every_package_built_by_the_train_torch_runs_here_like_torchscript(cross_dir):
     expected = json.loads((cross_dir / "expected.json").read_text())
-    package = Manifest.read(cross_dir / "artifact").compiled
-    assert package is not None and package.torch == expected["torch"]
-    assert package.torch.split("+")[0] != torch.__version__.split("+")[0], "the cross check would prove nothing"
+    packages = Manifest.read(cross_dir / "artifact").compiled
+    assert sorted(p.shape for p in packages) == sorted(expected["compiled_probabilities"]) == ["b1-64", "b1t1", "b1t2"]
+    for package in packages:
+        assert package.torch == expected["torch"]
+        assert package.torch.split("+")[0] != torch.__version__.split("+")[0], "the cross check would prove nothing"
     compiled = load_artifact(cross_dir / "artifact", runtime="compiled")
     scripted = load_artifact(cross_dir / "artifact", runtime="torchscript")
-    assert isinstance(compiled.runner, CompiledRunner) and compiled.module is None
+    assert isinstance(compiled.runner, ShapedRunner) and compiled.module is None
     preprocessor = Preprocessor(compiled.steps, 10**8)
-    names = sorted(expected["compiled_probabilities"])
+    names = sorted(expected["probabilities"])
     assert len(names) == 24
     pixels = torch.stack([preprocessor((CARS / name).read_bytes()) for name in names])
-    with torch.inference_mode():
-        ours, theirs = compiled.runner(pixels), scripted.runner(pixels)
-    there = torch.tensor([expected["compiled_probabilities"][name] for name in names])
-    assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1))
-    assert float((ours - theirs).abs().max()) < 1e-4, "compiled vs TorchScript, both under this torch"
-    assert float((ours - there).abs().max()) < 1e-4, "the same package under the exporting torch"
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            theirs = scripted.runner(pixels)
+            for package, runner in compiled.runner.runners.items():
+                # Each shape on the thread count it was built for, one image a pass when static.
+                torch.set_num_threads(package.threads or before)
+                assert compiled.runner.ran(1) == package.shape or not package.static
+                ours = torch.cat([runner(pixels[i:i + 1]) for i in range(len(names))]) if package.static \
+                    else runner(pixels)
+                there = torch.tensor([expected["compiled_probabilities"][package.shape][name] for name in names])
+                assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1)), package.shape
+                assert float((ours - theirs).abs().max()) < 1e-4, f"{package.shape} vs TorchScript, both under this torch"
+                assert float((ours - there).abs().max()) < 1e-4, f"{package.shape} under the exporting torch"
+    finally:
+        torch.set_num_threads(before)
     compiled.close()
 
 
@@ -76,7 +93,9 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
     try:
         status, _, body = request(server.port, "GET", "/metadata")
         assert status == 200 and json.loads(body)["runtime"]["name"] == "compiled"
-        name, row = next(iter(json.loads((cross_dir / "expected.json").read_text())["compiled_probabilities"].items()))
+        # A lone request runs on the solo thread's shape: one image on two threads.
+        expected = json.loads((cross_dir / "expected.json").read_text())["compiled_probabilities"]["b1t2"]
+        name, row = next(iter(expected.items()))
         status, _, body = request(server.port, "POST", "/predict?top_k=1", (CARS / name).read_bytes(),
                                {"Content-Type": "image/jpeg"})
         labels = (cross_dir / "artifact" / "labels.txt").read_text().splitlines()
@@ -86,7 +105,7 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
     finally:
         server.stop()
     log = server.output()
-    assert log.count(" runs on compiled: AVX2 package compiled by torch ") == 1
+    assert log.count(" runs on compiled: b1t1 on b1t1, b1t2 on b1t2; packages compiled by torch ") == 1
     assert not (tmp_path / "inductor-cache").exists(), "loading compiled something"
 
 
@@ -117,6 +136,27 @@ def test_a_package_for_a_wider_cpu_than_this_one_falls_back_with_one_line(copy, 
     assert len(lines) == 1 and lines[0].startswith("WARNING:whatcar:") and reason in lines[0]
 
 
+def test_one_package_for_a_wider_cpu_is_passed_over_alone_with_one_line_naming_it(copy):
+    edit_package_entry(copy, "model-b1t1.pt2", cpu_capability="AVX512")
+    runtime, log = load_in_subprocess(copy, {"ATEN_CPU_CAPABILITY": "avx2"})
+    # The one pass this configuration plans (one image, one thread) runs on the dynamic package.
+    assert runtime["name"] == "compiled" and runtime["reason"].startswith("b1t1 on b1-64; ")
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING:whatcar:")]
+    assert warnings == [
+        "WARNING:whatcar:compiled b1t1 not used, its passes go to the next runtime: the compiled package needs a CPU "
+        "with AVX512 and this one offers AVX2",
+        "WARNING:whatcar:no compiled b1t1 package: passes of 1 image(s) on 1 thread(s) run on b1-64"]
+
+
+def test_weights_packed_for_avx2_are_passed_over_where_onednn_runs_wider_kernels(copy):
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs a CPU with AVX-512, where oneDNN would pick kernels other than the packed AVX2 ones")
+    runtime, log = load_in_subprocess(copy, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})
+    assert runtime["name"] == "compiled" and runtime["reason"].startswith("b1t1 on b1-64; ")
+    assert "compiled b1t1 not used, its passes go to the next runtime: its weights are packed for oneDNN's AVX2 " \
+           "kernels and oneDNN runs AVX512_CORE ones here" in log
+
+
 def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, caplog):
     edit_package_entry(copy, torch="2.11.0")
     with caplog.at_level(logging.INFO, logger="whatcar"):
@@ -130,7 +170,7 @@ def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, cap
         load_artifact(copy, runtime="compiled")
 
 
-def test_a_tampered_package_is_refused_like_a_tampered_model(copy):
+def test_a_tampered_package_is_refused_like_a_tampered_model(copy, caplog):
     package = copy / "model.pt2"
     data = bytearray(package.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside the compiled library, which the zip stores as it is
@@ -141,10 +181,15 @@ def test_a_tampered_package_is_refused_like_a_tampered_model(copy):
     # Listed with the damaged file's own checksum, it still does not load: the zip's CRC catches it
     # (torch's C++ loader would have run it).
     from serve.manifest import sha256_file
-    edit_package_entry(copy, sha256=sha256_file(package))
-    artifact = load_artifact(copy, runtime="auto")
-    assert artifact.runtime.name == "torchscript" and "Bad CRC-32" in artifact.runtime.reason
-    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: .*Bad CRC-32"):
+    edit_package_entry(copy, "model.pt2", sha256=sha256_file(package))
+    with caplog.at_level(logging.WARNING, logger="whatcar"):
+        artifact = load_artifact(copy, runtime="auto")
+    assert artifact.runtime.name == "compiled" and "b1-64" not in [p.shape for p in artifact.runner.packages]
+    artifact.close()
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("compiled b1-64 not used, its passes go to the next runtime: it failed to load: ")
+    assert "Bad CRC-32" in line
+    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: b1-64: .*Bad CRC-32"):
         load_artifact(copy, runtime="compiled")
 
 
@@ -154,7 +199,7 @@ def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
     with caplog.at_level(logging.INFO, logger="whatcar"):
         handler = load_handler(folder, "1", config, require_checks=True)
     try:
-        assert handler.artifact.runtime.name == "compiled" and isinstance(handler.model.runner, CompiledRunner)
+        assert handler.artifact.runtime.name == "compiled" and isinstance(handler.model.runner, ShapedRunner)
         loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
         assert len(loaded) == 1 and " on compiled in " in loaded[0] and "6 check photos agree" in loaded[0]
     finally:

@@ -70,7 +70,7 @@ def test_resume_continues_on_the_same_split(learner, tmp_path):
 
 def test_manifest_describes_the_artifact(artifact, learner):
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert manifest["num_classes"] == 3
     assert manifest["name"] == "whatcar-cars3"  # from the training data's folder and class count
     assert manifest["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
@@ -211,34 +211,55 @@ def test_missing_learner_says_how_to_make_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compiled_package_is_listed_and_scores_like_torchscript(artifact):
+SHAPES = {"b1t1": ("model-b1t1.pt2", 1, 1, 1, "AVX2"), "b1t2": ("model-b1t2.pt2", 1, 1, 2, "AVX2"),
+          "b1-64": ("model.pt2", 1, 64, None, None)}
+
+
+def test_a_compiled_package_is_listed_for_each_shape_and_scores_like_torchscript(artifact):
     manifest = Manifest.read(artifact)
-    package = manifest.compiled
-    assert package is not None, "the export wrote no compiled package (see its output)"
-    assert (package.file, package.cpu_capability, package.torch, package.min_batch, package.max_batch) == \
-        ("model.pt2", "AVX2", torch.__version__, 1, 64)
-    entry = manifest.data["files"]["compiled"]
-    assert entry["parity"]["passed"] and entry["parity"]["top1_agree"] == entry["parity"]["images"] == 24
-    assert entry["quantization"] is None and entry["compile_seconds"] > 0
-    assert package.bytes == (artifact / "model.pt2").stat().st_size < 25_000_000
-    compiled, scripted = load_artifact(artifact, runtime="compiled"), load_artifact(artifact, runtime="torchscript")
-    assert compiled.runtime.name == "compiled" and compiled.module is None
+    packages = {p.shape: p for p in manifest.compiled}
+    assert set(packages) == set(SHAPES), "the export left out a shape (see its output)"
+    scripted = load_artifact(artifact, runtime="torchscript")
     preprocessor = Preprocessor(scripted.steps, 10**8)
     pixels = torch.stack([preprocessor(p.read_bytes()) for p in car_photos()[:5]])
     with torch.inference_mode():
-        together, reference = compiled.runner(pixels), scripted.runner(pixels)
-        one_by_one = torch.cat([compiled.runner(pixels[i:i + 1]) for i in range(5)])
-    assert together.shape == (5, manifest.output_width)  # probabilities, then familiarity
-    assert torch.allclose(together, reference, atol=1e-4) and torch.allclose(together, one_by_one, atol=1e-5)
-    compiled.close()
+        reference = scripted.runner(pixels)
+    entries = {e["file"]: e for e in manifest.data["files"]["compiled"]}
+    for shape, (file, low, high, threads, isa) in SHAPES.items():
+        package = packages[shape]
+        assert (package.file, package.min_batch, package.max_batch, package.threads, package.onednn_isa) == \
+            (file, low, high, threads, isa)
+        assert (package.cpu_capability, package.torch) == ("AVX2", torch.__version__)
+        entry = entries[file]
+        assert entry["parity"]["passed"] and entry["parity"]["top1_agree"] == entry["parity"]["images"] == 24
+        assert entry["quantization"] is None and entry["compile_seconds"] > 0
+        assert package.bytes == (artifact / file).stat().st_size < 25_000_000
+        runner = compiled_mod.load_runner(compiled_mod.Compiled(
+            artifact / file, package.torch, package.cpu_capability, package.arch, low, high, 1.0, "", threads, isa),
+            *scripted.input_size)
+        one = compiled_mod.one_at_a_time(runner)
+        with torch.inference_mode():
+            one_by_one = torch.cat([one(pixels[i:i + 1]) for i in range(5)])
+            together = runner(pixels) if threads is None else one_by_one
+        runner.close()
+        assert one_by_one.shape == (5, manifest.output_width)  # probabilities, then familiarity
+        assert torch.allclose(one_by_one, reference, atol=1e-4), shape
+        assert torch.allclose(together, one_by_one, atol=1e-5), shape
+    # The server picks among them by shape.
+    served = load_artifact(artifact, runtime="compiled")
+    assert served.runtime.name == "compiled" and served.module is None
+    assert sorted(p.shape for p in served.runner.packages) == sorted(SHAPES)
+    served.close()
+    scripted.close()
 
 
-def test_compiled_package_has_no_avx512_instruction_and_the_count_would_see_one(artifact, tmp_path):
+def test_compiled_packages_have_no_avx512_instruction_and_the_count_would_see_one(artifact, tmp_path):
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed: the export notes it skipped this check")
-    library = extract_library(artifact / "model.pt2", tmp_path)
-    assert compiled_mod.evex_instructions(library) == 0
-    assert "no AVX-512" in Manifest.read(artifact).data["files"]["compiled"]["isa_check"]
+    for entry in Manifest.read(artifact).data["files"]["compiled"]:
+        library = extract_library(artifact / entry["file"], tmp_path)
+        assert compiled_mod.evex_instructions(library) == 0, entry["file"]
+        assert "no AVX-512" in entry["isa_check"]
     # The same count on a library that does hold AVX-512 instructions.
     source = tmp_path / "wide.c"
     source.write_text("void add(float *a) { __asm__ volatile(\"vaddps %%zmm0, %%zmm1, %%zmm2\" ::: \"memory\"); "
@@ -247,46 +268,66 @@ def test_compiled_package_has_no_avx512_instruction_and_the_count_would_see_one(
     assert compiled_mod.evex_instructions(tmp_path / "wide.so") == 2
 
 
-@pytest.mark.parametrize("failure", ["parity", "compile", "no compiler"])
+@pytest.mark.parametrize("failure", ["parity", "compile", "one shape", "no compiler"])
 def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_says_why(
         failure, learner, artifact, tmp_path, monkeypatch, capsys):
-    """Each way the package can fail leaves a TorchScript-only version, and the output says why. The
-    package the module's export compiled stands in for a new compile, so these take seconds."""
-    def reuse(program, out_dir, max_batch=64, quantized=False):
+    """Each way a package can fail leaves it out, and the output says why; with none left the
+    version serves TorchScript. The packages the module's export compiled stand in for new
+    compiles, so these take seconds."""
+    def reuse(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(artifact / "model.pt2", out_dir / "model.pt2")
-        return compiled_mod.Compiled(out_dir / "model.pt2", torch.__version__, "AVX2", "x86_64", 1, max_batch, 1.0,
-                                     compiled_mod.check_library(out_dir / "model.pt2"))
+        shutil.copyfile(artifact / shape.file, out_dir / shape.file)
+        low, high = (shape.batch, shape.batch) if shape.batch else (1, max_batch)
+        return compiled_mod.Compiled(out_dir / shape.file, torch.__version__, "AVX2", "x86_64", low, high, 1.0,
+                                     compiled_mod.check_library(out_dir / shape.file), shape.threads,
+                                     "AVX2" if shape.batch else None)
 
     real_check = cli.parity.check
 
     def compiled_disagrees(learn, module, steps, files, temperature=1.0):
         report = real_check(learn, module, steps, files, temperature)
-        if not isinstance(module, torch.jit.ScriptModule):  # the package's runner
+        if not isinstance(module, torch.jit.ScriptModule):  # a package's runner
             report.max_abs_diff = 0.5
         return report
 
+    def broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+        raise compiled_mod.CompileError(f"AOTInductor failed on {shape.name}: g++ exited 1")
+
+    def b1t2_broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+        if shape.name == "b1t2":
+            return broken(program, out_dir, shape)
+        return reuse(program, out_dir, shape, quantized, max_batch)
+
+    kept = []
     if failure == "parity":
         monkeypatch.setattr(cli.compiled, "compile_package", reuse)
         monkeypatch.setattr(cli.parity, "check", compiled_disagrees)
-        expected = "its parity check failed"
+        expected = ["its parity check failed"]
     elif failure == "compile":
-        def broken(program, out_dir, max_batch=64, quantized=False):
-            raise compiled_mod.CompileError("AOTInductor failed: g++ exited 1")
         monkeypatch.setattr(cli.compiled, "compile_package", broken)
-        expected = "AOTInductor failed: g++ exited 1"
+        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: AOTInductor failed on "
+                    f"{name}: g++ exited 1" for name in SHAPES]
+    elif failure == "one shape":
+        monkeypatch.setattr(cli.compiled, "compile_package", b1t2_broken)
+        expected = ["export: no compiled b1t2 package, its passes will run on the next runtime: AOTInductor failed on "
+                    "b1t2: g++ exited 1"]
+        kept = ["b1-64", "b1t1"]
     else:
         monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, no c++
         monkeypatch.delenv("CXX", raising=False)
-        expected = "no C++ compiler"
+        expected = ["no C++ compiler"]
     out = tmp_path / "models"
     assert cli.main([str(learner), "--out", str(out), "--images", str(CARS), "--parity-images", "4",
                      "--checks", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "export: no compiled package, the artifact serves TorchScript only: " in printed and expected in printed
+    assert all(line in printed for line in expected), printed
+    assert ("export: no compiled package, the artifact serves TorchScript only" in printed) == (not kept)
     version = out / ModelFolder(out).current()
-    assert Manifest.read(version).compiled is None and not (version / "model.pt2").exists()
-    assert load_artifact(version).runtime.name == "torchscript"
+    assert sorted(p.shape for p in Manifest.read(version).compiled) == kept
+    assert sorted(p.name for p in version.glob("*.pt2")) == sorted(SHAPES[name][0] for name in kept)
+    served = load_artifact(version)
+    assert served.runtime.name == ("compiled" if kept else "torchscript")
+    served.close()
 
 
 def test_int8_package_is_kept_only_within_a_point_of_float_accuracy(learner, tmp_path, capsys):
@@ -300,7 +341,7 @@ def test_int8_package_is_kept_only_within_a_point_of_float_accuracy(learner, tmp
     int8, float32 = (float(x) for x in re.findall(r"([0-9.]+) % \(", verdict[0]))  # as printed: int8 first
     if code == 0:
         assert verdict[0].endswith("kept") and float32 - int8 <= 1.0
-        entry = Manifest.read(out / "1").data["files"]["compiled"]
+        [entry] = Manifest.read(out / "1").data["files"]["compiled"]
         assert entry["quantization"] == "int8" and entry["int8"]["calibration_images"] == 16
         assert round(100 * entry["int8"]["int8_top1"], 1) == int8
         artifact = load_artifact(out / "1", runtime="compiled")
@@ -329,12 +370,17 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
     # The server's own preprocessing, JPEG draft decoding included, as tests/cross uses it.
     preprocessor = Preprocessor(loaded.steps, 10**8)
     package = load_artifact(target / "artifact", runtime="compiled")
-    rows, compiled_rows = {}, {}
+    # What each shape gives each photo under this (the exporting) torch, on its own thread count.
+    rows, compiled_rows = {}, {p.shape: {} for p in package.runner.packages}
+    before = torch.get_num_threads()
     for path in car_photos():
         pixels = preprocessor(path.read_bytes())
         with torch.no_grad():
             rows[str(path.relative_to(CARS))] = loaded.runner(pixels.unsqueeze(0))[0].tolist()
-            compiled_rows[str(path.relative_to(CARS))] = package.runner(pixels.unsqueeze(0))[0].tolist()
+            for shape, runner in package.runner.runners.items():
+                torch.set_num_threads(shape.threads or before)
+                compiled_rows[shape.shape][str(path.relative_to(CARS))] = runner(pixels.unsqueeze(0))[0].tolist()
+    torch.set_num_threads(before)
     package.close()
     (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows,
                                                       "compiled_probabilities": compiled_rows}))
