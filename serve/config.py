@@ -31,7 +31,9 @@ class Config:
     max_upload_bytes: int = 20 * MiB
     max_image_pixels: int = 50_000_000
     top_k: int = 5
-    max_batch: int = 32
+    # The most images one /v2 inference request may carry (--max-batch): a request limit, not
+    # a forward pass's size (micro_batch) nor a compiled package's batch range.
+    max_request_images: int = 32
     micro_batch: int = 1
     solo_threads: int = 1
     malloc_arenas: int = 0
@@ -55,7 +57,8 @@ def _defaults() -> dict:
     return dict(inference_workers=cpus, threads=max(8, 4 * cpus), solo_threads=cpus)
 
 
-# (flag, field, type, help). The variable is WHATCAR_ + the field in capitals.
+# (flag, field, type, help). The variable is WHATCAR_ + the flag's name in capitals, dashes as
+# underscores: the flag and the variable are what users set, the field is the code's name for it.
 OPTIONS = [
     ("--model-dir", "model_dir", Path, "artifact folder written by `make export`"),
     ("--host", "host", str, "address to bind; 0.0.0.0 exposes the server to the network"),
@@ -66,7 +69,7 @@ OPTIONS = [
     ("--max-upload-bytes", "max_upload_bytes", int, "largest request body accepted (413 above)"),
     ("--max-image-pixels", "max_image_pixels", int, "largest width*height decoded (422 above)"),
     ("--top-k", "top_k", int, "predictions returned when the request has no ?top_k"),
-    ("--max-batch", "max_batch", int, "most images in one /v2 inference request (400 above)"),
+    ("--max-batch", "max_request_images", int, "most images in one /v2 inference request (400 above)"),
     ("--micro-batch", "micro_batch", int, "most waiting images an inference worker scores as one batch"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
     ("--solo-threads", "solo_threads", int, "intra-op threads for a request that finds the server idle (1: none)"),
@@ -93,8 +96,16 @@ class ConfigError(ValueError):
     pass
 
 
-def env_name(field: str) -> str:
-    return "WHATCAR_" + field.upper()
+FLAGS = {field: flag for flag, field, _, _ in OPTIONS}
+
+
+def setting_name(flag: str) -> str:
+    """How messages name a setting: --max-upload-bytes -> max_upload_bytes."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def env_name(flag: str) -> str:
+    return "WHATCAR_" + setting_name(flag).upper()
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
@@ -104,8 +115,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         epilog="Every option can also be set with the environment variable shown; a flag wins over it.",
     )
     for flag, field, kind, text in OPTIONS:
-        parser.add_argument(flag, dest=field, type=str, default=None,
-                            help=f"{text} [{env_name(field)}, default: {defaults[field]}]")
+        # metavar: the usage line shows --max-batch MAX_BATCH, whatever the field is called.
+        parser.add_argument(flag, dest=field, metavar=setting_name(flag).upper(), type=str, default=None,
+                            help=f"{text} [{env_name(flag)}, default: {defaults[field]}]")
     return parser
 
 
@@ -117,8 +129,8 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
     values = {}
     for flag, field, kind, _ in OPTIONS:
         raw, source = getattr(args, field), flag
-        if raw is None and env_name(field) in environ:
-            raw, source = environ[env_name(field)], env_name(field)
+        if raw is None and env_name(flag) in environ:
+            raw, source = environ[env_name(flag)], env_name(flag)
         if raw is None:
             values[field] = defaults[field]
             continue
@@ -134,11 +146,12 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
 
 def validate(config: Config) -> None:
     positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
-                "max_batch", "micro_batch", "solo_threads", "channel_timeout")
+                "max_request_images", "micro_batch", "solo_threads", "channel_timeout")
     for field in positive:
         if getattr(config, field) < 1:
-            raise ConfigError(f"{field} must be at least 1 (got {getattr(config, field)}); "
-                              f"set --{field.replace('_', '-')} or {env_name(field)}")
+            flag = FLAGS[field]
+            raise ConfigError(f"{setting_name(flag)} must be at least 1 (got {getattr(config, field)}); "
+                              f"set {flag} or {env_name(flag)}")
     if config.malloc_arenas < 0:
         raise ConfigError(f"malloc_arenas must be 0 or more (got {config.malloc_arenas}); "
                           "set --malloc-arenas or WHATCAR_MALLOC_ARENAS")

@@ -102,7 +102,7 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
                     "parameters.classification) and 'labels' (BYTES [N,k], each '<probability>:<index>:<label>', "
                     "k from parameters.top_k). With the binary tensor data extension the body is the JSON header "
                     "(its length in the Inference-Header-Content-Length header) followed by the binary tensors. "
-                    f"At most {config.max_batch} images and {config.max_upload_bytes} bytes per request."),
+                    f"At most {config.max_request_images} images and {config.max_upload_bytes} bytes per request."),
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},

@@ -219,8 +219,8 @@ class InferRequest:
         return self.handler.artifact.manifest.input_name
 
     def check_batch(self, n: int) -> None:
-        if not 1 <= n <= self.config.max_batch:
-            raise bad(f"input '{self.input.name}': batch of {n}; send 1 to {self.config.max_batch} images")
+        if not 1 <= n <= self.config.max_request_images:
+            raise bad(f"input '{self.input.name}': batch of {n}; send 1 to {self.config.max_request_images} images")
 
     def images(self) -> list[bytes]:
         """The encoded image files of a BYTES input."""

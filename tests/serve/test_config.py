@@ -3,7 +3,7 @@
 import pytest
 
 from serve import cpus
-from serve.config import ConfigError, load_config
+from serve.config import Config, ConfigError, build_parser, load_config
 from tests.support.paths import ARTIFACTS
 
 
@@ -39,6 +39,22 @@ def test_bad_settings_are_named(argv, message):
 def test_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match="WHATCAR_MAX_UPLOAD_BYTES='lots'"):
         load_config(["--model-dir", str(ARTIFACTS)], environ={"WHATCAR_MAX_UPLOAD_BYTES": "lots"})
+
+
+def test_the_request_image_limit_keeps_its_flag_and_variable():
+    """--max-batch and WHATCAR_MAX_BATCH set the most images one /v2 request may carry; the code
+    calls it max_request_images, and what users type and read must not change with that."""
+    base = ["--model-dir", str(ARTIFACTS)]
+    assert load_config(base, environ={}).max_request_images == 32
+    assert load_config(base, environ={"WHATCAR_MAX_BATCH": "8"}).max_request_images == 8
+    assert load_config([*base, "--max-batch", "4"], environ={"WHATCAR_MAX_BATCH": "8"}).max_request_images == 4
+    message = r"^max_batch must be at least 1 \(got 0\); set --max-batch or WHATCAR_MAX_BATCH$"
+    with pytest.raises(ConfigError, match=message):
+        load_config([*base, "--max-batch", "0"], environ={})
+    with pytest.raises(ConfigError, match="WHATCAR_MAX_BATCH='many' is not a valid int"):
+        load_config(base, environ={"WHATCAR_MAX_BATCH": "many"})
+    text = build_parser({**Config().__dict__}).format_help()
+    assert "--max-batch MAX_BATCH" in text and "WHATCAR_MAX_BATCH" in text and "REQUEST_IMAGES" not in text
 
 
 def test_cgroup_quota_is_read(tmp_path):

@@ -215,7 +215,7 @@ def test_body_over_the_upload_limit(client, infer_path, config):
     assert resp.status_code == 413 and "limit" in resp.json["error"]
 
 
-def malformed_requests(handler, max_batch: int):
+def malformed_requests(handler, max_images: int):
     artifact = handler.artifact
     height, width = artifact.input_size
     pixels = artifact.manifest.input_name
@@ -232,7 +232,7 @@ def malformed_requests(handler, max_batch: int):
         "not base64": {"inputs": [{**one, "data": ["***"]}]},
         "not a string": {"inputs": [{**one, "data": [12]}]},
         "no data": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}]},
-        "batch too large": {"inputs": [{**one, "shape": [max_batch + 1], "data": ["AAAA"] * (max_batch + 1)}]},
+        "batch too large": {"inputs": [{**one, "shape": [max_images + 1], "data": ["AAAA"] * (max_images + 1)}]},
         "pixels wrong size": {"inputs": [{"name": pixels, "datatype": "UINT8", "shape": [1, 3, height + 1, width],
                                           "data": [0] * (3 * (height + 1) * width)}]},
         "pixels out of range": {"inputs": [{"name": pixels, "datatype": "UINT8", "shape": [1, 3, height, width],
@@ -249,7 +249,7 @@ def malformed_requests(handler, max_batch: int):
 
 
 def test_malformed_requests_are_json_400s(client, handler, config, infer_path):
-    for case, request in malformed_requests(handler, config.max_batch).items():
+    for case, request in malformed_requests(handler, config.max_request_images).items():
         body = request if isinstance(request, bytes) else json.dumps(request)
         resp = client.simulate_post(infer_path, body=body)
         assert resp.status_code == 400, (case, resp.text)
