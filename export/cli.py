@@ -310,7 +310,9 @@ def add_version(out: Path, fill, keep: int) -> str:
         if listed:
             # auto: a shape that was left out only warns here; one that is listed must load.
             served = load_artifact(staging, runtime="auto", plan=SERVED_PASSES)
-            loaded = {package.shape for package in getattr(served.runner, "packages", [])}
+            # Those no planned pass uses load when first needed: load them now.
+            loaded = {package.shape for package in getattr(served.runner, "packages", [])
+                      if served.runner.runner_for(package) is not None}
             served.close()
             if loaded != listed:
                 why = served.runtime.reason if served.runtime.name == "torchscript" else "the warning above says why"

@@ -59,8 +59,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FILE = "model.pt2"
 # The capability the package targets, as torch.backends.cpu.get_cpu_capability() names it.
 CPU_CAPABILITY = "AVX2"
-# The server scores up to --max-batch images (32 by default) in one pass; larger batches are
-# split by serve/runtime/compiled.py, so the bound only needs to cover the common case.
+# The dynamic package's largest batch: a pass holds up to --micro-batch images, or one /v2
+# request's (at most --max-batch, 32 by default); larger batches are split by
+# serve/runtime/compiled.py, so the bound only needs to cover the common case.
 MAX_BATCH = 64
 INDUCTOR_CONFIGS = {
     "freezing": True,

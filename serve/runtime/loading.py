@@ -84,19 +84,36 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
     host, passes = this_host(), plan.passes()
     loaded: dict[CompiledPackage, object] = {}
     problems: dict[CompiledPackage, str] = {}
+
+    def loader(package: CompiledPackage):
+        return lambda: load_compiled(folder / package.file, package, manifest, classes, plan.callers(package.threads))
+
+    usable = [p for p in packages if package_problem(p.requirements(), host) is None]
+    planned = {choose_shape(batch, threads, usable) for batch, threads in passes}
+    later = {}
     try:
         for package in packages:
             problem = package_problem(package.requirements(), host)
+            if problem is None and package not in planned and requested != "compiled":
+                later[package] = loader(package)  # loaded when a pass first needs it
+                continue
             if problem is None:
                 try:
-                    loaded[package] = load_compiled(folder / package.file, package, manifest, classes,
-                                                    plan.callers(package.threads))
+                    loaded[package] = loader(package)()
                 except ArtifactError as exc:
                     problem = f"it failed to load: {exc}"
             if problem is not None:
                 problems[package] = problem
                 if requested == "compiled":
                     raise ArtifactError(f"--runtime compiled cannot be served: {named(package, packages)}{problem}")
+        if not loaded:
+            # No planned pass has a package that loads: those left for later must prove themselves now.
+            for package, load in later.items():
+                try:
+                    loaded[package] = load()
+                except ArtifactError as exc:
+                    problems[package] = f"it failed to load: {exc}"
+            later = {}
         if not loaded:
             choice = fall_back(requested, "; ".join(named(p, packages) + problems[p] for p in packages))
             return Opened(*torchscript_runner(folder, manifest, classes, optimize), choice, passes)
@@ -105,7 +122,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
         if any(p.static for p in packages):
             # A set of static shapes that lacks one of the passes planned here.
             for batch, threads in passes:
-                chosen = choose_shape(batch, threads, list(loaded))
+                chosen = choose_shape(batch, threads, list(loaded) + list(later))
                 if chosen is None or not chosen.static:
                     pass_over(requested, f"no compiled b{batch}t{threads} package: passes of {batch} image(s) on "
                                          f"{threads} thread(s) run on {shape_name(chosen)}")
@@ -113,7 +130,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
         for runner in loaded.values():
             runner.close()
         raise
-    runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0])
+    runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0], later)
     return Opened(runner, None, compiled_choice(runner, passes, host), passes)
 
 
@@ -152,14 +169,15 @@ def check_shapes(runner, pixels: torch.Tensor, expected: list[int], classes: int
     pixels, expected = pixels[:SHAPE_CHECKS], expected[:SHAPE_CHECKS]
     planned = {runner.choose(batch, threads) for batch, threads in passes}
     dropped = []
-    for package in [p for p in runner.packages if p in planned]:
+    for package in [p for p in runner.packages if p in planned and runner.runner_for(p) is not None]:
         size, got = package.min_batch, []
         with torch.inference_mode():
             for start in range(0, len(pixels), size):
                 part = pixels[start:start + size]
                 if len(part) < size:  # a static batch is filled with copies of its last photo
                     part = torch.cat([part, part[-1:].expand(size - len(part), *part.shape[1:])])
-                got += runner.runners[package](part.contiguous())[:len(pixels) - start, :classes].argmax(dim=1).tolist()
+                got += runner.runner_for(package)(part.contiguous())[:len(pixels) - start, :classes] \
+                    .argmax(dim=1).tolist()
         wrong = sum(g != e for g, e in zip(got, expected))
         if wrong:
             runner.drop(package)

@@ -171,25 +171,26 @@ def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, cap
 
 
 def test_a_tampered_package_is_refused_like_a_tampered_model(copy, caplog):
-    package = copy / "model.pt2"
+    package = copy / "model-b1t1.pt2"
     data = bytearray(package.read_bytes())
     data[len(data) // 2] ^= 0x01  # inside the compiled library, which the zip stores as it is
     package.write_bytes(bytes(data))
     for runtime in ("auto", "compiled", "torchscript"):
-        with pytest.raises(ArtifactError, match="model.pt2 sha256 is .*the manifest says"):
+        with pytest.raises(ArtifactError, match="model-b1t1.pt2 sha256 is .*the manifest says"):
             load_artifact(copy, runtime=runtime)
     # Listed with the damaged file's own checksum, it still does not load: the zip's CRC catches it
-    # (torch's C++ loader would have run it).
+    # (torch's C++ loader would have run it). The pass it was for goes to the dynamic package.
     from serve.manifest import sha256_file
-    edit_package_entry(copy, "model.pt2", sha256=sha256_file(package))
+    edit_package_entry(copy, "model-b1t1.pt2", sha256=sha256_file(package))
     with caplog.at_level(logging.WARNING, logger="whatcar"):
         artifact = load_artifact(copy, runtime="auto")
-    assert artifact.runtime.name == "compiled" and "b1-64" not in [p.shape for p in artifact.runner.packages]
+    assert artifact.runtime.name == "compiled" and artifact.runtime.reason.startswith("b1t1 on b1-64; ")
     artifact.close()
-    [line] = [r.getMessage() for r in caplog.records]
-    assert line.startswith("compiled b1-64 not used, its passes go to the next runtime: it failed to load: ")
-    assert "Bad CRC-32" in line
-    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: b1-64: .*Bad CRC-32"):
+    failed, missing = [r.getMessage() for r in caplog.records]
+    assert failed.startswith("compiled b1t1 not used, its passes go to the next runtime: it failed to load: ")
+    assert "Bad CRC-32" in failed
+    assert missing == "no compiled b1t1 package: passes of 1 image(s) on 1 thread(s) run on b1-64"
+    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: b1t1: .*Bad CRC-32"):
         load_artifact(copy, runtime="compiled")
 
 

@@ -210,3 +210,28 @@ def test_only_the_shapes_planned_passes_use_are_given_check_photos():
     pixels = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
     assert check_shapes(runner, pixels, [0, 0, 0], classes=3, requested="compiled", passes=[(1, 1)]) == []
     assert unused.calls == [] and [size for size, _ in runner.runners[B1T1].calls] == [1, 1]  # SHAPE_CHECKS
+
+
+def test_a_package_no_planned_pass_uses_loads_when_a_pass_first_needs_it(caplog):
+    loads = []
+
+    def later():
+        loads.append(1)
+        return Fake(5)
+
+    runner = ShapedRunner({B1T1: Fake(1)}, lambda: Fake(9), later={DYNAMIC: later})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        runner(torch.zeros(1, 3, 4, 4))
+        assert loads == [] and runner.ran(3) == "b1-64"
+        assert runner(torch.zeros(3, 3, 4, 4))[0, 0] == 5 and runner(torch.zeros(2, 3, 4, 4))[0, 0] == 5
+        assert loads == [1]
+        # One that fails to load leaves its passes to the next choice, with one line.
+        broken = ShapedRunner({}, lambda: Fake(9), later={DYNAMIC: lambda: 1 / 0})
+        with caplog.at_level(logging.WARNING, logger="whatcar"):
+            assert broken(torch.zeros(2, 3, 4, 4))[0, 0] == 9 and broken(torch.zeros(2, 3, 4, 4))[0, 0] == 9
+        assert [r.getMessage() for r in caplog.records] == [
+            "compiled b1-64 not used, its passes go to the next runtime: it failed to load: division by zero"]
+    finally:
+        torch.set_num_threads(before)
