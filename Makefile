@@ -32,7 +32,7 @@ BUILD    ?= build
 
 .DEFAULT_GOAL := help
 .PHONY: help serve reload rollback classify classify-ray test test-serve test-export test-cross test-client test-ray \
-        test-deploy train export triton bench clean serve-env train-env torchserve-env openvino-env client-env fuzz soak \
+        test-deploy train export compile triton bench clean serve-env train-env torchserve-env openvino-env client-env fuzz soak \
         chromium deploy deploy-rollback deploy-status systemd-analyze cxx
 
 help: ## list the targets
@@ -112,6 +112,11 @@ export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a che
 # AOTInductor compiles the artifact's compiled packages with a C++ compiler at export time (serving
 # needs none), under the serve virtualenv's torch, the one that runs them: installed here when
 # missing (as root). Without one, the export writes TorchScript only and says so.
+# The committed packages are portable AVX2 builds; this builds the same shapes for this machine's CPU
+# from the current version's model.pt (docs/runtime.md, "make compile").
+compile: $(VENV)/serve/.stamp cxx ## build the current version's compiled packages again for this CPU: a new version, made current
+	$(SERVE_PY) -m export.host --model-dir $(MODEL_DIR)
+
 cxx:
 	@$(call install-missing,$${CXX:-g++},g++,for the compiled package,\
 	  echo "no C++ compiler: the export writes no compiled package (sudo apt-get install g++)")

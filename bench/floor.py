@@ -35,11 +35,12 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from serve.malloc import keep_freed_memory  # noqa: E402
-from serve.onednn import cap_isa  # noqa: E402
+from serve.onednn import cap_isa, packed_isa  # noqa: E402
 from serve.openmp import passive_waits  # noqa: E402
 
 passive_waits()  # as the server does, before torch loads
-cap_isa()
+_at = sys.argv.index("--model-dir") + 1 if "--model-dir" in sys.argv else None
+cap_isa(packed_for=packed_isa(sys.argv[_at] if _at else "artifacts"))
 keep_freed_memory()
 
 import torch  # noqa: E402

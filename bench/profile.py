@@ -158,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from serve.manifest import Manifest
-    from serve.onednn import cap_isa
+    from serve.onednn import cap_isa, packed_isa
     from serve.versions import current_folder
 
-    cap_isa()  # the children inherit it, as the server's oneDNN has it
+    cap_isa(packed_for=packed_isa(args.model_dir))  # the children inherit it, as the server's oneDNN has it
     folder = current_folder(args.model_dir)
     manifest = Manifest.read(folder)
     height, width = manifest.input_size

@@ -34,6 +34,11 @@ the training torch compiles, and serve/runtime/choice.py accepts its packages on
 `check_library` then proves the result runs where it should: no AVX-512 (EVEX-encoded)
 instruction in its code, and no call that would need torch's proxy executor, which the
 server's loader does not provide.
+
+`host=True` (make compile, export/host.py) builds for the compiling machine instead: gcc's
+-march=native, Inductor's widest vectors, and oneDNN as this machine's server runs it (its own
+choice of kernels, or the operator's ONEDNN_MAX_CPU_ISA), so the weights are packed for those
+kernels. Such a package runs only on CPUs like this one.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ from pathlib import Path
 import torch
 
 from serve.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
+from serve.onednn import VARIABLE as ONEDNN_VARIABLE
+from serve.onednn import effective_isa
 from serve.runtime.compiled import CompiledModel, CompiledRunner, extract_library
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +76,8 @@ INDUCTOR_CONFIGS = {
     "cpp.march": "x86-64-v3",
 }
 COMPILE_ENV = {"ONEDNN_MAX_CPU_ISA": ONEDNN_PACKED_FOR}
+# For the compiling machine's own CPU: Inductor's defaults (-march=native, the widest vectors).
+HOST_INDUCTOR_CONFIGS = {"freezing": True}
 COMPILE_PYTHON = "WHATCAR_COMPILE_PYTHON"
 
 
@@ -136,11 +145,12 @@ def export_program(module: torch.nn.Module, height: int, width: int, max_batch: 
 
 
 def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), quantized: bool = False,
-                    max_batch: int = MAX_BATCH) -> Compiled:
-    """Compile an exported program into `out_dir`/`shape.file` in a child process set up for AVX2,
-    then check the library; raises CompileError. `quantized`: the program holds torchao's
-    quantisation operators (PT2E int8), which only the training virtualenv has, so its torch
-    compiles it and the child must register them before loading it."""
+                    max_batch: int = MAX_BATCH, host: bool = False) -> Compiled:
+    """Compile an exported program into `out_dir`/`shape.file` in a child process set up for AVX2
+    (for this machine's own CPU with `host`), then check the library; raises CompileError.
+    `quantized`: the program holds torchao's quantisation operators (PT2E int8), which only the
+    training virtualenv has, so its torch compiles it and the child must register them before
+    loading it."""
     if not cxx_compiler():
         raise CompileError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
                            "serving it needs none")
@@ -150,14 +160,15 @@ def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), qu
         # "No complete tensor found in the group": channels-last weights are saved as they are.
         warnings.simplefilter("ignore", UserWarning)
         torch.export.save(program, str(program_path))
-    python = sys.executable if quantized else os.environ.get(COMPILE_PYTHON) or sys.executable
+    python = sys.executable if quantized or host else os.environ.get(COMPILE_PYTHON) or sys.executable
+    env = dict(os.environ) if host else {**os.environ, **COMPILE_ENV}
     started = time.perf_counter()
     try:
         command = [python, "-m", "export.compiled", str(program_path), str(package)]
         command += ["--threads", str(shape.threads)] if shape.threads else []
-        done = subprocess.run(command + (["--quantized"] if quantized else []), cwd=ROOT,
-                              env={**os.environ, **COMPILE_ENV}, capture_output=True, text=True,
-                              timeout=COMPILE_TIMEOUT)
+        command += ["--quantized"] if quantized else []
+        done = subprocess.run(command + (["--host"] if host else []), cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise CompileError(f"compiling {shape.name} took more than {COMPILE_TIMEOUT} s") from None
     finally:
@@ -168,24 +179,32 @@ def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), qu
         raise CompileError(f"AOTInductor failed on {shape.name}: {tail[0]}")
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     low, high = (shape.batch, shape.batch) if shape.batch else (1, max_batch)
-    return Compiled(path=package, torch=facts["torch"], cpu_capability=CPU_CAPABILITY, arch=platform.machine(),
+    if host:
+        # The weights are packed for the kernels oneDNN ran in the child, as it runs in this host's server.
+        capability, packed = facts["cpu_capability"], facts["onednn_isa"]
+        isa_check = check_library(package, allow_avx512=True) + f"; built for this host's {capability} CPU"
+    else:
+        capability, packed, isa_check = CPU_CAPABILITY, ONEDNN_PACKED_FOR, check_library(package)
+    return Compiled(path=package, torch=facts["torch"], cpu_capability=capability, arch=platform.machine(),
                     min_batch=low, max_batch=high, compile_seconds=round(seconds, 1),
-                    isa_check=check_library(package), threads=shape.threads,
-                    onednn_isa=ONEDNN_PACKED_FOR if shape.batch else None)
+                    isa_check=isa_check, threads=shape.threads, onednn_isa=packed if shape.batch else None)
 
 
 def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
-def check_library(package: Path) -> str:
-    """Raise CompileError if the package's code holds an AVX-512 instruction or needs a proxy
-    executor; returns what was checked, for the export's output and the manifest."""
+def check_library(package: Path, allow_avx512: bool = False) -> str:
+    """Raise CompileError if the package's code needs a proxy executor or (unless `allow_avx512`)
+    holds an AVX-512 instruction; returns what was checked, for the export's output and the
+    manifest."""
     with tempfile.TemporaryDirectory(prefix="whatcar-check-") as scratch:
         library = extract_library(package, Path(scratch))
         if PROXY_CALL in library.read_bytes():
             raise CompileError("the package calls operators outside torch's C shim (through a proxy executor), "
                                "which the server's loader does not provide")
+        if allow_avx512:
+            return "runs no operator outside torch's C shim"
         evex = evex_instructions(library)
     if evex is None:
         return "AVX-512 instructions not counted: objdump (binutils) is not installed"
@@ -236,17 +255,18 @@ def one_at_a_time(runner: CompiledRunner):
 def main(argv: list[str] | None = None) -> int:
     """The child process: compile PROGRAM (torch.export.save's file) into OUT (.pt2)."""
     argv = sys.argv[1:] if argv is None else argv
-    quantized = "--quantized" in argv
-    argv = [arg for arg in argv if arg != "--quantized"]
+    quantized, host = "--quantized" in argv, "--host" in argv
+    argv = [arg for arg in argv if arg not in ("--quantized", "--host")]
     threads = None
     if "--threads" in argv:
         at = argv.index("--threads")
         threads = int(argv[at + 1])
         del argv[at:at + 2]
     if len(argv) != 2:
-        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--threads N] [--quantized]", file=sys.stderr)
+        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--threads N] [--quantized] [--host]",
+              file=sys.stderr)
         return 2
-    if os.environ.get("ONEDNN_MAX_CPU_ISA") != COMPILE_ENV["ONEDNN_MAX_CPU_ISA"]:
+    if not host and os.environ.get(ONEDNN_VARIABLE) != COMPILE_ENV[ONEDNN_VARIABLE]:
         print("export.compiled: run through compile_package(), which sets ONEDNN_MAX_CPU_ISA", file=sys.stderr)
         return 2
     if quantized:
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         # 8 s under load, so only when needed).
         import torchao.quantization.pt2e  # noqa: F401
     program = torch.export.load(argv[0])
-    configs = dict(INDUCTOR_CONFIGS)
+    configs = dict(HOST_INDUCTOR_CONFIGS if host else INDUCTOR_CONFIGS)
     if threads is None:
         configs["cpp.dynamic_threads"] = True  # the kernels follow the calling thread's count
     else:
@@ -265,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch._inductor.aoti_compile_and_package(program, package_path=argv[1], inductor_configs=configs)
-    print(json.dumps({"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__}))
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
+                      "cpu_capability": capability, "onednn_isa": effective_isa(capability)}))
     return 0
 
 

@@ -83,6 +83,9 @@ class CompiledPackage:
     quantization: str | None = None  # None (float32 weights) or "int8"
     threads: int | None = None
     onednn_isa: str | None = None
+    # The CPU model `make compile` built it on (its code may use any instruction that CPU has);
+    # None for the portable packages `make export` builds.
+    built_for: str | None = None
 
     @property
     def static(self) -> bool:
@@ -98,7 +101,7 @@ class CompiledPackage:
     def requirements(self) -> dict:
         """What serve/runtime/choice.py compares with the host."""
         return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch,
-                "onednn_isa": self.onednn_isa}
+                "onednn_isa": self.onednn_isa, "built_for": self.built_for}
 
     @classmethod
     def parse(cls, entry: dict, source: str) -> "CompiledPackage":
@@ -108,7 +111,8 @@ class CompiledPackage:
             package = cls(file=entry["file"], sha256=entry["sha256"], bytes=entry["bytes"], torch=entry["torch"],
                           cpu_capability=entry["cpu_capability"], arch=entry["arch"], min_batch=batch["min"],
                           max_batch=batch["max"], quantization=entry.get("quantization"),
-                          threads=entry.get("threads"), onednn_isa=entry.get("onednn_isa"))
+                          threads=entry.get("threads"), onednn_isa=entry.get("onednn_isa"),
+                          built_for=entry.get("built_for"))
         except (KeyError, TypeError):
             raise ArtifactError(f"{where} needs file, sha256, bytes, torch, cpu_capability, arch and "
                                 "batch.min/batch.max for each package") from None
@@ -123,6 +127,8 @@ class CompiledPackage:
             raise ArtifactError(f"{where}: threads must be a positive integer or absent")
         if package.onednn_isa is not None and not (isinstance(package.onednn_isa, str) and package.onednn_isa):
             raise ArtifactError(f"{where}: onednn_isa must be a name such as AVX2, or absent")
+        if package.built_for is not None and not (isinstance(package.built_for, str) and package.built_for):
+            raise ArtifactError(f"{where}: built_for must be a CPU model name, or absent")
         return package
 
 
@@ -322,13 +328,14 @@ class Manifest:
 
     def add_compiled(self, folder: Path, file: str, *, torch: str, cpu_capability: str, arch: str, min_batch: int,
                      max_batch: int, quantization: str | None = None, threads: int | None = None,
-                     onednn_isa: str | None = None, **facts) -> CompiledPackage:
+                     onednn_isa: str | None = None, built_for: str | None = None, **facts) -> CompiledPackage:
         """List one more compiled package, already written in `folder`, its checksum taken now;
         `facts` (parity, compile time, ...) are kept as given."""
         path = Path(folder) / file
         entry = {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch,
                  "cpu_capability": cpu_capability, "arch": arch, "batch": {"min": min_batch, "max": max_batch},
-                 "threads": threads, "onednn_isa": onednn_isa, "quantization": quantization, **facts}
+                 "threads": threads, "onednn_isa": onednn_isa, "quantization": quantization,
+                 **({"built_for": built_for} if built_for else {}), **facts}
         entries = self.data["files"].get("compiled")
         entries = [] if entries is None else entries if isinstance(entries, list) else [entries]
         self.data["files"]["compiled"] = [e for e in entries if e.get("file") != file] + [entry]

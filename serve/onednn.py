@@ -10,26 +10,50 @@ pass of the static batch-1 package on 1 thread), 44 of 79 ms went to 8 such reor
 same run), and TorchScript and the dynamic package lost nothing (docs/benchmark.md).
 
 oneDNN reads ONEDNN_MAX_CPU_ISA once, when it first runs, so it is set before torch loads
-(serve/__main__.py, serve/classify/__main__.py, the Ray actors, bench/floor.py). An operator's
-own setting is kept: serve/runtime/choice.py then passes over packages packed for another ISA.
+(serve/__main__.py, serve/classify/__main__.py, the Ray actors, bench/floor.py), from the
+manifest of the version the process starts with. An operator's own setting is kept, and a
+version swapped in later with packages packed for another ISA has them passed over
+(serve/runtime/choice.py), as does one whose packages `make compile` packed for the CPU's own
+kernels while the process runs capped.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 VARIABLE = "ONEDNN_MAX_CPU_ISA"
-# The ISA whatcar packs weights for (export/compiled.py), whatever CPU compiles.
+# The ISA `make export` packs weights for (export/compiled.py), whatever CPU compiles.
 PACKED_FOR = "AVX2"
 
 
-def cap_isa(environ: dict | None = None) -> bool:
-    """Cap oneDNN at PACKED_FOR unless the operator chose a cap; True if set. Call before torch loads."""
+def cap_isa(environ: dict | None = None, packed_for: str | None = PACKED_FOR) -> bool:
+    """Cap oneDNN at PACKED_FOR when the packages to run are packed for it, unless the operator
+    chose a cap; True if set. Call before torch loads. Packages `make compile` built for this
+    CPU (`packed_for` its own capability) want oneDNN's own choice, so no cap is set for them."""
     environ = os.environ if environ is None else environ
-    if VARIABLE in environ:
+    if VARIABLE in environ or packed_for != PACKED_FOR:
         return False
     environ[VARIABLE] = PACKED_FOR
     return True
+
+
+def packed_isa(folder: str | Path | None) -> str | None:
+    """The ISA the static packages in the version `folder` (a model folder's current version, or
+    an artifact folder) are packed for, read from its manifest as JSON before torch loads;
+    PACKED_FOR when that cannot be told (the loader then says what is wrong with the folder)."""
+    if folder is None:
+        return PACKED_FOR
+    folder = Path(folder)
+    manifest = (folder / "current" if (folder / "current").is_dir() else folder) / "manifest.json"
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"].get("compiled") or []
+        packed = {entry.get("onednn_isa") for entry in (entries if isinstance(entries, list) else [entries])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return PACKED_FOR
+    packed.discard(None)
+    return packed.pop() if len(packed) == 1 else PACKED_FOR
 
 
 def effective_isa(cpu_capability: str, environ: dict | None = None) -> str:

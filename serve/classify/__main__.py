@@ -5,11 +5,11 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 from ..malloc import keep_freed_memory  # noqa: E402
-from ..onednn import cap_isa  # noqa: E402
+from ..onednn import cap_isa, packed_isa  # noqa: E402
+from .cli import main, parse_args  # noqa: E402
 
-cap_isa()  # as the server does, before torch loads (serve/onednn.py)
-keep_freed_memory()  # as the server does (serve/malloc.py)
-
-from .cli import main  # noqa: E402
+# As the server does, before torch loads (serve/onednn.py, serve/malloc.py).
+cap_isa(packed_for=packed_isa(parse_args(sys.argv[1:]).model_dir))
+keep_freed_memory()
 
 sys.exit(main())

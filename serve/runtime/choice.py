@@ -42,6 +42,19 @@ class Host:
     arch: str            # platform.machine()
     torch: str           # torch.__version__
     onednn_isa: str = ""  # the ISA oneDNN's kernels use here (serve/onednn.py); "" for the CPU's own
+    cpu_model: str = ""  # the CPU's model name (cpu_model()); "" when unknown
+
+
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it ("AMD EPYC", "Intel(R) Xeon(R) Processor"), or ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def capability_ok(package: str, host: str) -> bool:
@@ -113,6 +126,10 @@ def package_problem(package: dict | None, host: Host) -> str | None:
     if not torch_ok(package["torch"], host.torch):
         return (f"the compiled package was built by torch {package['torch']}, and this server's torch "
                 f"{host.torch} is neither that release nor one next to it")
+    built_for = package.get("built_for")
+    if built_for and built_for != host.cpu_model:
+        return (f"the compiled package was built by make compile for a {built_for} CPU and may use instructions "
+                f"this {host.cpu_model or 'unknown'} CPU lacks")
     packed = package.get("onednn_isa")
     running = host.onednn_isa or host.cpu_capability
     if packed and packed != running:

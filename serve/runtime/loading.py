@@ -18,7 +18,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest
 from ..onednn import effective_isa
-from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback, package_problem
+from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, cpu_model, fallback, package_problem
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
@@ -42,7 +42,7 @@ def warm_up_rounds(runner, passes: list[tuple[int, int]]) -> int:
 def this_host() -> Host:
     capability = torch.backends.cpu.get_cpu_capability()
     return Host(cpu_capability=capability, arch=platform.machine(), torch=torch.__version__,
-                onednn_isa=effective_isa(capability))
+                onednn_isa=effective_isa(capability), cpu_model=cpu_model())
 
 
 def fall_back(requested: str, problem: str) -> RuntimeChoice:

@@ -143,7 +143,7 @@ def test_manifest_reads_the_compiled_entry_format_2_wrote():
     [package] = manifest_with(ENTRY).compiled
     assert (package.file, package.torch, package.cpu_capability, package.min_batch, package.max_batch,
             package.threads, package.onednn_isa) == ("model.pt2", "2.14.1+cu130", "AVX2", 1, 64, None, None)
-    assert package.requirements() == {**PACKAGE, "onednn_isa": None}
+    assert package.requirements() == {**PACKAGE, "onednn_isa": None, "built_for": None}
     without = json.loads((ARTIFACT / "manifest.json").read_text())
     without["files"].pop("compiled", None)
     assert Manifest(without).compiled == []

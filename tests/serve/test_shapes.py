@@ -10,7 +10,7 @@ import torch
 
 from serve.artifact import ArtifactError
 from serve.manifest import CompiledPackage, Manifest
-from serve.onednn import cap_isa, effective_isa
+from serve.onednn import cap_isa, effective_isa, packed_isa
 from serve.runtime.choice import Host, package_problem
 from serve.runtime.loading import check_shapes, compiled_choice, warm_up_rounds
 from serve.runtime.shapes import ShapedRunner, choose_shape, describe_passes
@@ -77,6 +77,44 @@ def test_the_cap_is_set_unless_the_operator_chose_one():
     assert not cap_isa(chosen) and chosen == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
 
 
+def test_packages_built_for_the_cpus_own_kernels_leave_onednn_uncapped():
+    environ = {}
+    assert not cap_isa(environ, packed_for="AVX512") and environ == {}
+    assert cap_isa(environ, packed_for="AVX2") and environ == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def write_version(root, entries):
+    (root / "1").mkdir(parents=True)
+    (root / "1" / "manifest.json").write_text(json.dumps({"files": {"compiled": entries}}))
+    (root / "current").symlink_to("1")
+
+
+def test_the_cap_follows_what_the_current_versions_packages_are_packed_for(tmp_path):
+    host = {**entry(B1T1), "onednn_isa": "AVX512"}
+    write_version(tmp_path / "host", [host, {**host, "file": "b1t2.pt2", "threads": 2}, entry(DYNAMIC)])
+    assert packed_isa(tmp_path / "host") == "AVX512"
+    assert packed_isa(tmp_path / "host" / "1") == "AVX512"  # an artifact folder itself
+    write_version(tmp_path / "portable", [entry(p) for p in SHIPPED])
+    assert packed_isa(tmp_path / "portable") == "AVX2"
+    # Unreadable, missing, mixed or no packed packages: the portable cap; the loader says what is wrong.
+    write_version(tmp_path / "mixed", [entry(B1T1), host])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{")
+    for folder in ("mixed", "broken", "absent"):
+        assert packed_isa(tmp_path / folder) == "AVX2"
+    assert packed_isa(None) == "AVX2"
+
+
+def test_a_package_built_by_make_compile_runs_only_on_the_cpu_it_was_built_on():
+    built = {**B1T1.requirements(), "cpu_capability": "AVX512", "onednn_isa": "AVX512", "built_for": "AMD EPYC"}
+    here = Host("AVX512", "x86_64", "2.13.0+cpu", onednn_isa="AVX512", cpu_model="AMD EPYC")
+    assert package_problem(built, here) is None
+    elsewhere = Host("AVX512", "x86_64", "2.13.0+cpu", onednn_isa="AVX512", cpu_model="Intel(R) Xeon(R) Processor")
+    assert "built by make compile for a AMD EPYC CPU" in package_problem(built, elsewhere)
+    # The portable packages name no CPU model.
+    assert package_problem(B1T1.requirements(), Host("AVX2", "x86_64", "2.13.0+cpu", cpu_model="x")) is None
+
+
 @pytest.mark.parametrize("cap, cpu, effective", [
     ("AVX2", "AVX512", "AVX2"), ("avx2", "AVX2", "AVX2"), (None, "AVX512", "AVX512"), ("ALL", "AVX2", "AVX2"),
     ("AVX512_CORE", "AVX2", "AVX2"), ("AVX512_CORE", "AVX512", "AVX512_CORE"),
@@ -116,7 +154,8 @@ def test_the_manifest_lists_one_package_per_shape():
     assert manifest_with([entry(p) for p in SHIPPED]).compiled == SHIPPED
     with pytest.raises(ArtifactError, match="lists a shape or a file twice"):
         manifest_with([entry(B1T1), {**entry(B1T1), "file": "other.pt2"}]).compiled
-    for bad in ({"threads": 0}, {"threads": "two"}, {"onednn_isa": ""}):
+    assert manifest_with([{**entry(B1T1), "built_for": "AMD EPYC"}]).compiled[0].built_for == "AMD EPYC"
+    for bad in ({"threads": 0}, {"threads": "two"}, {"onednn_isa": ""}, {"built_for": ""}, {"built_for": 3}):
         with pytest.raises(ArtifactError, match="files.compiled"):
             manifest_with([{**entry(B1T1), **bad}]).compiled
 

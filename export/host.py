@@ -1,0 +1,192 @@
+"""make compile: the current version's compiled packages built again for this machine's own CPU.
+
+    python -m export.host [--model-dir artifacts] [--keep 5]
+
+`make export` compiles portable packages: AVX2 code, weights packed for oneDNN's AVX2 kernels,
+so that one committed build runs on every x86-64 server. On a CPU with more (AVX-512), that
+leaves speed unused: on a 2-core AMD EPYC with AVX-512, one image on one thread took 21-22 ms
+with the portable package and 14-15 ms with one built here, against OpenVINO fp32's 12 ms in
+the same run.
+
+This builds the same shapes from the version's own model.pt, in the serve virtualenv, with the
+torch that serves them: the traced module is converted back to a program torch.export can
+compile (export_program below), each shape is compiled for this CPU (export/compiled.py,
+host=True) and must agree with model.pt on the version's check photos, as `make export`'s
+packages agree with learn.predict. The result is a new version, a copy of the current one
+whose packages are the host's, checked as the server loads it and made current; `make reload`
+serves it and `make rollback` goes back. A shape that cannot be built or fails its check stops
+the command with one line, and the model folder is left as it was.
+
+The packages record the CPU model they were built on (`built_for`): a server on another CPU
+passes them over with a WARNING and serves TorchScript, as for any package it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+# torch says at import that numpy is missing (the serve virtualenv has none); a failure here must
+# be the only line on stderr.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+import torch  # noqa: E402
+
+from serve.artifact import ArtifactError, first_line  # noqa: E402
+from serve.manifest import MANIFEST, Manifest  # noqa: E402
+from serve.preprocess import Preprocessor  # noqa: E402
+from serve.runtime.choice import cpu_model  # noqa: E402
+from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
+from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+
+from . import compiled, parity  # noqa: E402
+from .cli import add_version  # noqa: E402
+
+
+class HostCompileError(Exception):
+    """The host's packages cannot be made; the message says why in one line."""
+
+
+def torchscript_program(module: torch.jit.ScriptModule, height: int, width: int, batch: int | None):
+    """A torch.export program of the traced `module`, for `batch` images (None: any from 1 to
+    compiled.MAX_BATCH).
+
+    The trace computes the "same" padding of each strided convolution from the input's size, and
+    the converter turns those sizes into values read back from tensors, which AOTInductor cannot
+    reason about. With the height and width fixed they are constants: one run records each, and
+    the program is exported again with them in place. A value that changes with the batch size
+    (none does in whatcar's modules) is refused rather than fixed."""
+    from torch._export.converter import TS2EPConverter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # A sample batch of 1 would fix the batch size at 1 (torch.export treats 0 and 1 as constants).
+        graph = TS2EPConverter(module, (torch.zeros((2, 3, height, width), dtype=torch.uint8),)).convert().module()
+    read_back = torch.ops.aten._local_scalar_dense.default
+    runs = []
+    for size in (2, 3):
+        values = {}
+
+        class Record(torch.fx.Interpreter):
+            def run_node(self, node):
+                out = super().run_node(node)
+                if node.op == "call_function" and node.target is read_back:
+                    values[node] = int(out)
+                return out
+
+        with torch.no_grad():
+            Record(graph).run(torch.zeros((size, 3, height, width), dtype=torch.uint8))
+        runs.append(values)
+    if runs[0] != runs[1]:
+        raise ValueError("the traced module reads a size that depends on the batch")
+    for node, value in runs[0].items():
+        node.replace_all_uses_with(value)
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return compiled.export_program(graph, height, width, batch=batch)
+
+
+def check_against_torchscript(runner, module: torch.jit.ScriptModule, preprocessor: Preprocessor,
+                              photos: list[Path]) -> dict:
+    """Every output of the package against model.pt's on the check photos, one at a time."""
+    reference = TorchScriptRunner(module)
+    one = compiled.one_at_a_time(runner)
+    agree, largest = 0, 0.0
+    for photo in photos:
+        pixels = preprocessor(photo.read_bytes()).unsqueeze(0)
+        with torch.no_grad():
+            want, got = reference(pixels), one(pixels)
+        agree += int(want[0].argmax() == got[0].argmax())
+        largest = max(largest, float((want - got).abs().max()))
+    passed = bool(photos) and agree == len(photos) and largest <= parity.TOLERANCE
+    return {"against": "model.pt", "images": len(photos), "top1_agree": agree, "max_abs_diff": largest,
+            "tolerance": parity.TOLERANCE, "passed": passed}
+
+
+def build(model_dir: Path, keep: int = KEEP, log=print) -> str:
+    """The new version's name, made current; raises HostCompileError or ArtifactError."""
+    models = ModelFolder(model_dir)
+    try:
+        source = models.folder(models.current())
+    except VersionError as exc:
+        raise HostCompileError(str(exc)) from None
+    manifest = Manifest.read(source)
+    packages = manifest.compiled
+    if not packages:
+        raise HostCompileError(f"version {source.name} has no compiled package to build for this host")
+    if any(p.quantization for p in packages):
+        raise HostCompileError(f"version {source.name} holds int8 packages, which only `make export` can build")
+    height, width = manifest.input_size
+    module = torch.jit.load(str(manifest.verified_file(source, "model")), map_location="cpu").eval()
+    photos = [source / check.file for check in manifest.checks]
+    preprocessor = Preprocessor(manifest.steps, parity.MAX_PIXELS)
+    built_for = cpu_model() or None
+
+    def fill(staging: Path) -> None:
+        for item in source.iterdir():
+            if item.name != MANIFEST and item.name not in {p.file for p in packages}:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        data = dict(manifest.data, files=dict(manifest.data["files"]))
+        data["files"].pop("compiled")
+        new = Manifest(data, str(staging / MANIFEST))
+        for package in packages:
+            shape = compiled.Shape(package.min_batch if package.static else None, package.threads)
+            started = time.perf_counter()
+            try:
+                program = torchscript_program(module, height, width, shape.batch)
+            except Exception as exc:  # noqa: BLE001 - conversion and export fail in many ways
+                raise HostCompileError(f"{shape.name}: model.pt cannot be exported for compiling: "
+                                       f"{first_line(exc)}") from None
+            try:
+                done = compiled.compile_package(program, staging, shape, host=True)
+            except compiled.CompileError as exc:
+                raise HostCompileError(f"{shape.name}: {exc}") from None
+            runner = compiled.load_runner(done, height, width)
+            try:
+                report = check_against_torchscript(runner, module, preprocessor, photos)
+            finally:
+                runner.close()
+            if not report["passed"]:
+                raise HostCompileError(f"{shape.name} disagrees with model.pt on the check photos: "
+                                       f"{report['top1_agree']}/{report['images']} top-1 agree, max |p - p_model.pt| "
+                                       f"= {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:g})")
+            new.add_compiled(staging, done.path.name, torch=done.torch, cpu_capability=done.cpu_capability,
+                             arch=done.arch, min_batch=done.min_batch, max_batch=done.max_batch,
+                             threads=done.threads, onednn_isa=done.onednn_isa, built_for=built_for,
+                             parity=report, compile_seconds=done.compile_seconds, isa_check=done.isa_check)
+            log(f"compiled {shape.name} for this {built_for or 'unknown'} CPU ({done.cpu_capability}) in "
+                f"{time.perf_counter() - started:.0f} s; {report['top1_agree']}/{report['images']} check photos "
+                f"agree with model.pt, max |p - p_model.pt| = {report['max_abs_diff']:.2e}")
+        new.data["host_compile"] = {"from_version": source.name, "built_for": built_for,
+                                    "torch": torch.__version__}
+        new.write(staging)
+
+    return add_version(model_dir, fill, keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.host", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path("artifacts"),
+                   help="model folder whose current version is built again (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=KEEP, help="versions to keep (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        version = build(args.model_dir, args.keep)
+    except (HostCompileError, ArtifactError) as exc:
+        print(f"make compile: {exc}; {args.model_dir} is unchanged", file=sys.stderr)
+        return 1
+    print(f"version {version} of {args.model_dir} is current, with packages built for this CPU; "
+          "`make reload` serves it, `make rollback` goes back")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
