@@ -123,17 +123,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, path: str, body: bytes, content_type: str, timeout: float = 120) -> tuple[int, bytes]:
-    """(status, body) of one POST on a connection of its own."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def get_body(port: int, path: str, timeout: float = 10.0) -> bytes:
     """The body of a GET that must succeed (raises otherwise)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)

@@ -31,12 +31,12 @@ import threading
 import time
 from pathlib import Path
 
-from ops.launch import Server, launch, without_settings
+from ops.launch import Server, launch, post, without_settings
 from serve.manifest import Manifest
 from serve.versions import current_folder
 
 from .inputs import DEFAULT_PHOTO
-from .load import percentile, post, rss_mib
+from .load import percentile, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ class Clients:
         while not self.stop.is_set():
             started = time.perf_counter()
             try:
-                ok = post(port, "/predict", photo, "image/jpeg")[0] == 200
+                ok = post(port, "/predict", photo, "image/jpeg", timeout=120)[0] == 200
             except OSError:
                 ok = False
             with self.lock:

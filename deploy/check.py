@@ -12,12 +12,11 @@ A manifest without checks fails the check: a release that cannot show it scores 
 from __future__ import annotations
 
 import functools
-import http.client
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.launch import LaunchError, last_lines, launch
+from ops.launch import LaunchError, last_lines, launch, post
 from serve.errors import ArtifactError
 from serve.manifest import Manifest
 from serve.versions import VersionError, current_folder
@@ -56,20 +55,10 @@ def photo_checks(model_dir: Path) -> list[PhotoCheck]:
     return checks
 
 
-def post(port: int, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_SECONDS)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def score(port: int, check: PhotoCheck) -> str:
     content_type = CONTENT_TYPES.get(check.path.suffix.lower(), "application/octet-stream")
     try:
-        status, body = post(port, "/predict?top_k=1", check.path.read_bytes(), content_type)
+        status, body = post(port, "/predict?top_k=1", check.path.read_bytes(), content_type, REQUEST_SECONDS)
     except OSError as exc:
         raise CheckFailed(f"POST /predict with {check.path.name}: {exc}") from None
     if status != 200:

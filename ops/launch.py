@@ -11,6 +11,7 @@ Standard library only: the deploy tool runs this under the system's Python, outs
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -78,6 +79,18 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def post(port: int, path: str, body: bytes, content_type: str, timeout: float,
+         host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """(status, body) of one POST to a started server, on a connection of its own."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def without_settings(environ=os.environ) -> dict:
