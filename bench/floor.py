@@ -38,9 +38,18 @@ from serve.malloc import keep_freed_memory  # noqa: E402
 from serve.onednn import cap_isa, packed_isa  # noqa: E402
 from serve.openmp import passive_waits  # noqa: E402
 
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path("artifacts"))
+    p.add_argument("--image", action="append", required=True, metavar="NAME=PATH", help="an input, by name")
+    return p.parse_args(argv)
+
+
 passive_waits()  # as the server does, before torch loads
-_at = sys.argv.index("--model-dir") + 1 if "--model-dir" in sys.argv else None
-cap_isa(packed_for=packed_isa(sys.argv[_at] if _at else "artifacts"))
+cap_isa(packed_for=packed_isa(parse_args().model_dir if __name__ == "__main__" else None))
 keep_freed_memory()
 
 import torch  # noqa: E402
@@ -168,11 +177,7 @@ def streams(preprocess: Preprocessor, module, data: bytes, count: int, threads: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=Path("artifacts"))
-    p.add_argument("--image", action="append", required=True, metavar="NAME=PATH", help="an input, by name")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
 
     config = Config(model_dir=args.model_dir)
     folder = current_folder(config.model_dir)

@@ -19,9 +19,12 @@ kernels while the process runs capped.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from .errors import ArtifactError
+from .manifest import Manifest
+from .versions import VersionError, current_folder
 
 VARIABLE = "ONEDNN_MAX_CPU_ISA"
 # The ISA `make export` packs weights for (export/compiled.py), whatever CPU compiles.
@@ -40,19 +43,16 @@ def cap_isa(environ: dict | None = None, packed_for: str | None = PACKED_FOR) ->
 
 
 def packed_isa(folder: str | Path | None) -> str | None:
-    """The ISA the static packages in the version `folder` (a model folder's current version, or
-    an artifact folder) are packed for, read from its manifest as JSON before torch loads;
-    PACKED_FOR when that cannot be told (the loader then says what is wrong with the folder)."""
+    """The ISA the static packages of the model folder's current version (or of an artifact
+    folder) are packed for, from its manifest, before torch loads; PACKED_FOR when that cannot
+    be told (the loader then says what is wrong with the folder)."""
     if folder is None:
         return PACKED_FOR
-    folder = Path(folder)
-    manifest = (folder / "current" if (folder / "current").is_dir() else folder) / "manifest.json"
     try:
-        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"].get("compiled") or []
-        packed = {entry.get("onednn_isa") for entry in (entries if isinstance(entries, list) else [entries])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        packages = Manifest.read(current_folder(folder)).compiled
+    except (ArtifactError, VersionError, OSError):
         return PACKED_FOR
-    packed.discard(None)
+    packed = {package.onednn_isa for package in packages} - {None}
     return packed.pop() if len(packed) == 1 else PACKED_FOR
 
 

@@ -85,7 +85,7 @@ def test_packages_built_for_the_cpus_own_kernels_leave_onednn_uncapped():
 
 def write_version(root, entries):
     (root / "1").mkdir(parents=True)
-    (root / "1" / "manifest.json").write_text(json.dumps({"files": {"compiled": entries}}))
+    (root / "1" / "manifest.json").write_text(json.dumps(manifest_with(entries).data))
     (root / "current").symlink_to("1")
 
 
@@ -97,7 +97,7 @@ def test_the_cap_follows_what_the_current_versions_packages_are_packed_for(tmp_p
     write_version(tmp_path / "portable", [entry(p) for p in SHIPPED])
     assert packed_isa(tmp_path / "portable") == "AVX2"
     # Unreadable, missing, mixed or no packed packages: the portable cap; the loader says what is wrong.
-    write_version(tmp_path / "mixed", [entry(B1T1), host])
+    write_version(tmp_path / "mixed", [entry(B1T1), {**host, "file": "b1t2.pt2", "threads": 2}])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "manifest.json").write_text("{")
     for folder in ("mixed", "broken", "absent"):
