@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from serve.artifact import ArtifactError, first_line  # noqa: E402
 from serve.manifest import MANIFEST, Manifest  # noqa: E402
 from serve.preprocess import Preprocessor  # noqa: E402
-from serve.runtime.choice import cpu_model  # noqa: E402
+from serve.runtime.loading import cpu_model  # noqa: E402
 from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
 from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
 

@@ -95,9 +95,11 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
     if required and not checks:
         raise ArtifactError(f"{folder / 'manifest.json'} lists no check photos to prove the model with; "
                             "re-export it with this version of whatcar")
+    photos = []
     for check in checks:
         path = handler.artifact.manifest.verified(folder, check.file, check.sha256, "check")
-        prediction = handler.predict([path.read_bytes()], Options(top_k=1))
+        photos.append(path.read_bytes())
+        prediction = handler.predict([photos[-1]], Options(top_k=1))
         if prediction.rejected is not None:
             raise ArtifactError(f"check photo {path} cannot be scored: {prediction.rejected.description}")
         got = prediction.answers[0].ranked[0].label
@@ -106,9 +108,8 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
                                 "this is not the model that was exported, or it runs differently here")
     artifact = handler.artifact
     if checks:
-        pixels = torch.stack([handler.model.preprocess(artifact.manifest.verified(
-            folder, check.file, check.sha256, "check").read_bytes()) for check in checks[:SHAPE_CHECKS]])
-        expected = [artifact.labels.index(check.top1) for check in checks]
+        pixels = torch.stack([handler.model.preprocess(photo) for photo in photos[:SHAPE_CHECKS]])
+        expected = [artifact.labels.index(check.top1) for check in checks[:SHAPE_CHECKS]]
         passes = handler.model.threads.plan.passes()
         if check_shapes(artifact.runner, pixels, expected, len(artifact.labels), requested, passes):
             artifact.runtime = compiled_choice(artifact.runner, passes)

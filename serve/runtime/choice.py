@@ -42,19 +42,7 @@ class Host:
     arch: str            # platform.machine()
     torch: str           # torch.__version__
     onednn_isa: str = ""  # the ISA oneDNN's kernels use here (serve/onednn.py); "" for the CPU's own
-    cpu_model: str = ""  # the CPU's model name (cpu_model()); "" when unknown
-
-
-def cpu_model() -> str:
-    """The CPU's model name as Linux reports it ("AMD EPYC", "Intel(R) Xeon(R) Processor"), or ""."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    cpu_model: str = ""  # the CPU's model name (loading.cpu_model()); "" when unknown
 
 
 def capability_ok(package: str, host: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest
 from ..onednn import effective_isa
-from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, cpu_model, fallback, package_problem
+from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback, package_problem
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
@@ -37,6 +37,18 @@ def warm_up_rounds(runner, passes: list[tuple[int, int]]) -> int:
         return WARM_UP_ROUNDS["torchscript"]
     return max(WARM_UP_ROUNDS["compiled" if runner.choose(batch, threads) else "torchscript"]
                for batch, threads in passes or [(1, 1)])
+
+
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it ("AMD EPYC", "Intel(R) Xeon(R) Processor"), or ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def this_host() -> Host:
@@ -66,7 +78,6 @@ class Opened:
     runner: object
     module: torch.jit.ScriptModule | None
     choice: RuntimeChoice
-    passes: list[tuple[int, int]] = field(default_factory=list)
 
 
 def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, plan,
@@ -88,12 +99,13 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
     def loader(package: CompiledPackage):
         return lambda: load_compiled(folder / package.file, package, manifest, classes, plan.callers(package.threads))
 
-    usable = [p for p in packages if package_problem(p.requirements(), host) is None]
-    planned = {choose_shape(batch, threads, usable) for batch, threads in passes}
+    # Why each package cannot run on this host (None: it can), decided before any loads.
+    unfit = {p: package_problem(p.requirements(), host) for p in packages}
+    planned = {choose_shape(batch, threads, [p for p in packages if unfit[p] is None]) for batch, threads in passes}
     later = {}
     try:
         for package in packages:
-            problem = package_problem(package.requirements(), host)
+            problem = unfit[package]
             if problem is None and package not in planned and requested != "compiled":
                 later[package] = loader(package)  # loaded when a pass first needs it
                 continue
@@ -116,7 +128,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             later = {}
         if not loaded:
             choice = fall_back(requested, "; ".join(named(p, packages) + problems[p] for p in packages))
-            return Opened(*torchscript_runner(folder, manifest, classes, optimize), choice, passes)
+            return Opened(*torchscript_runner(folder, manifest, classes, optimize), choice)
         for package, problem in problems.items():
             pass_over(requested, f"compiled {package.shape} not used, its passes go to the next runtime: {problem}")
         if any(p.static for p in packages):
@@ -131,7 +143,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             runner.close()
         raise
     runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0], later)
-    return Opened(runner, None, compiled_choice(runner, passes, host), passes)
+    return Opened(runner, None, compiled_choice(runner, passes, host))
 
 
 def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: Host | None = None) -> RuntimeChoice:

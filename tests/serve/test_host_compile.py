@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve import onednn
-from serve.runtime.choice import cpu_model
+from serve.runtime.loading import cpu_model
 from serve.versions import ModelFolder
 from tests.support.paths import ARTIFACT, ROOT, car_photos
 from tests.support.server import Client, clean_env, start_server
