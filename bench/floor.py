@@ -39,7 +39,6 @@ from serve.onednn import cap_isa, packed_isa  # noqa: E402
 from serve.openmp import passive_waits  # noqa: E402
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -101,7 +101,8 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
 
     # Why each package cannot run on this host (None: it can), decided before any loads.
     unfit = {p: package_problem(p.requirements(), host) for p in packages}
-    planned = {choose_shape(batch, threads, [p for p in packages if unfit[p] is None]) for batch, threads in passes}
+    usable = [p for p in packages if unfit[p] is None]
+    planned = {choose_shape(batch, threads, usable) for batch, threads in passes}
     later = {}
     try:
         for package in packages:
