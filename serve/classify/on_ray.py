@@ -115,8 +115,22 @@ class RayScorer:
             raise ClassifyError(f"the Ray cluster at {address} has no node with a whole CPU for a scoring actor")
         self.actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.batch_size = args.batch_size
-        self.model = ray.put(artifact_files(model_folder))
+        self.model = self.ship(artifact_files(model_folder), address)
         self.version, self.k, self.max_image_pixels = version, args.top_k, args.max_image_pixels
+
+    def ship(self, files: dict[str, bytes], address: str):
+        """The model version put into the cluster's object store once, for every actor to fetch."""
+        from ray.exceptions import ObjectStoreFullError, OutOfDiskError
+
+        try:
+            return self.ray.put(files)
+        except (ObjectStoreFullError, OutOfDiskError) as exc:
+            # A store smaller than the model spills it to the node's disk, which Ray refuses when
+            # that disk is nearly full: the fix is on the cluster, so say which and why.
+            self.ray.shutdown()
+            size = sum(map(len, files.values())) / 1e6
+            raise ClassifyError(f"the Ray cluster at {address} cannot hold the model version ({size:.1f} MB): "
+                                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
 
     def connect(self, address: str, timeout: float) -> None:
         # A port that accepts connections but is no Ray cluster would keep ray.init waiting for minutes.

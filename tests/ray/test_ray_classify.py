@@ -21,11 +21,14 @@ from tests.support.paths import ARTIFACTS, ROOT, SERVE_PYTHON, car_photos
 from tests.support.ray_cluster import NODE_IP, LocalCluster, free_port
 
 RAY = Path(sys.executable).parent / "ray"
+FULL_DISK = {"RAY_local_fs_capacity_threshold": "0"}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    cluster = LocalCluster(RAY).start()
+    # Every disk counts as full (a spill threshold of 0), as on a nearly full CI machine: the jobs
+    # must run from the object stores alone (tests/support/ray_cluster.py).
+    cluster = LocalCluster(RAY, env=FULL_DISK).start()
     try:
         yield cluster
     finally:
@@ -85,6 +88,22 @@ def test_a_cluster_run_resumes_like_a_local_one(cluster, photos, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "skipped 10 already done" in again.stderr.strip().splitlines()[-1]
     assert sorted(out.read_text().splitlines()) == sorted(kept)
+
+
+def test_a_cluster_that_cannot_hold_the_model_is_one_line(photos, tmp_path):
+    # A store smaller than the model, on a node whose disk counts as full.
+    small = LocalCluster(RAY, workers=0, object_store_bytes=80 * 2**20, env=FULL_DISK).start()
+    try:
+        done = classify(Path(sys.executable), str(photos), str(tmp_path / "r.csv"), "--ray", small.address,
+                        cwd=tmp_path, timeout=300)
+    finally:
+        small.stop()
+    assert small.leftovers() == []
+    lines_ = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines_) == 1, done.stderr[-3000:]
+    assert lines_[0].startswith(f"whatcar classify: the Ray cluster at {small.address} cannot hold the model "
+                                "version ("), lines_[0]
+    assert "OutOfDiskError" in lines_[0]
 
 
 def test_a_refused_address_is_one_line_at_once(photos, tmp_path):

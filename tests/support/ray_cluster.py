@@ -10,6 +10,11 @@ after its `ray start` ended is found by session id and killed by pid.
 127.0.0.2 rather than 127.0.0.1: Ray replaces 127.0.0.1 with the host's network address, and
 127.0.0.2 keeps the traffic on the loopback interface. The temporary folder is short because Ray's
 Unix socket paths inside it must stay under 108 bytes.
+
+Each node's object store (shared memory) holds the whole model version a job ships, about 90 MB
+for the default model, with room to spare: an object that does not fit is written to disk
+instead, and Ray refuses that on a disk more than 95 % full, failing the job for a reason that is
+not the job's.
 """
 
 from __future__ import annotations
@@ -48,8 +53,10 @@ def in_session(session: int) -> list[int]:
 
 
 class LocalCluster:
-    def __init__(self, ray: Path, workers: int = 1, start_timeout: float = 90.0):
+    def __init__(self, ray: Path, workers: int = 1, start_timeout: float = 90.0,
+                 object_store_bytes: int = 256 * 2**20, env: dict[str, str] | None = None):
         self.ray, self.workers, self.start_timeout = ray, workers, start_timeout
+        self.object_store_bytes, self.env = object_store_bytes, env or {}
         self.nodes: list[subprocess.Popen] = []
         self.sessions: list[int] = []
         self.root = Path(tempfile.mkdtemp(prefix="wcray-", dir="/tmp"))
@@ -74,12 +81,12 @@ class LocalCluster:
             "AUTOSCALER_METRIC_PORT": str(free_port("0.0.0.0")),
             # A stopping node waits up to 30 s for its workers to drain; a test cluster need not.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        }
+        } | self.env
         with open(log, "wb") as out:
             # cwd outside the repository: workers must get whatcar's code from the job itself.
             node = subprocess.Popen([str(self.ray), "start", "--block", "--disable-usage-stats",
                                      f"--temp-dir={self.root / name}", f"--node-ip-address={NODE_IP}",
-                                     "--num-cpus=1", "--object-store-memory=83886080", *args],
+                                     "--num-cpus=1", f"--object-store-memory={self.object_store_bytes}", *args],
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     cwd=self.root, start_new_session=True)
         self.nodes.append(node)
