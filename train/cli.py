@@ -25,7 +25,8 @@ from . import backbones, checkpoint, datafolder, progress
 # cheap 224 px epochs are the ones lengthened. Averaging the weights of the 352 px epochs (EMA,
 # decay 0.99) gave 87.8 % on 30 classes: off.
 DEFAULTS = dict(size=352, epochs=28, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
-                early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0)
+                early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0,
+                make_loss=0.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 
@@ -77,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=DEFAULTS["ema"], metavar="DECAY",
                    help="keep an exponential moving average of the weights over the steps at --size and save it "
                         "instead of the last weights; 0 turns it off (default: %(default)s)")
+    p.add_argument("--make-loss", type=float, default=DEFAULTS["make_loss"], metavar="WEIGHT",
+                   help="add WEIGHT times a loss on the make's probability (the sum of its models'), so that a "
+                        "wrong model of the right make costs less than a wrong make; 0 turns it off "
+                        "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines with the time left stay)")
     p.add_argument("--fresh", action="store_true",
                    help="start over even if OUT holds a checkpoint of this or another run (it is replaced)")
@@ -94,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --stop-after >= 1")
     if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.drop_path < 1 or not 0 <= args.ema < 1:
         p.error("need --mixup >= 0, --cutmix >= 0, 0 <= --drop-path < 1 and 0 <= --ema < 1")
+    if args.make_loss < 0 or (args.make_loss and (args.mixup or args.cutmix)):
+        p.error("need --make-loss >= 0, and no --mixup or --cutmix beside it (their blended labels have no one make)")
     return args
 
 
@@ -164,6 +171,14 @@ def build_learner(dls, args: argparse.Namespace):
         learn = vision_learner(dls, arch, pretrained=not args.no_pretrained, **common)
     # Channels-last convolutions train ~1.5x faster on CPU (measured on Lite0 at 288 px).
     learn.model.to(memory_format=torch.channels_last)
+    return with_make_loss(learn, args)
+
+
+def with_make_loss(learn, args: argparse.Namespace):
+    if args.make_loss:
+        from .makeloss import MakeAwareLoss
+
+        learn.loss_func = MakeAwareLoss(learn.loss_func, list(learn.dls.vocab), args.make_loss)
     return learn
 
 
@@ -178,7 +193,7 @@ def resume_learner(dls, args: argparse.Namespace):
     if args.arch == "lite0":
         learn.splitter, learn.train_bn = lite0_splitter(args.frozen_blocks), False
     learn.model.to(memory_format=torch.channels_last)
-    return learn
+    return with_make_loss(learn, args)
 
 
 def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict:
@@ -319,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     loss, acc = learn.validate()
     # The closure-based splitter is only needed for training; the exported learner keeps fastai's
     # own. The optimizer goes too: its state is shaped by the old splitter and is not exported.
+    # The make loss goes as well, so that unpickling the learner needs fastai alone.
     learn.splitter, learn.opt = trainable_params, None
+    learn.loss_func = getattr(learn.loss_func, "base", learn.loss_func)
     args.out.mkdir(parents=True, exist_ok=True)
     target = (args.out / "export.pkl").resolve()
     # The weights are written before anything that could fail while describing the run.

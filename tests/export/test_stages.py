@@ -74,7 +74,8 @@ def test_early_epochs_are_those_before_the_final_ones(argv, expected):
 
 
 def test_flags_that_cannot_work_together_are_refused(tmp_path):
-    for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--final-epochs", "0"], ["--ema", "1.0"]):
+    for extra in (["--mixup", "0.4", "--cutmix", "1.0"], ["--final-epochs", "0"], ["--ema", "1.0"],
+                  ["--make-loss", "0.5", "--mixup", "0.4"], ["--make-loss", "-1"]):
         result = subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(tmp_path), *extra],
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2, extra
