@@ -1,4 +1,4 @@
-"""The recipe's training stages: progressive resizing, mixing and weight averaging."""
+"""The recipe's training stages (progressive resizing, mixing, weight averaging) and its defaults."""
 
 import json
 import subprocess
@@ -80,3 +80,17 @@ def test_flags_that_cannot_work_together_are_refused(tmp_path):
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2, extra
         assert not (tmp_path / "export.pkl").exists()
+
+
+def test_make_train_with_its_defaults_is_the_committed_models_recipe():
+    """The README promises that `make train` reproduces the committed model: its defaults must be the
+    recipe recorded in that model's manifest. An option the recipe predates is off by default."""
+    from tests.support.paths import ARTIFACT
+    from train.cli import DEFAULTS, parse_args
+
+    manifest = json.loads((ARTIFACT / "manifest.json").read_text())
+    recorded = manifest["source"]["training"]
+    defaults = vars(parse_args([recorded["data"]]))
+    assert {k: recorded[k] for k in DEFAULTS if k in recorded} == {k: defaults[k] for k in DEFAULTS if k in recorded}
+    assert not any(defaults[k] for k in DEFAULTS if k not in recorded), "an option newer than the model is on"
+    assert recorded["arch"] == defaults["arch"] and recorded["resize"] == defaults["resize"]
