@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from export.learner import load
+from serve.manifest import Manifest
+from train.cli import DEFAULTS, parse_args
 from train.stages import WeightAverage
 from export.transforms import read_pipeline
-from tests.support.paths import CARS, ROOT
+from tests.support.paths import ARTIFACT, CARS, ROOT
 
 
 def fake_learner(model: nn.Module, epoch: int) -> SimpleNamespace:
@@ -85,11 +87,7 @@ def test_flags_that_cannot_work_together_are_refused(tmp_path):
 def test_make_train_with_its_defaults_is_the_committed_models_recipe():
     """The README promises that `make train` reproduces the committed model: its defaults must be the
     recipe recorded in that model's manifest. An option the recipe predates is off by default."""
-    from tests.support.paths import ARTIFACT
-    from train.cli import DEFAULTS, parse_args
-
-    manifest = json.loads((ARTIFACT / "manifest.json").read_text())
-    recorded = manifest["source"]["training"]
+    recorded = Manifest.read(ARTIFACT).data["source"]["training"]
     defaults = vars(parse_args([recorded["data"]]))
     assert {k: recorded[k] for k in DEFAULTS if k in recorded} == {k: defaults[k] for k in DEFAULTS if k in recorded}
     assert not any(defaults[k] for k in DEFAULTS if k not in recorded), "an option newer than the model is on"
