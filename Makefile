@@ -14,6 +14,8 @@ PORT     ?=
 TRAIN_ARGS ?=
 # make export QUANTIZE=int8: an int8 compiled package, kept only if validation top-1 stays within a point.
 QUANTIZE ?=
+# make export ALSO="other/export.pkl ...": more learners of the same classes and split, served as one ensemble.
+ALSO ?=
 BENCH_ARGS ?=
 FUZZ_SECONDS ?= 60
 SOAK_REQUESTS ?= 10000
@@ -107,7 +109,7 @@ train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
 	$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
 
 export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
-	WHATCAR_COMPILE_PYTHON=$(abspath $(SERVE_PY)) $(TRAIN_PY) -m export $(LEARNER) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))
+	WHATCAR_COMPILE_PYTHON=$(abspath $(SERVE_PY)) $(TRAIN_PY) -m export $(LEARNER) $(foreach learner,$(ALSO),--also $(learner)) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
 # AOTInductor compiles the artifact's compiled packages with a C++ compiler at export time (serving
 # needs none), under the serve virtualenv's torch, the one that runs them: installed here when

@@ -1,7 +1,7 @@
 """`python -m export`: turn a fastai Learner pickle into a served artifact folder.
 
-    python -m export LEARNER [--out artifacts] [--images DIR] [--name NAME] [--no-compiled]
-                             [--quantize int8] [--triton]
+    python -m export LEARNER [--also LEARNER ...] [--out artifacts] [--images DIR] [--name NAME]
+                             [--no-compiled] [--quantize int8] [--triton]
 
 Adds the next numbered version to the model folder (artifacts/2/, artifacts/3/, ...) and
 points artifacts/current at it: model.pt (traced, frozen TorchScript), the same module
@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(fastai's classifier head), or 'stem,head' (default: none)")
     p.add_argument("--calibration-images", type=int, default=quantize.CALIBRATION_IMAGES,
                    help="training photos that calibrate int8 activations (default: %(default)s)")
+    p.add_argument("--also", type=Path, action="append", default=[], metavar="LEARNER",
+                   help="another learner of the same classes, trained on the same split (repeat for more): the "
+                        "artifact answers for them all, the normalised geometric mean of their probabilities, each "
+                        "fed the first learner's input; costs one forward pass per learner")
     p.add_argument("--triton", action="store_true",
                    help="also write a Triton model repository (triton/<name>/) for the pytorch_libtorch backend; "
                         "`python -m export.triton` adds one to an existing artifact with more options")
@@ -138,7 +142,45 @@ def class_fields(vocab: list[str], info: dict) -> list[dict] | None:
         return None
 
 
-def fit_acceptance(args, info: dict, model, pipe, vocab: list[str], classes: list[dict] | None) -> acceptance.Fitted:
+def load_also(args, learn, pipe, info: dict) -> list:
+    """The learners --also names, each checked to be able to join `learn` in one artifact."""
+    if args.also and args.quantize:
+        raise learner_io.LearnerError("--quantize int8 has not been measured on an ensemble; export --also "
+                                      "without it")
+    vocab = [str(v) for v in learn.dls.vocab]
+    others = []
+    for path in args.also:
+        other = learner_io.load(path)
+        other_info = learner_io.read_sidecar(path)
+        other_pipe = read_pipeline(other.dls)
+        if [str(v) for v in other.dls.vocab] != vocab:
+            raise learner_io.LearnerError(f"--also {path} knows other classes than {args.learner} (or in another "
+                                          "order); an ensemble needs the same ones")
+        if (other_pipe.div, other_pipe.mean, other_pipe.std) != (pipe.div, pipe.mean, pipe.std):
+            raise learner_io.LearnerError(f"--also {path} scales or normalises pixels differently from "
+                                          f"{args.learner}; the artifact normalises them once for all")
+        # A learner trained on another split trained on some of the validation photos, and every
+        # figure the export measures on them would flatter the ensemble.
+        if (other_info.get("data"), other_info.get("valid_files")) != (info.get("data"), info.get("valid_files")):
+            raise learner_io.LearnerError(f"--also {path} was not trained on the same split of the same photos as "
+                                          f"{args.learner} (its export.pkl.json records another data folder or "
+                                          "validation photos)")
+        check_softmax(other)
+        others.append(other)
+    return others
+
+
+def check_softmax(learn) -> None:
+    activation = getattr(learn.loss_func, "activation", None)
+    probe = torch.randn(4, max(2, len(learn.dls.vocab)))
+    if activation is None or not torch.allclose(activation(probe), torch.softmax(probe, dim=-1), atol=1e-6):
+        raise learner_io.LearnerError(
+            f"loss function {type(learn.loss_func).__name__} does not end in a softmax over classes; whatcar "
+            "serves single-label classifiers (CrossEntropyLossFlat and friends)")
+
+
+def fit_acceptance(args, info: dict, model, pipe, vocab: list[str], classes: list[dict] | None,
+                   also: list) -> acceptance.Fitted:
     """Calibration and acceptance thresholds from the run's own validation and training photos."""
     data = Path(info.get("data", ""))
     valid_files = [data / rel for rel in info.get("valid_files", [])]
@@ -157,15 +199,26 @@ def fit_acceptance(args, info: dict, model, pipe, vocab: list[str], classes: lis
     except MissingPhotos as exc:
         print(f"acceptance: no non-car photos to measure with ({exc})", file=sys.stderr)
         noncar = []
-    eager = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std)
+    eager = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std, also=also)
     return acceptance.fit(eager, pipe.steps, vocab, valid, train, unknown, noncar, classes)
 
 
+def describe_source(path: Path, info: dict) -> dict:
+    return {"learner_file": path.name, "learner_sha256": sha256_file(path), "trained_with": info.get("versions"),
+            "training": info.get("training")}
+
+
 def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list,
-                   fitted: acceptance.Fitted | None, classes: list[dict] | None) -> Manifest:
+                   fitted: acceptance.Fitted | None, classes: list[dict] | None, also: list) -> Manifest:
     extra = {"calibration": fitted.calibration, "acceptance": fitted.acceptance()} if fitted else {}
     if classes is not None:
         extra["classes"] = classes
+    source = describe_source(args.learner, info)
+    architecture = describe_arch(learn.model)
+    if also:
+        source["ensemble"] = [describe_source(path, learner_io.read_sidecar(path)) for path in args.also]
+        architecture = (f"ensemble of {1 + len(also)} (geometric mean of their probabilities): "
+                        + "; ".join(describe_arch(m.model) for m in [learn, *also]))
     return Manifest.create(
         folder, name=model_name(args, info, len(learn.dls.vocab)), model_file="model.pt", labels_file="labels.txt",
         num_classes=len(learn.dls.vocab), steps=pipe.steps, checks=check_photos,
@@ -180,10 +233,9 @@ def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_p
             "identity_at_validation": pipe.identity,
         },
         created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        architecture=describe_arch(learn.model),
+        architecture=architecture,
         versions=learner_io.installed_versions(),
-        source={"learner_file": args.learner.name, "learner_sha256": sha256_file(args.learner),
-                "trained_with": info.get("versions"), "training": info.get("training")},
+        source=source,
         validation=info.get("validation"),
         parity=parity_report.as_dict(),
     )
@@ -207,7 +259,8 @@ class Package:
                 **({"int8": self.quantization} if self.quantization else {})}
 
 
-def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path) -> list[Package]:
+def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path,
+                      also: list) -> list[Package]:
     """A compiled package of `served` for each shape in compiled.SHAPES (the dynamic one alone
     with --quantize int8), each checked like model.pt was; a shape that cannot be made or fails
     its check is left out, saying why, and its passes go to the next runtime when served. With
@@ -234,7 +287,7 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
                 report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,
-                                      served.temperature)
+                                      served.temperature, also)
                 quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
             finally:
                 runner.close()
@@ -344,27 +397,25 @@ def run(args: argparse.Namespace) -> int:
         # Refuse a bad name before the work.
         triton.check_name(model_name(args, info, len(learn.dls.vocab)))
     pipe = read_pipeline(learn.dls)
-    activation = getattr(learn.loss_func, "activation", None)
-    probe = torch.randn(4, max(2, len(learn.dls.vocab)))
-    if activation is None or not torch.allclose(activation(probe), torch.softmax(probe, dim=-1), atol=1e-6):
-        raise learner_io.LearnerError(
-            f"loss function {type(learn.loss_func).__name__} does not end in a softmax over classes; whatcar "
-            "serves single-label classifiers (CrossEntropyLossFlat and friends)")
+    check_softmax(learn)
+    also = load_also(args, learn, pipe, info)
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
     model = torchscript.plain(learn.model)
+    members = [torchscript.plain(other.model) for other in also]
     fitted = None
     classes = class_fields([str(v) for v in learn.dls.vocab], info)
     if not args.no_acceptance:
-        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab], classes)
+        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab], classes, members)
         for line in acceptance.describe(fitted):
             print(line)
     served = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std,
                                      temperature=fitted.temperature if fitted else 1.0,
-                                     directions=fitted.directions if fitted else None)
+                                     directions=fitted.directions if fitted else None,
+                                     also=members)
     module = torchscript.trace_and_freeze(served, height, width)
 
     files = parity_files(args, info)
-    report = parity.check(learn, module, pipe.steps, files, served.temperature)
+    report = parity.check(learn, module, pipe.steps, files, served.temperature, also)
     print(f"parity: {report.top1_agree}/{report.images} top-1 agree, max |p - p_fastai| = {report.max_abs_diff:.2e} "
           f"(tolerance {report.tolerance:g}); fastai's decoder gave identical pixels on "
           f"{report.decode_identical}/{report.images}")
@@ -375,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="whatcar-export-")
     packages = []
     if args.compiled:
-        packages = compiled_packages(args, learn, served, pipe, info, files, module, Path(scratch.name))
+        packages = compiled_packages(args, learn, served, pipe, info, files, module, Path(scratch.name), also)
 
     def fill(folder: Path) -> None:
         with warnings.catch_warnings():
@@ -384,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
         labels = [str(label) for label in learn.dls.vocab]
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
-        manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes)
+        manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes, also)
         for package in packages:
             shutil.copyfile(package.built.path, folder / package.built.path.name)
             manifest.add_compiled(folder, package.built.path.name, **package.entry())

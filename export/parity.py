@@ -51,11 +51,25 @@ def calibrated(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     return probabilities if temperature == 1.0 else torch.softmax(probabilities.log() / temperature, dim=-1)
 
 
+def with_ensemble(learn, also: list, image, first: torch.Tensor) -> torch.Tensor:
+    """fastai's answer of an ensemble: `first` (learn.predict's probabilities) combined with the
+    other learners' on the batch `learn` makes of the image, as export/torchscript.py combines
+    them (the normalised geometric mean)."""
+    from fastai.vision.core import PILImage
+    (batch,) = learn.dls.test_dl([PILImage.create(image)]).one_batch()
+    scores = [first.log()]
+    with torch.no_grad():
+        for other in also:
+            scores.append(torch.log_softmax(other.model.eval()(batch).float(), dim=-1)[0])
+    return torch.softmax(torch.stack(scores).mean(dim=0), dim=-1)
+
+
 def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[Path],
-          temperature: float = 1.0) -> ParityReport:
+          temperature: float = 1.0, also: list = ()) -> ParityReport:
     """Feed each file to the module through the server's own Preprocessor (draft decoding of large
     JPEGs included) and to learn.predict as the image the server decoded, and compare (fastai's
-    probabilities brought to the module's calibration temperature)."""
+    probabilities brought to the module's calibration temperature). With `also`, the learners
+    of an ensemble after `learn`, fastai's answer is the ensemble's."""
     from fastai.vision.core import PILImage
 
     preprocessor = Preprocessor(steps, MAX_PIXELS)
@@ -67,7 +81,10 @@ def check(learn, module: torch.jit.ScriptModule, steps: list[dict], files: list[
             ours = probabilities_of(module(pixels.unsqueeze(0)))[0]
         with warnings.catch_warnings(), learn.no_bar():
             warnings.simplefilter("ignore")
-            theirs = calibrated(learn.predict(PILImage.create(image))[2].float(), temperature)
+            theirs = learn.predict(PILImage.create(image))[2].float()
+            if also:
+                theirs = with_ensemble(learn, also, image, theirs)
+            theirs = calibrated(theirs, temperature)
         agree += int(ours.argmax()) == int(theirs.argmax())
         max_diff = max(max_diff, float((ours - theirs).abs().max()))
         same_decode += PILImage.create(path).tobytes() == image.tobytes()

@@ -36,13 +36,29 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module] | No
 
 
 class ServedModel(nn.Module):
+    """`model` wrapped to take uint8 pixels and answer probabilities (and familiarity).
+
+    With `also` (more models of the same classes), the answer is their ensemble: every model sees
+    the same input, the logits become the mean of their log-probabilities (the log of the
+    normalised geometric mean of their probabilities, so one temperature calibrates the whole) and
+    the features are theirs side by side.
+    """
+
     def __init__(self, model: nn.Module, div: float, mean: list[float] | None, std: list[float] | None,
-                 temperature: float = 1.0, directions: torch.Tensor | None = None):
+                 temperature: float = 1.0, directions: torch.Tensor | None = None, also: list[nn.Module] = ()):
         super().__init__()
         parts = split_model(model)
-        if directions is not None and parts is None:
-            raise ValueError("familiarity needs a fastai vision model (a body and a head that pools and flattens)")
+        if (directions is not None or also) and parts is None:
+            raise ValueError("familiarity and ensembles need fastai vision models (a body and a head that pools "
+                             "and flattens)")
         self.body, self.pool, self.rest = parts if parts is not None else (model, nn.Identity(), nn.Identity())
+        self.ensemble = bool(also)
+        if self.ensemble:
+            # Registered only for an ensemble, so a single model keeps the layout it always had.
+            others = [split_model(other) for other in also]
+            if any(other is None for other in others):
+                raise ValueError("ensembles need fastai vision models (a body and a head that pools and flattens)")
+            self.also = nn.ModuleList(nn.ModuleList(other) for other in others)
         self.div = div
         self.temperature = float(temperature)
         channels = 3
@@ -56,7 +72,15 @@ class ServedModel(nn.Module):
         x = images.float().div(self.div)
         x = (x - self.mean) / self.std
         features = self.pool(self.body(x))
-        return self.rest(features), features
+        logits = self.rest(features)
+        if not self.ensemble:
+            return logits, features
+        scores, pooled = [torch.log_softmax(logits, dim=-1)], [features]
+        for body, pool, rest in self.also:
+            features = pool(body(x))
+            scores.append(torch.log_softmax(rest(features), dim=-1))
+            pooled.append(features)
+        return torch.stack(scores).mean(dim=0), torch.cat(pooled, dim=-1)
 
     def forward(self, images: torch.Tensor):
         logits, features = self.logits_and_features(images)
