@@ -89,7 +89,7 @@ def forward_targets(results: dict) -> list[dict]:
     series = results["series"]
     out = []
     for threads in single_thread_counts(results["machine"]["cpus_available"]):
-        name = f"compiled forward pass / OpenVINO fp32's, {plural(threads, 'thread')} (one 352 px image)"
+        name = f"compiled forward pass / OpenVINO fp32's, {plural(threads, 'thread')} (one image at the input size)"
         ours, theirs = series.get(f"forward_compiled_t{threads}"), series.get(f"forward_openvino_t{threads}")
         if ours is None or theirs is None:
             reason = (results.get("openvino", {}).get("skipped") if theirs is None else

@@ -85,8 +85,8 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert round(rss["ratio"]) == 262 and rss["met"]  # 250 MiB against 350 MB
 
 
-FORWARD_T1 = "compiled forward pass / OpenVINO fp32's, 1 thread (one 352 px image)"
-FORWARD_T2 = "compiled forward pass / OpenVINO fp32's, 2 threads (one 352 px image)"
+FORWARD_T1 = "compiled forward pass / OpenVINO fp32's, 1 thread (one image at the input size)"
+FORWARD_T2 = "compiled forward pass / OpenVINO fp32's, 2 threads (one image at the input size)"
 COLD_DELTA = "cold start beyond a bare `import torch` timed just before it (s)"
 
 
