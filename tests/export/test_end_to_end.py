@@ -284,8 +284,8 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
 
     real_check = cli.parity.check
 
-    def compiled_disagrees(learn, module, steps, files, temperature=1.0):
-        report = real_check(learn, module, steps, files, temperature)
+    def compiled_disagrees(learn, module, steps, files, temperature=1.0, also=()):
+        report = real_check(learn, module, steps, files, temperature, also)
         if not isinstance(module, torch.jit.ScriptModule):  # a package's runner
             report.max_abs_diff = 0.5
         return report
