@@ -142,12 +142,12 @@ def class_fields(vocab: list[str], info: dict) -> list[dict] | None:
         return None
 
 
-def load_also(args, learn, pipe, info: dict) -> list:
-    """The learners --also names, each checked to be able to join `learn` in one artifact."""
+def load_also(args, vocab: list[str], pipe, info: dict) -> list:
+    """The learners --also names, each checked to be able to join the first learner (its `vocab`,
+    `pipe` and `info`) in one artifact."""
     if args.also and args.quantize:
         raise learner_io.LearnerError("--quantize int8 has not been measured on an ensemble; export --also "
                                       "without it")
-    vocab = [str(v) for v in learn.dls.vocab]
     others = []
     for path in args.also:
         other = learner_io.load(path)
@@ -398,14 +398,15 @@ def run(args: argparse.Namespace) -> int:
         triton.check_name(model_name(args, info, len(learn.dls.vocab)))
     pipe = read_pipeline(learn.dls)
     check_softmax(learn)
-    also = load_also(args, learn, pipe, info)
+    vocab = [str(v) for v in learn.dls.vocab]
+    also = load_also(args, vocab, pipe, info)
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
     model = torchscript.plain(learn.model)
     members = [torchscript.plain(other.model) for other in also]
     fitted = None
-    classes = class_fields([str(v) for v in learn.dls.vocab], info)
+    classes = class_fields(vocab, info)
     if not args.no_acceptance:
-        fitted = fit_acceptance(args, info, model, pipe, [str(v) for v in learn.dls.vocab], classes, members)
+        fitted = fit_acceptance(args, info, model, pipe, vocab, classes, members)
         for line in acceptance.describe(fitted):
             print(line)
     served = torchscript.ServedModel(model, pipe.div, pipe.mean, pipe.std,
@@ -432,9 +433,8 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(module, str(folder / "model.pt"))
-        labels = [str(label) for label in learn.dls.vocab]
-        (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
-        found = checks.write_checks(folder, module, pipe.steps, labels, files, args.checks)
+        (folder / "labels.txt").write_text("".join(f"{label}\n" for label in vocab), encoding="utf-8")
+        found = checks.write_checks(folder, module, pipe.steps, vocab, files, args.checks)
         manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes, also)
         for package in packages:
             shutil.copyfile(package.built.path, folder / package.built.path.name)

@@ -48,16 +48,15 @@ class ServedModel(nn.Module):
                  temperature: float = 1.0, directions: torch.Tensor | None = None, also: list[nn.Module] = ()):
         super().__init__()
         parts = split_model(model)
-        if (directions is not None or also) and parts is None:
-            raise ValueError("familiarity and ensembles need fastai vision models (a body and a head that pools "
-                             "and flattens)")
+        if directions is not None and parts is None:
+            raise ValueError("familiarity needs a fastai vision model (a body and a head that pools and flattens)")
         self.body, self.pool, self.rest = parts if parts is not None else (model, nn.Identity(), nn.Identity())
         self.ensemble = bool(also)
         if self.ensemble:
-            # Registered only for an ensemble, so a single model keeps the layout it always had.
             others = [split_model(other) for other in also]
-            if any(other is None for other in others):
+            if parts is None or None in others:
                 raise ValueError("ensembles need fastai vision models (a body and a head that pools and flattens)")
+            # Registered only for an ensemble, so a single model keeps the layout it always had.
             self.also = nn.ModuleList(nn.ModuleList(other) for other in others)
         self.div = div
         self.temperature = float(temperature)

@@ -24,17 +24,13 @@ from serve.manifest import Manifest
 from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
 from tests.support.paths import CARS, ROOT, car_photos
+from tests.support.training import SIZE, train_tiny
 
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def learner(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models")
-    subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(out), "--size", str(SIZE),
-                    "--epochs", "1", "--freeze-epochs", "1", "--batch-size", "8", "--quiet"],
-                   check=True, cwd=ROOT)
-    return out / "export.pkl"
+    return train_tiny(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +13,14 @@ from export.learner import load, write_sidecar
 from serve.artifact import load_artifact
 from serve.manifest import Manifest, sha256_file
 from serve.preprocess import Preprocessor
-from tests.support.paths import CARS, ROOT, car_photos
-
-SIZE = 64
-
-
-def train(out: Path, *extra: str) -> Path:
-    subprocess.run([sys.executable, "-m", "train", str(CARS), "--out", str(out), "--size", str(SIZE),
-                    "--epochs", "1", "--freeze-epochs", "1", "--batch-size", "8", "--quiet", *extra],
-                   check=True, cwd=ROOT)
-    return out / "export.pkl"
-
+from tests.support.paths import CARS, car_photos
+from tests.support.training import train_tiny
 
 @pytest.fixture(scope="module")
 def learners(tmp_path_factory) -> tuple[Path, Path]:
     """Two learners of the same classes and split that learnt differently."""
-    return (train(tmp_path_factory.mktemp("first")),
-            train(tmp_path_factory.mktemp("second"), "--lr", "2e-2", "--make-loss", "1"))
+    return (train_tiny(tmp_path_factory.mktemp("first")),
+            train_tiny(tmp_path_factory.mktemp("second"), "--lr", "2e-2", "--make-loss", "1"))
 
 
 def test_an_ensemble_answers_the_geometric_mean_of_its_learners(learners, tmp_path, monkeypatch):
