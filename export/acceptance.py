@@ -7,8 +7,11 @@
   training photos. Car photos like the training set score high; a photo with no car scores low.
   Its threshold is the lowest familiarity of any validation photo, so it turns away no photo of
   a known model, only photos unlike all of them.
-- The probability threshold is the highest that still keeps ACCEPT_SHARE of the validation
-  photos.
+- The model an answer names is the server's (serve/postprocess.py): the most likely model of the
+  most likely make, where the classes carry makes, else the most likely class. Top-1, the make
+  level and the confused pairs are of that model; `most_likely_class` keeps the plain argmax's.
+- The probability threshold, on the named model's probability, is the highest that still keeps
+  ACCEPT_SHARE of the validation photos.
 - The make threshold, for models whose classes carry makes: among the familiar validation photos
   that the model threshold turns away, the lowest make probability (the sum over a make's models)
   at which the make given is right at least MAKE_PRECISION of the time. Those photos then get
@@ -87,9 +90,10 @@ class Fitted:
     min_make_probability: float | None = None  # None: the classes carry no makes
 
     def acceptance(self) -> dict:
+        score = ("the top probability" if self.min_make_probability is None
+                 else "the named model's probability (the most likely model of the most likely make)")
         rule = (f"accepted when the photo's familiarity is at least min_familiarity (the lowest of any validation "
-                f"photo) and the top probability at least min_probability (keeps {ACCEPT_SHARE:.0%} of validation "
-                f"photos)")
+                f"photo) and {score} at least min_probability (keeps {ACCEPT_SHARE:.0%} of validation photos)")
         make = {}
         if self.min_make_probability is not None:
             make = {"min_make_probability": round(self.min_make_probability, 6)}
@@ -140,10 +144,16 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
     after = calibration.expected_calibration_error(probabilities, valid.labels)
     directions = calibration.class_directions(train_features, train.labels, classes_count)
     familiarity = calibration.familiarity(features, directions)
-    top = calibration.top_probability(logits, temperature)
+    makes = Makes([c["make"] for c in classes]) if classes else None
+
+    def named(batch_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's named class and its probability."""
+        index = makes.named_models(batch_p) if makes is not None else batch_p.argmax(dim=1)
+        return index, batch_p.gather(1, index[:, None])[:, 0]
+
+    predicted, top = named(probabilities)
     min_familiarity = calibration.written_threshold(calibration.choose_threshold(familiarity, keep=1.0))
     min_probability = calibration.written_threshold(calibration.choose_threshold(top, keep=ACCEPT_SHARE))
-    makes = Makes([c["make"] for c in classes]) if classes else None
     min_make = None
     if makes is not None:
         familiar = calibration.acceptance(familiarity, min_familiarity)
@@ -156,15 +166,15 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
     def levels(batch_logits, batch_features) -> Levels:
         batch_p = calibration.calibrated_probabilities(batch_logits, temperature)
         familiar = calibration.acceptance(calibration.familiarity(batch_features, directions), min_familiarity)
-        model = familiar & calibration.acceptance(batch_p.max(dim=1).values, min_probability)
+        model = familiar & calibration.acceptance(named(batch_p)[1], min_probability)
         if makes is None:
             return Levels(model, torch.zeros_like(model), None)
         make_p, make = makes.probabilities(batch_p).max(dim=1)
         by_make = familiar & ~model & calibration.acceptance(make_p, min_make)
         return Levels(model, by_make, make)
 
-    predicted = logits.argmax(dim=1)
     right = predicted == valid.labels
+    argmax = logits.argmax(dim=1)
     answered = levels(logits, features)
     kept = answered.model
     validation = {"photos": len(valid.files), "accepted": share(kept),
@@ -175,6 +185,8 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
         true_make = makes.index[valid.labels]
         make_right = answered.top_make == true_make
         validation.update({"make_accuracy": share(makes.index[predicted] == true_make),
+                           "most_likely_class": {"accuracy": share(argmax == valid.labels),
+                                                 "make_accuracy": share(makes.index[argmax] == true_make)},
                            "answered_make": share(answered.make),
                            "make_answers_right": share(make_right[answered.make]) if answered.make.any() else None,
                            "turned_away": share(answered.turned_away)})
@@ -187,7 +199,7 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
             "photos": len(unknown), "rejected": share(got.turned_away), "turned_away": share(got.turned_away),
             "named_as_known": share(got.model),
             "roc_auc_top_probability": round(calibration.roc_auc(
-                top, calibration.top_probability(unknown_logits, temperature)), 4)}
+                top, named(calibration.calibrated_probabilities(unknown_logits, temperature))[1]), 4)}
         if makes is not None:
             # An unknown model's make, from its folder's Stanford name; a make no class has is never right.
             true = torch.tensor([makes.names.index(m) if m in makes.names else -1 for m in photo_makes(unknown)])
@@ -237,10 +249,12 @@ def describe(fitted: Fitted) -> list[str]:
     lines = [f"validation: top-1 {percent(v['accuracy_of_all'])} (target >= 80 %), top-5 {percent(v['top5'])} "
              f"(target >= 95 %)"
              + (f", make-level top-1 {percent(v['make_accuracy'])} (target >= 92 %)" if "make_accuracy" in v else "")
-             + f" on {v['photos']} photos",
+             + f" on {v['photos']} photos"
+             + (f" (naming the most likely class instead: top-1 {percent(v['most_likely_class']['accuracy'])}, make "
+                f"level {percent(v['most_likely_class']['make_accuracy'])})" if "most_likely_class" in v else ""),
              f"calibration: temperature {c['temperature']:.3f}; expected calibration error on the {c['photos']} "
              f"validation photos {c['ece_before']:.3f} before, {c['ece_after']:.3f} after (target <= 0.05)",
-             f"acceptance: familiarity >= {fitted.min_familiarity:.3f} and top probability >= "
+             f"acceptance: familiarity >= {fitted.min_familiarity:.3f} and the named model's probability >= "
              f"{fitted.min_probability:.3f}{make_rule}",
              f"  validation: {percent(v['accepted'])} of {v['photos']} photos accepted at model level "
              f"(target >= 90 %), {percent(v['accuracy_of_accepted'])} of those right (target >= 93 %)"]

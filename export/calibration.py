@@ -5,7 +5,7 @@ writes what they return into the artifact.
 
 - `fit_temperature`: the T that makes softmax(logits / T) best match the labels (lowest NLL).
 - `expected_calibration_error`: how far stated confidence is from accuracy, in equal-width bins.
-- `top_probability`: the calibrated top probability, high when the model recognises the photo.
+- `calibrated_probabilities`: softmax(logits / T), the probabilities the served module returns.
 - `class_directions`, `familiarity`: how close a photo's pooled features come to those of the
   training photos of any class; low for photos with no car at all.
 - `roc_auc`: how well a score separates photos of known classes from others (rank-based).
@@ -65,11 +65,6 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return torch.softmax(logits / temperature, dim=-1)
-
-
-def top_probability(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The calibrated probability of the top class, one per row."""
-    return calibrated_probabilities(logits, temperature).max(dim=-1).values
 
 
 def class_directions(features: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:

@@ -35,8 +35,9 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Acceptance:
-    """When the top answer counts as an answer: its probability reaches `min_probability` and,
-    when the module reports it, the photo's familiarity reaches `min_familiarity`."""
+    """When the named model (serve/postprocess.py) counts as an answer: its probability reaches
+    `min_probability` and, when the module reports it, the photo's familiarity reaches
+    `min_familiarity`."""
 
     min_probability: float
     min_familiarity: float | None = None

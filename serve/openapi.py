@@ -175,15 +175,18 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
                                                       "code": {"type": "string"}}},
             "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
             "Prediction": {"type": "object", "properties": {
-                "predictions": {"type": "array", "items": {"type": "object", "properties": {
-                    "label": {"type": "string"}, "probability": {"type": "number"}}}},
+                "predictions": {"type": "array",
+                                "description": "the named model (the most likely model of the most likely make) "
+                                               "first, then the others by probability",
+                                "items": {"type": "object", "properties": {
+                                    "label": {"type": "string"}, "probability": {"type": "number"}}}},
                 "make": {"type": "object", "description": "the most likely make and its probability (the sum "
                                                           "over its models); absent for models without makes",
                          "properties": {"label": {"type": "string"}, "probability": {"type": "number"}}},
                 "accepted": {"type": ["boolean", "null"],
-                             "description": "whether the top class counts as an answer (null: not judged)"},
+                             "description": "whether the named model counts as an answer (null: not judged)"},
                 "accepted_level": {"type": ["string", "null"], "enum": ["model", "make", None],
-                                   "description": "model: the top class is the answer; make: only the make is; "
+                                   "description": "model: the named model is the answer; make: only the make is; "
                                                   "null: turned away, or not judged"},
                 "reason": {"type": "string", "description": "why it does not, when it does not"},
                 "model": {"type": "object", "properties": {"name": {"type": "string"},

@@ -31,7 +31,8 @@ VALID_LOGITS = [row(8, 0, 0), row(0, 8, 0), row(0, 0, 8)] * 5 + [row(8, 0, 0), r
 VALID_LABELS = [0, 1, 2] * 5 + [0, 1] + [2, 0, 1]
 
 
-def fit_on(monkeypatch, valid_labels=VALID_LABELS, vocab=VOCAB, classes=CLASSES) -> acceptance.Fitted:
+def fit_on(monkeypatch, valid_labels=VALID_LABELS, vocab=VOCAB, classes=CLASSES,
+           valid_logits=VALID_LOGITS) -> acceptance.Fitted:
     """acceptance.fit on the given scores: VALID_LOGITS for the validation photos (labelled
     `valid_labels`), and fixed ones for training, other car models and non-car photos."""
     valid = acceptance.Labelled(photos("valid", 20), torch.tensor(valid_labels))
@@ -40,7 +41,7 @@ def fit_on(monkeypatch, valid_labels=VALID_LABELS, vocab=VOCAB, classes=CLASSES)
     noncar = photos("noncar", 2)
     features = torch.eye(3)
     table = {
-        tuple(valid.files): (torch.tensor(VALID_LOGITS), features[torch.tensor(valid_labels)]),
+        tuple(valid.files): (torch.tensor(valid_logits), features[torch.tensor(valid_labels)]),
         tuple(train.files): (torch.zeros(3, 3), features),
         # Another Audi, torn between the two known ones; another Audi named as the A4; a Volvo
         # torn between the Audis (so given a wrong make).
@@ -67,6 +68,18 @@ def test_the_make_threshold_keeps_make_answers_right_often_enough(fitted):
     assert v["answered_make"] == pytest.approx(2 / 20, abs=1e-4) and v["make_answers_right"] == 1.0
     assert v["make_accuracy"] == pytest.approx(19 / 20, abs=1e-4)
     assert v["top5"] == 1.0
+
+
+def test_the_figures_are_of_the_model_an_answer_names(monkeypatch):
+    # The first photo, an A4, torn three ways: the BMW is its likeliest class, but the two Audis
+    # together outweigh it, so the answer names the likelier Audi, as the server does.
+    fitted = fit_on(monkeypatch, valid_logits=[row(3, 3, 3.1)] + VALID_LOGITS[1:])
+    v = fitted.figures["validation"]
+    assert v["accuracy_of_all"] == pytest.approx(18 / 20, abs=1e-4)
+    assert v["make_accuracy"] == pytest.approx(19 / 20, abs=1e-4)
+    assert v["most_likely_class"] == {"accuracy": pytest.approx(17 / 20, abs=1e-4),
+                                      "make_accuracy": pytest.approx(18 / 20, abs=1e-4)}
+    assert "naming the most likely class instead: top-1 85.0%, make level 90.0%" in "\n".join(acceptance.describe(fitted))
 
 
 def test_other_models_and_non_car_photos(fitted):

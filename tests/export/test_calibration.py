@@ -73,10 +73,10 @@ def test_ece_is_zero_when_confidence_matches_accuracy_in_every_bin():
         == pytest.approx(abs(0.5 - 0.8))
 
 
-def test_scores_by_hand():
+def test_probabilities_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
-    assert cal.top_probability(logits).tolist() == pytest.approx([1 / (1 + math.exp(-2)), 0.5])
-    assert cal.top_probability(logits, 2.0)[0].item() == pytest.approx(1 / (1 + math.exp(-1)))
+    assert cal.calibrated_probabilities(logits)[:, 0].tolist() == pytest.approx([1 / (1 + math.exp(-2)), 0.5])
+    assert cal.calibrated_probabilities(logits, 2.0)[0, 0].item() == pytest.approx(1 / (1 + math.exp(-1)))
 
 
 @pytest.mark.parametrize("known, unknown, expected", [

@@ -234,6 +234,31 @@ def test_make_probabilities_are_sums_over_each_makes_models():
     assert (top.label, top.probability) == ("A", pytest.approx(0.55))
 
 
+def test_an_answer_names_the_most_likely_model_of_the_most_likely_make():
+    from serve.postprocess import answer, rank
+
+    labels = ["a1", "b1", "a2", "c1"]
+    makes = Makes.of(cars(labels, ["A", "B", "A", "C"]))
+    split = torch.tensor([0.3, 0.35, 0.25, 0.1])  # b1 is the likeliest class, A (0.55) the likeliest make
+    assert int(makes.named_models(split)) == 0
+    # Row by row in a batch, as the export measures it; one class over half wins either way.
+    rows = torch.stack([split, torch.tensor([0.1, 0.6, 0.2, 0.1])])
+    assert makes.named_models(rows).tolist() == [0, 1]
+    rule = Acceptance(0.6, None, min_make_probability=0.5)
+    got = answer(split, labels, [], rule, k=3, makes=makes)
+    assert [r.label for r in got.ranked] == ["a1", "b1", "a2"]  # the named model leads, then by probability
+    assert got.make.label == "A" and got.verdict.level == MAKE
+    assert got.verdict.reason == "an A; not sure which model (closest: a1)"
+    # Judged on the named model's probability: 0.3 is short of 0.35, the likeliest class's.
+    assert answer(split, labels, [], Acceptance(0.32, None), k=1, makes=makes).verdict.accepted is False
+    assert answer(split, labels, [], Acceptance(0.32, None), k=1).verdict.accepted is True  # no makes: argmax
+    sure = answer(rows[1], labels, [], rule, k=2, makes=makes)
+    assert [r.label for r in sure.ranked] == ["b1", "a2"] and sure.verdict.level == MODEL
+    # A named class outside the k likeliest still leads, and k holds.
+    assert [r.label for r in rank(split, labels, 2, first=3)] == ["c1", "b1"]
+    assert rank(split, labels, 2, first=1) == rank(split, labels, 2)
+
+
 def test_a_batch_of_rows_is_summed_row_by_row_as_the_export_fits_the_make_threshold():
     makes = Makes.of(cars(["c1", "a1", "c2", "b1"], ["C", "A", "C", "B"]))
     rows = torch.tensor([[0.1, 0.15, 0.35, 0.4], [0.5, 0.2, 0.3, 0.0]])
