@@ -274,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = run_plan(args, len(dls.train), len(dls.valid))
     done = plan.index(saved.position.phase, saved.position.epoch) + 1 if saved else 0
     if saved:
-        plan.measured = {int(k): v for k, v in saved.seconds.items()}
+        plan.restore(saved.seconds, checkpoint.BODY)
         print(f"going on from the checkpoint after epoch {done} of {len(plan.epochs)} ({checkpoints.path})",
               file=sys.stderr)
     if done < len(plan.epochs):
         plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size)
-                                  for size in plan.sizes() if size not in plan.measured})
+                                  for size in plan.unmeasured_sizes(done)})
         print(f"training: {plan.describe(done)}", file=sys.stderr, flush=True)
     clock = progress.Clock(plan)
     mixing = training_callbacks(args)
