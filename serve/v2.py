@@ -11,11 +11,12 @@ A request carries exactly one input:
 and gets back the outputs it asks for (both when it names none):
   "probabilities"  FP32 [N, classes]. With parameters.classification = k (Triton's
             classification extension) it becomes BYTES [N, k] instead, as "labels" below.
-  "labels"  BYTES [N, k]: the k most likely classes of each image, most likely first, each
+  "labels"  BYTES [N, k]: the k most likely classes of each image, the named model first (as
+            /predict's "predictions"), each
             "<probability>:<index>:<label>" (Triton's classification strings, probability with
             six decimals). k is the output's parameters.top_k (or classification), else the
             request's parameters.top_k, else the server's --top-k; never more than the classes.
-  "accepted"  BOOL [N]: whether each image's top class counts as an answer, as /predict's
+  "accepted"  BOOL [N]: whether each image's named model counts as an answer, as /predict's
             "accepted" (a default output only for models exported with a threshold; the
             request's parameters.min_probability overrides the threshold, as /predict's
             ?min_probability= does, and makes the output available for any model).
@@ -338,10 +339,11 @@ class InferRequest:
         return clamp_k(self.config.top_k, len(self.handler.artifact.labels))
 
 
-def classifications(probabilities: torch.Tensor, labels: list[str], k: int) -> list[bytes]:
-    """Triton's classification strings, "<probability>:<index>:<label>", k per image, row after row."""
-    return [f"{r.probability:.6f}:{r.index}:{r.label}".encode("utf-8") for row in probabilities
-            for r in rank(row, labels, k)]
+def classifications(answers: list[Answer], labels: list[str], k: int) -> list[bytes]:
+    """Triton's classification strings, "<probability>:<index>:<label>", k per image, row after row;
+    each image's named model first, as /predict ranks them."""
+    return [f"{r.probability:.6f}:{r.index}:{r.label}".encode("utf-8") for a in answers
+            for r in rank(a.probabilities, labels, k, first=a.ranked[0].index)]
 
 
 def response_outputs(infer: InferRequest, answers: list[Answer]) -> tuple[list[dict], list[bytes]]:
@@ -370,7 +372,7 @@ def response_outputs(infer: InferRequest, answers: list[Answer]) -> tuple[list[d
             blob = struct.pack(f"<{len(values)}f", *values) if binary else None
         else:
             entry = {"name": name, "datatype": "BYTES", "shape": [n, k]}
-            strings = classifications(probabilities, infer.handler.artifact.labels, k)
+            strings = classifications(answers, infer.handler.artifact.labels, k)
             values = [s.decode("utf-8") for s in strings]
             blob = pack_bytes(strings) if binary else None
         if binary:

@@ -257,6 +257,10 @@ def test_an_answer_names_the_most_likely_model_of_the_most_likely_make():
     # A named class outside the k likeliest still leads, and k holds.
     assert [r.label for r in rank(split, labels, 2, first=3)] == ["c1", "b1"]
     assert rank(split, labels, 2, first=1) == rank(split, labels, 2)
+    # /v2's classification strings lead with the same model.
+    from serve.v2 import classifications
+    assert classifications([got, sure], labels, 2) == [b"0.300000:0:a1", b"0.350000:1:b1",
+                                                       b"0.600000:1:b1", b"0.200000:2:a2"]
 
 
 def test_a_batch_of_rows_is_summed_row_by_row_as_the_export_fits_the_make_threshold():
