@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from serve.postprocess import Makes
+from serve.postprocess import Makes, named_classes
 from serve.preprocess import Preprocessor
 
 from . import calibration
@@ -148,7 +148,7 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
 
     def named(batch_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's named class and its probability."""
-        index = makes.named_models(batch_p) if makes is not None else batch_p.argmax(dim=1)
+        index = named_classes(batch_p, makes)
         return index, batch_p.gather(1, index[:, None])[:, 0]
 
     predicted, top = named(probabilities)

@@ -94,11 +94,15 @@ class Makes:
         probability, index = self.probabilities(probabilities).max(dim=0)
         return Ranked(int(index), self.names[int(index)], float(probability))
 
-    def named_models(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """The class an answer names: the most likely model of the most likely make, for one row
-        ([classes] -> a 0-d index) or each row of a batch ([N, classes] -> [N])."""
-        top_make = self.probabilities(probabilities).argmax(dim=-1, keepdim=True)
-        return probabilities.masked_fill(self.index != top_make, -1.0).argmax(dim=-1)
+
+def named_classes(probabilities: torch.Tensor, makes: Makes | None) -> torch.Tensor:
+    """The class an answer names, for one row ([classes] -> a 0-d index) or each row of a batch
+    ([N, classes] -> [N]): the most likely model of the most likely make, or the most likely
+    class when the classes carry no makes. The server and the export both name it here."""
+    if makes is None:
+        return probabilities.argmax(dim=-1)
+    top_make = makes.probabilities(probabilities).argmax(dim=-1, keepdim=True)
+    return probabilities.masked_fill(makes.index != top_make, -1.0).argmax(dim=-1)
 
 
 def with_article(make: str) -> str:
@@ -167,6 +171,5 @@ def answer(row: torch.Tensor, labels: list[str], extra_outputs: list[str], accep
     ranked to `k` classes with the named one first, and judged."""
     output = split_row(row, len(labels), extra_outputs)
     make = makes.top(output.probabilities) if makes is not None else None
-    named = int(makes.named_models(output.probabilities)) if makes is not None else None
-    ranked = rank(output.probabilities, labels, k, first=named)
+    ranked = rank(output.probabilities, labels, k, first=int(named_classes(output.probabilities, makes)))
     return Answer(output, ranked, judge(output, acceptance, labels, min_probability, make, ranked[0]), make)

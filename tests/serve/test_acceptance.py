@@ -21,7 +21,7 @@ from serve.config import Config
 from serve.errors import ArtifactError
 from serve.manifest import Acceptance, CarClass
 from serve.metrics import Metrics
-from serve.postprocess import MAKE, MODEL, Makes, Output, judge, with_article
+from serve.postprocess import MAKE, MODEL, Makes, Output, judge, named_classes, with_article
 from tests.support.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -240,10 +240,10 @@ def test_an_answer_names_the_most_likely_model_of_the_most_likely_make():
     labels = ["a1", "b1", "a2", "c1"]
     makes = Makes.of(cars(labels, ["A", "B", "A", "C"]))
     split = torch.tensor([0.3, 0.35, 0.25, 0.1])  # b1 is the likeliest class, A (0.55) the likeliest make
-    assert int(makes.named_models(split)) == 0
+    assert int(named_classes(split, makes)) == 0 and int(named_classes(split, None)) == 1
     # Row by row in a batch, as the export measures it; one class over half wins either way.
     rows = torch.stack([split, torch.tensor([0.1, 0.6, 0.2, 0.1])])
-    assert makes.named_models(rows).tolist() == [0, 1]
+    assert named_classes(rows, makes).tolist() == [0, 1]
     rule = Acceptance(0.6, None, min_make_probability=0.5)
     got = answer(split, labels, [], rule, k=3, makes=makes)
     assert [r.label for r in got.ranked] == ["a1", "b1", "a2"]  # the named model leads, then by probability
