@@ -16,6 +16,7 @@ from serve.preprocess import Preprocessor
 from tests.support.paths import CARS, car_photos
 from tests.support.training import train_tiny
 
+
 @pytest.fixture(scope="module")
 def learners(tmp_path_factory) -> tuple[Path, Path]:
     """Two learners of the same classes and split that learnt differently."""
