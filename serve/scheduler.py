@@ -238,6 +238,12 @@ class InferenceThreads:
         """The threads running now (none while no model is attached)."""
         return list(self._threads)
 
+    @property
+    def waiting(self) -> int:
+        """How many requests are queued and not yet taken into a pass."""
+        with self._changed:
+            return len(self._queue)
+
     def attach(self, model: "Model") -> None:
         """Run `model` too: every thread warms it up before taking more requests. Starts the
         threads if none run."""

@@ -9,6 +9,7 @@ import torch
 
 from serve.errors import UndecodableImage
 from serve.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
+from tests.support.waiting import wait_for
 
 # ---------------------------------------------------------------------- the policy, no threads
 
@@ -85,8 +86,9 @@ class Recorder:
     """Stands in for the model: row i is [mean of image i, -mean], and every call after warm-up is
     recorded with its batch size, thread and torch thread count."""
 
-    def __init__(self, delay: float = 0.0, fail_on: int | None = None):
+    def __init__(self, delay: float = 0.0, fail_on: int | None = None, gate: threading.Event | None = None):
         self.delay = delay
+        self.gate = gate
         self.fail_on = fail_on
         self.calls: list[tuple[int, str, int]] = []
         self.warm_ups: list[tuple[int, str, int]] = []
@@ -107,6 +109,8 @@ class Recorder:
             self.most_active = max(self.most_active, self.active)
         started = time.monotonic()
         try:
+            if self.gate is not None:
+                self.gate.wait(10)  # held inside the pass until the test opens it
             time.sleep(self.delay)
             means = batch.float().mean(dim=(1, 2, 3))
             if self.fail_on is not None and bool((means == self.fail_on).any()):
@@ -403,21 +407,33 @@ def test_all_threads_stop_on_close():
 
 def test_models_on_shared_threads_never_share_a_pass_and_the_threads_outlive_each():
     threads = InferenceThreads(workers=1, torch_threads=1, micro_batch=8)
-    old_module, new_module = Recorder(delay=0.05), Recorder(delay=0.05)
+    gate = threading.Event()
+    old_module, new_module = Recorder(gate=gate), Recorder()
     old = Model(old_module, decode_number, (4, 4), threads, warm_up_rounds=1)
     old.wait_ready(10)
     started = threads.threads
     new = Model(new_module, decode_number, (4, 4), threads, warm_up_rounds=1)
-    results, start = {}, threading.Barrier(8)
+    results, callers = {}, []
 
     def one(model, v):
-        start.wait()
         results[(model is new, v)] = model.score([image(v)]).rows[0]
+
+    def call(model, v):
+        callers.append(threading.Thread(target=one, args=(model, v)))
+        callers[-1].start()
 
     try:
         new.wait_ready(10)
-        # Both models' requests wait in one queue, interleaved.
-        run_concurrently(one, [(old if v % 2 else new, v) for v in range(1, 9)])
+        # The old model's first request holds the only thread inside its pass while the others
+        # queue one at a time, so the queue's order is known: runs of each model, interleaved.
+        call(old, 1)
+        wait_for(lambda: old_module.active == 1, "the first pass")
+        for queued, (model, v) in enumerate([(new, 2), (new, 4), (old, 3), (old, 5), (old, 7), (new, 6), (new, 8)]):
+            call(model, v)
+            wait_for(lambda: threads.waiting == queued + 1, f"request {v} to queue", timeout=10)
+        gate.set()
+        for caller in callers:
+            caller.join(10)
         assert threads.threads == started, "the new model got threads of its own"
         # The new model warmed up on the very thread that serves the old one.
         assert {name for _, name, _ in new_module.warm_ups} == {started[0].name}
@@ -427,14 +443,14 @@ def test_models_on_shared_threads_never_share_a_pass_and_the_threads_outlive_eac
         with pytest.raises(ModelClosed):
             old.score([image(1)])
     finally:
+        gate.set()
         new.close()
     assert {(is_new, v) for is_new, v in results} == {(v % 2 == 0, v) for v in range(1, 9)}
     for (_, v), got in results.items():
         assert got.tolist() == row(v)
-    # Each module saw only its own model's images: no pass mixed the two.
-    assert sum(size for size, _, _ in old_module.calls) == 4
-    assert sum(size for size, _, _ in new_module.calls) == 5
-    assert max(size for size, _, _ in old_module.calls + new_module.calls) > 1, "nothing was batched"
+    # A pass takes the run of one model's requests at the front of the queue, never the other's.
+    assert [size for size, _, _ in old_module.calls] == [1, 3]
+    assert [size for size, _, _ in new_module.calls] == [2, 2, 1]
     assert not any(thread.is_alive() for thread in started)
 
 

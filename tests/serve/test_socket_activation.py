@@ -23,6 +23,7 @@ from tests.support.paths import ROOT
 from tests.support.server import START_TIMEOUT, clean_env
 from tests.support.tiny_artifact import write_tiny_artifact
 from tests.support.uploads import encode
+from tests.support.waiting import wait_for
 
 
 def activation_env(pid: int, count: str = "1") -> dict:
@@ -138,14 +139,6 @@ class Clients:
         self.running = False
         for thread in self.threads:
             thread.join(timeout=START_TIMEOUT + 10)
-
-
-def wait_for(condition, what: str, timeout: float = START_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_requests_before_ready_and_across_a_restart_are_all_answered(tiny, tmp_path, red_jpeg):
