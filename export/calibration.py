@@ -24,6 +24,11 @@ import math
 import torch
 
 ECE_BINS = 15
+# The highest temperature fitted. Real fits lie between about 0.5 and 3 (the default's is written in
+# its manifest); logits no better than chance keep lowering the NLL as T grows, towards the uniform
+# answer, and past about 1e7 float32 rounds every class's probability to one value, so the served
+# top class would no longer be the model's own.
+MAX_TEMPERATURE = 100.0
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -39,10 +44,12 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor | None = None) -> N
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """The temperature T > 0 minimising the mean negative log-likelihood of softmax(logits / T).
+    """The temperature 0 < T <= MAX_TEMPERATURE minimising the mean negative log-likelihood of
+    softmax(logits / T).
 
     Optimised over log T, so T stays positive without constraints; the NLL is convex in 1/T,
-    so L-BFGS from T = 1 finds the single minimum.
+    so L-BFGS from T = 1 finds the single minimum, and when that lies above the cap the cap is
+    the best temperature within it.
     """
     _check_logits(logits, labels)
     logits, labels = logits.detach().double(), labels.detach().long()
@@ -58,9 +65,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
-    if not math.isfinite(temperature) or temperature <= 0:
+    if math.isnan(temperature) or temperature <= 0:
         raise ValueError(f"temperature fit diverged (T = {temperature}); are the logits all identical?")
-    return temperature
+    return min(temperature, MAX_TEMPERATURE)
 
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

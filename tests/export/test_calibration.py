@@ -45,6 +45,18 @@ def test_temperature_minimises_the_nll():
     assert nll(best) <= min(nll(best * 0.95), nll(best * 1.05))
 
 
+def test_temperature_of_logits_worse_than_chance_stops_at_the_cap_and_keeps_the_order():
+    logits, _ = calibrated_fixture(n=200, seed=3)
+    worst = logits.argmin(dim=1)  # every label is the class the logits rank last
+    temperature = cal.fit_temperature(logits, worst)
+    assert temperature == cal.MAX_TEMPERATURE
+    capped = cal.calibrated_probabilities(logits.float(), temperature)
+    assert torch.equal(capped.argmax(dim=1), logits.argmax(dim=1))
+    # Uncapped, the fit heads for a temperature at which float32 ties every class.
+    flattened = cal.calibrated_probabilities(logits.float(), 1e9)
+    assert not torch.equal(flattened.argmax(dim=1), logits.argmax(dim=1))
+
+
 def test_temperature_refuses_bad_input():
     with pytest.raises(ValueError):
         cal.fit_temperature(torch.tensor([[0.0, float("nan")]]), torch.tensor([0]))
