@@ -4,8 +4,9 @@ from the last finished epoch and ends with the weights an uninterrupted run woul
 A checkpoint holds the weights, the optimiser's state, where the run is in its schedule (the phase
 and the epoch within it), every random number generator the epochs draw from (Python's, NumPy's,
 torch's and each dataloader's own shuffling generator) and, with --ema, the running average. It
-also holds the run's arguments and a fingerprint of the data folder, so that a checkpoint is only
-ever continued by the run that made it.
+also holds the run's arguments, a fingerprint of the data folder and, for a run that goes on from an
+exported learner (--resume), that learner's sha256, so that a checkpoint is only ever continued by
+the run that made it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def data_fingerprint(items: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for item in sorted(os.path.relpath(p, root) for p in items):
         digest.update(f"{item}\0{os.path.getsize(os.path.join(root, item))}\n".encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: the learner a --resume run starts from. Its path alone would not
+    tell a learner trained again since (`make train` writes the first run's to the same place)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
@@ -137,9 +148,10 @@ class Saved:
 class Checkpoints:
     """The checkpoint file of one run folder."""
 
-    def __init__(self, folder: Path, recipe: dict, data: str):
+    def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None):
         self.path = folder / FILE
-        self.recipe, self.data = recipe, data
+        # start: file_digest of the learner the run goes on from, None for a run from scratch.
+        self.recipe, self.data, self.start = recipe, data, start
 
     def read(self) -> Saved | None:
         """The run's last checkpoint; None if there is none. Raises CheckpointMismatch when it
@@ -161,6 +173,8 @@ class Checkpoints:
                     if k not in self.recipe]
         if state["data"] != self.data:
             differs.append("the photos in the data folder (files added, removed or changed)")
+        if state.get("start") != self.start:
+            differs.append("other weights in the learner --resume names (it was trained again since)")
         if differs:
             raise CheckpointMismatch(f"{self.path} is from another run: it was made with " + ", ".join(differs)
                                      + "; run with the same arguments and data to go on, or pass --fresh to "
@@ -170,7 +184,7 @@ class Checkpoints:
 
     def write(self, learn, position: Position, loaders: list, average=None, seconds: dict | None = None) -> None:
         state = {
-            "format": FORMAT, "recipe": self.recipe, "data": self.data,
+            "format": FORMAT, "recipe": self.recipe, "data": self.data, "start": self.start,
             "phase": position.phase, "epoch": position.epoch,
             "model": learn.model.state_dict(), "optimizer": _plain(learn.opt.state_dict()),
             "rng": rng_state(loaders),

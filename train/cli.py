@@ -247,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         datafolder.check(items, args.data)
     except datafolder.DataFolderError as exc:
         raise SystemExit(f"make train: {exc}") from None
+    if args.resume is not None and not args.resume.is_file():
+        raise SystemExit(f"make train: --resume {args.resume} is not a file")
     checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
-                                         checkpoint.data_fingerprint(items, args.data))
+                                         checkpoint.data_fingerprint(items, args.data),
+                                         checkpoint.file_digest(args.resume) if args.resume else None)
     if args.fresh:
         checkpoints.remove()
     try:

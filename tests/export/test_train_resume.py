@@ -173,3 +173,24 @@ def test_a_checkpoint_write_cut_short_keeps_the_one_before(tmp_path, monkeypatch
     monkeypatch.undo()
     assert saved.read().position == checkpoint.Position(checkpoint.HEAD, 0)
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
+
+
+def test_a_checkpoint_of_a_run_from_another_learner_is_refused(tmp_path):
+    """A run that goes on from an exported learner (--resume) continues its checkpoint only while
+    that learner holds the same weights: `make train` writes its first run's learner to the same
+    path every time, so the path alone would not tell."""
+    base = tmp_path / "base"
+    assert train(CARS, base).returncode == 0
+    finish = ["--resume", str(base / "export.pkl"), "--epochs", "2"]
+    assert train(CARS, tmp_path / "out", *finish, "--stop-after", "1").returncode == 0
+    assert train(CARS, base, "--seed", "7", "--fresh").returncode == 0  # the first run, trained again
+    run = train(CARS, tmp_path / "out", *finish)
+    assert run.returncode != 0
+    assert "other weights in the learner --resume names" in run.stderr
+    assert not (tmp_path / "out" / "export.pkl").exists()
+
+
+def test_a_missing_learner_to_go_on_from_is_one_line(tmp_path):
+    run = train(CARS, tmp_path, "--resume", str(tmp_path / "nowhere.pkl"))
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == f"make train: --resume {tmp_path / 'nowhere.pkl'} is not a file"
