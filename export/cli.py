@@ -204,8 +204,10 @@ def fit_acceptance(args, info: dict, model, pipe, vocab: list[str], classes: lis
 
 
 def describe_source(path: Path, info: dict) -> dict:
+    # A run that went on from another learner (--resume) records that run's recipe too, so the
+    # manifest holds the whole chain that `make train` runs.
     return {"learner_file": path.name, "learner_sha256": sha256_file(path), "trained_with": info.get("versions"),
-            "training": info.get("training")}
+            "training": info.get("training"), "resumed_from": info.get("resumed_from")}
 
 
 def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_photos: list,

@@ -62,6 +62,15 @@ def test_resume_continues_on_the_same_split(learner, tmp_path):
     assert after["resumed_from"] == before["training"]
 
 
+def test_the_manifest_keeps_the_run_a_resumed_learner_went_on_from(tmp_path):
+    learner = tmp_path / "export.pkl"
+    learner.write_bytes(b"weights")
+    first, second = {"size": 224, "resume": None}, {"size": 256, "resume": "models/base/export.pkl"}
+    source = cli.describe_source(learner, {"versions": {}, "training": second, "resumed_from": first})
+    assert (source["training"], source["resumed_from"]) == (second, first)
+    assert cli.describe_source(learner, {"training": first})["resumed_from"] is None
+
+
 def test_manifest_describes_the_artifact(artifact, learner):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["format_version"] == 3
