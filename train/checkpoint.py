@@ -60,13 +60,16 @@ def data_fingerprint(items: list[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes: the learner a --resume run starts from. Its path alone would not
-    tell a learner trained again since (`make train` writes the first run's to the same place)."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's weights, names and shapes: the learner a --resume run starts from.
+    Its path would not tell a learner trained again since (`make train` writes its first run's to
+    one place every time), and its file's bytes would differ between two exports of the same
+    weights if the pickle did."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # channels-last or not, one byte order
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -150,7 +153,7 @@ class Checkpoints:
 
     def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None):
         self.path = folder / FILE
-        # start: file_digest of the learner the run goes on from, None for a run from scratch.
+        # start: weights_digest of the learner the run goes on from, None for a run from scratch.
         self.recipe, self.data, self.start = recipe, data, start
 
     def read(self) -> Saved | None:

@@ -249,15 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"make train: {exc}") from None
     if args.resume is not None and not args.resume.is_file():
         raise SystemExit(f"make train: --resume {args.resume} is not a file")
-    checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
-                                         checkpoint.data_fingerprint(items, args.data),
-                                         checkpoint.file_digest(args.resume) if args.resume else None)
-    if args.fresh:
-        checkpoints.remove()
-    try:
-        saved = checkpoints.read()
-    except checkpoint.CheckpointMismatch as exc:
-        raise SystemExit(f"make train: {exc}") from None
 
     set_seed(args.seed, reproducible=True)
     dls = build_dataloaders(args)
@@ -270,9 +261,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.size} px {args.resize}" + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
+    checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
+                                         checkpoint.data_fingerprint(items, args.data),
+                                         checkpoint.weights_digest(learn.model) if args.resume else None)
+    if args.fresh:
+        checkpoints.remove()
+    try:
+        saved = checkpoints.read()
+    except checkpoint.CheckpointMismatch as exc:
+        raise SystemExit(f"make train: {exc}") from None
     if args.quiet:
         from fastai.callback.progress import ProgressCallback
+        from fastcore.basics import noop
         learn.remove_cb(ProgressCallback)
+        # Without the bar, fastai prints each epoch's raw values as a list; the epoch lines say it in words.
+        learn.logger = noop
 
     plan = run_plan(args, len(dls.train), len(dls.valid))
     done = plan.index(saved.position.phase, saved.position.epoch) + 1 if saved else 0

@@ -63,6 +63,8 @@ def test_the_run_says_how_long_it_will_take_before_the_first_epoch(uninterrupted
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1 of 3"))
     assert estimate < first_epoch
     assert "about" in lines[first_epoch] and "left" in lines[first_epoch]
+    # --quiet: the epoch lines in words, not fastai's raw list of values as well.
+    assert not [line for line in run.stdout.splitlines() if line.startswith("[")], run.stdout
 
 
 def test_a_checkpoint_of_other_arguments_is_refused(tmp_path):
@@ -194,3 +196,12 @@ def test_a_missing_learner_to_go_on_from_is_one_line(tmp_path):
     run = train(CARS, tmp_path, "--resume", str(tmp_path / "nowhere.pkl"))
     assert run.returncode != 0
     assert run.stderr.strip().splitlines()[-1] == f"make train: --resume {tmp_path / 'nowhere.pkl'} is not a file"
+
+
+def test_the_weights_digest_follows_the_weights_not_their_memory_layout():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    before = checkpoint.weights_digest(model)
+    assert checkpoint.weights_digest(model.to(memory_format=torch.channels_last)) == before
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-3
+    assert checkpoint.weights_digest(model) != before
