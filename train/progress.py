@@ -11,6 +11,7 @@ timing changes nothing about the run.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,8 +79,10 @@ class Plan:
             self.estimate[size] = step * (self.train_batches + VALID_SHARE * self.valid_batches)
 
     def epoch_seconds(self, phase: str, size: int) -> float:
+        # The median, so that one epoch slowed by other work on the machine moves the time left
+        # little: taking the upper of two (9.3 and 3.3 min) once put 4 h 10 min left with about 95 to go.
         seen = self.measured.get((phase, size))
-        return sorted(seen)[len(seen) // 2] if seen else self.estimate.get(size, 0.0)
+        return statistics.median(seen) if seen else self.estimate.get(size, 0.0)
 
     def left_after(self, index: int) -> float:
         """Seconds the epochs after the `index`-th (counted from 0) are expected to take."""

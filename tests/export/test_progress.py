@@ -28,6 +28,14 @@ def test_the_time_left_after_the_head_epochs_counts_unfrozen_epochs_at_their_own
     assert "about 32 min for 5 epochs (4 at 224 px, 1 at 352 px; 224 px 5.0 min an epoch" in p.describe(1)
 
 
+def test_an_epoch_slowed_by_other_work_moves_the_time_left_little():
+    p = plan()
+    p.measured = {(BODY, 224): [560.0, 200.0]}
+    assert p.epoch_seconds(BODY, 224) == pytest.approx(380.0)
+    p.measured[(BODY, 224)].append(200.0)
+    assert p.epoch_seconds(BODY, 224) == pytest.approx(200.0)
+
+
 def test_measured_times_go_into_checkpoints_and_come_back():
     p = plan()
     out = io.StringIO()
