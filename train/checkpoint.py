@@ -5,8 +5,8 @@ A checkpoint holds the weights, the optimiser's state, where the run is in its s
 and the epoch within it), every random number generator the epochs draw from (Python's, NumPy's,
 torch's and each dataloader's own shuffling generator) and, with --ema, the running average. It
 also holds the run's arguments, a fingerprint of the data folder and, for a run that goes on from an
-exported learner (--resume), that learner's sha256, so that a checkpoint is only ever continued by
-the run that made it.
+exported learner (--resume), a digest of that learner's weights, so that a checkpoint is only ever
+continued by the run that made it.
 """
 
 from __future__ import annotations
