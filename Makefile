@@ -105,8 +105,15 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify-ray IN=<folder> OUT=<results.csv|results.jsonl> RAY_ADDRESS=<head:6379>"; exit 2; }
 	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
 
-train: $(VENV)/train/.stamp ## fine-tune on DATA, write $(LEARNER)
-	$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) $(TRAIN_ARGS)
+# The committed model's recipe is two runs (README, "Training recipe"): the first from ImageNet
+# weights, every epoch at 224 px, writes $(BASE_LEARNER); the second goes on from it for 4 epochs at
+# 256 px, the size served, at a lower learning rate. TRAIN_ARGS go to the first run, FINISH_ARGS
+# to the second; with FINISH_ARGS= the first run alone writes $(LEARNER).
+FINISH_ARGS ?= --size 256 --early-size 256 --epochs 4 --lr 4e-4
+BASE_LEARNER ?= $(MODELS)/base/export.pkl
+train: $(VENV)/train/.stamp ## fine-tune on DATA (two runs, the second at 256 px), write $(LEARNER)
+	$(TRAIN_PY) -m train $(DATA) --out $(dir $(if $(FINISH_ARGS),$(BASE_LEARNER),$(LEARNER))) $(TRAIN_ARGS)
+	$(if $(FINISH_ARGS),$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) --resume $(BASE_LEARNER) $(FINISH_ARGS))
 
 export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
 	WHATCAR_COMPILE_PYTHON=$(abspath $(SERVE_PY)) $(TRAIN_PY) -m export $(LEARNER) $(foreach learner,$(ALSO),--also $(learner)) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))

@@ -1,6 +1,8 @@
 """The recipe's training stages (progressive resizing, mixing, weight averaging) and its defaults."""
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -84,14 +86,40 @@ def test_flags_that_cannot_work_together_are_refused(tmp_path):
         assert not (tmp_path / "export.pkl").exists()
 
 
+def makefile_value(name: str) -> str:
+    """A variable's default as the Makefile sets it (`NAME ?= value`)."""
+    found = re.search(rf"^{name}\s*\?=[ \t]*(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert found, f"the Makefile sets no {name}"
+    return found.group(1).strip()
+
+
+def same_recipe(recorded: dict, argv: list[str]) -> None:
+    """The options of DEFAULTS that `recorded` holds are those `python -m train DATA *argv` gets,
+    and an option the recorded run predates is off."""
+    got = vars(parse_args([str(CARS), *argv]))
+    assert {k: recorded[k] for k in DEFAULTS if k in recorded} == {k: got[k] for k in DEFAULTS if k in recorded}
+    assert not any(got[k] for k in DEFAULTS if k not in recorded), "an option newer than the model is on"
+    assert recorded["arch"] == got["arch"] and recorded["resize"] == got["resize"]
+
+
 def test_make_train_with_its_defaults_is_the_committed_models_recipe():
-    """The README promises that `make train` reproduces the committed model: its defaults must be the
-    recipe recorded in that model's manifest. An option the recipe predates is off by default."""
-    recorded = Manifest.read(ARTIFACT).data["source"]["training"]
+    """The README promises that `make train` reproduces the committed model: its two runs must be
+    the ones recorded in that model's manifest, the first with `python -m train`'s defaults and
+    the second, going on from it, with the Makefile's FINISH_ARGS."""
+    source = Manifest.read(ARTIFACT).data["source"]
+    finish, first = source["training"], source["resumed_from"]
     # The Makefile's DATA is the folder the model was trained on; any folder stands in for it
     # here, as the defaults do not depend on it and the data need not be beside the checkout.
-    assert f"DATA     ?= {recorded['data']}\n" in (ROOT / "Makefile").read_text()
-    defaults = vars(parse_args([str(CARS)]))
-    assert {k: recorded[k] for k in DEFAULTS if k in recorded} == {k: defaults[k] for k in DEFAULTS if k in recorded}
-    assert not any(defaults[k] for k in DEFAULTS if k not in recorded), "an option newer than the model is on"
-    assert recorded["arch"] == defaults["arch"] and recorded["resize"] == defaults["resize"]
+    assert makefile_value("DATA") == first["data"] == finish["data"]
+    assert first["resume"] is None
+    same_recipe(first, [])
+    base = makefile_value("BASE_LEARNER").replace("$(MODELS)", makefile_value("MODELS"))
+    assert finish["resume"] == base
+    same_recipe(finish, ["--resume", base, *shlex.split(makefile_value("FINISH_ARGS"))])
+
+
+def test_the_recipe_check_tells_the_runs_apart():
+    """The check above fails when the second run's options are not the ones it recorded."""
+    finish = Manifest.read(ARTIFACT).data["source"]["training"]
+    with pytest.raises(AssertionError):
+        same_recipe(finish, [])
