@@ -90,7 +90,7 @@ serve: $(VENV)/serve/.stamp ## serve $(MODEL_DIR) on http://127.0.0.1:8080 (HOST
 
 # The running `make serve` loads the version $(MODEL_DIR)/current names, checks it, and switches only if
 # every check passes; these print the outcome. Standard library only: no virtualenv needed.
-CONTROL := $(PYTHON) -m serve.control --pid-file $(PID_FILE) --url http://$(or $(HOST),127.0.0.1):$(or $(PORT),8080)
+CONTROL := $(PYTHON) -m serve.process.control --pid-file $(PID_FILE) --url http://$(or $(HOST),127.0.0.1):$(or $(PORT),8080)
 reload: ## make the running server load $(MODEL_DIR)/current (after `make export`), without a restart
 	@$(CONTROL) reload
 

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from ops.launch import Server, launch
-from serve.cpus import available_cpus
-from serve.versions import current_folder
+from serve.model.cpus import available_cpus
+from serve.model.versions import current_folder
 
 from . import inputs as inputs_mod
 from . import peer

@@ -22,9 +22,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
 
-from serve.artifact import load_artifact  # noqa: E402
-from serve.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402
-from serve.versions import current_folder  # noqa: E402
+from serve.model.artifact import load_artifact  # noqa: E402
+from serve.model.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402
+from serve.model.versions import current_folder  # noqa: E402
 
 from .inputs import car_photos, phone_jpeg  # noqa: E402
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from serve.malloc import keep_freed_memory  # noqa: E402
-from serve.onednn import cap_isa, packed_isa  # noqa: E402
-from serve.openmp import passive_waits  # noqa: E402
+from serve.model.malloc import keep_freed_memory  # noqa: E402
+from serve.model.onednn import cap_isa, packed_isa  # noqa: E402
+from serve.model.openmp import passive_waits  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,12 +53,12 @@ keep_freed_memory()
 
 import torch  # noqa: E402
 
-from serve.artifact import ArtifactError, load_artifact  # noqa: E402
-from serve.config import Config  # noqa: E402
-from serve.cpus import available_cpus  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.scheduler import PassPlan  # noqa: E402
-from serve.versions import current_folder  # noqa: E402
+from serve.model.artifact import ArtifactError, load_artifact  # noqa: E402
+from serve.process.config import Config  # noqa: E402
+from serve.model.cpus import available_cpus  # noqa: E402
+from serve.model.preprocess import Preprocessor  # noqa: E402
+from serve.model.scheduler import PassPlan  # noqa: E402
+from serve.model.versions import current_folder  # noqa: E402
 
 from .report import floor_layouts  # noqa: E402
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from serve.manifest import Manifest
-from serve.versions import current_folder
+from serve.model.manifest import Manifest
+from serve.model.versions import current_folder
 
 
 def export_onnx(folder: Path, out: Path) -> float:

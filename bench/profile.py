@@ -5,8 +5,8 @@ fp32's per-layer performance counters on the same model (bench/openvino_profile.
     python -m bench.profile [--model-dir artifacts] [--threads 1] [--runs 5]
 
 Each compiled shape runs in a child process of its own, because oneDNN reads its settings once
-(the child gets the server's ONEDNN_MAX_CPU_ISA and malloc settings, serve/onednn.py and
-serve/malloc.py). The pass is timed
+(the child gets the server's ONEDNN_MAX_CPU_ISA and malloc settings, serve/model/onednn.py and
+serve/model/malloc.py). The pass is timed
 without the log first, then logged: "outside oneDNN" is the wall time no primitive accounts
 for (Inductor's own kernels: the uint8 -> float preamble, activations, pooling, softmax).
 docs/benchmark.md has a run of it and what it showed.
@@ -73,8 +73,8 @@ def summarise_onednn(lines: list[str]) -> dict[str, dict]:
 CHILD = """
 import json, sys, time, statistics, torch
 sys.path.insert(0, {root!r})
-from serve.malloc import keep_freed_memory
-from serve.runtime.compiled import CompiledModel
+from serve.model.malloc import keep_freed_memory
+from serve.model.runtime.compiled import CompiledModel
 keep_freed_memory()  # as the server does
 torch.set_num_threads({threads})
 model = CompiledModel({path!r})
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="timed passes before the logged one (default: %(default)s)")
     args = p.parse_args(argv)
 
-    from serve.manifest import Manifest
-    from serve.onednn import cap_isa, packed_isa
-    from serve.versions import current_folder
+    from serve.model.manifest import Manifest
+    from serve.model.onednn import cap_isa, packed_isa
+    from serve.model.versions import current_folder
 
     cap_isa(packed_for=packed_isa(args.model_dir))  # the children inherit it, as the server's oneDNN has it
     folder = current_folder(args.model_dir)

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from ops.launch import Server, launch, post, without_settings
-from serve.manifest import Manifest
-from serve.versions import current_folder
+from serve.model.manifest import Manifest
+from serve.model.versions import current_folder
 
 from .inputs import DEFAULT_PHOTO
 from .load import percentile, rss_mib

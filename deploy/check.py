@@ -1,7 +1,7 @@
 """The release check: the release's own server, started the way systemd will start it, must become
 ready and score every check photo of its model as the model's manifest expects.
 
-A model proves it scores with `checks` in its manifest.json (serve/manifest.py), photos inside
+A model proves it scores with `checks` in its manifest.json (serve/model/manifest.py), photos inside
 the artifact folder with the top-1 the export gave each:
 
     "checks": [{"file": "checks/00.jpg", "sha256": "<hex>", "top1": "Volvo 240 Sedan 1993"}]
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ops.launch import LaunchError, last_lines, launch, post
-from serve.errors import ArtifactError
-from serve.manifest import Manifest
-from serve.versions import VersionError, current_folder
+from serve.model.errors import ArtifactError
+from serve.model.manifest import Manifest
+from serve.model.versions import VersionError, current_folder
 
 from .activation import listening_socket, spawn_with_socket
 

@@ -7,7 +7,7 @@
   training photos. Car photos like the training set score high; a photo with no car scores low.
   Its threshold is the lowest familiarity of any validation photo, so it turns away no photo of
   a known model, only photos unlike all of them.
-- The model an answer names is the server's (serve/postprocess.py): the most likely model of the
+- The model an answer names is the server's (serve/model/postprocess.py): the most likely model of the
   most likely make, where the classes carry makes, else the most likely class. Top-1, the make
   level and the confused pairs are of that model; `most_likely_class` keeps the plain argmax's.
 - The probability threshold, on the named model's probability, is the highest that still keeps
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from serve.postprocess import Makes, named_classes
-from serve.preprocess import Preprocessor
+from serve.model.postprocess import Makes, named_classes
+from serve.model.preprocess import Preprocessor
 
 from . import calibration
 from .parity import IMAGE_SUFFIXES

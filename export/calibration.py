@@ -12,7 +12,7 @@ writes what they return into the artifact.
 - `choose_threshold`: the strictest acceptance threshold that still keeps a given share of
   photos of the known classes.
 - `choose_precision_threshold`: the lowest threshold at which the make-level answers (their
-  scores are serve.postprocess.Makes' sums over each make's classes, as the server sums them)
+  scores are serve.model.postprocess.Makes' sums over each make's classes, as the server sums them)
   are right often enough.
 - `written_threshold`: a threshold as the manifest stores it, never above the one measured.
 """

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from serve.manifest import Check, sha256_file
-from serve.preprocess import Preprocessor
+from serve.model.manifest import Check, sha256_file
+from serve.model.preprocess import Preprocessor
 
 from .torchscript import probabilities_of
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from serve.artifact import ArtifactError, first_line, load_artifact
-from serve.runtime.torchscript import TorchScriptRunner
-from serve.manifest import MANIFEST, Manifest, sha256_file
-from serve.preprocess import Preprocessor
-from serve.scheduler import PassPlan
-from serve.versions import KEEP, ModelFolder
+from serve.model.artifact import ArtifactError, first_line, load_artifact
+from serve.model.runtime.torchscript import TorchScriptRunner
+from serve.model.manifest import MANIFEST, Manifest, sha256_file
+from serve.model.preprocess import Preprocessor
+from serve.model.scheduler import PassPlan
+from serve.model.versions import KEEP, ModelFolder
 
 from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton
 from . import learner as learner_io
@@ -285,7 +285,7 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
             built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
             runner = compiled.load_runner(built, height, width)
             try:
-                # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
+                # The runner answers one row per image, the probabilities first (serve/model/runtime/rows.py's output_rows).
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
                 report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,

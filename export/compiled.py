@@ -57,10 +57,10 @@ from pathlib import Path
 
 import torch
 
-from serve.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
-from serve.onednn import VARIABLE as ONEDNN_VARIABLE
-from serve.onednn import effective_isa
-from serve.runtime.compiled import CompiledModel, CompiledRunner, extract_library
+from serve.model.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
+from serve.model.onednn import VARIABLE as ONEDNN_VARIABLE
+from serve.model.onednn import effective_isa
+from serve.model.runtime.compiled import CompiledModel, CompiledRunner, extract_library
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "model.pt2"

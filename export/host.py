@@ -36,12 +36,12 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 import torch  # noqa: E402
 
-from serve.artifact import ArtifactError, first_line  # noqa: E402
-from serve.manifest import MANIFEST, Manifest  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.runtime.loading import cpu_model  # noqa: E402
-from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
-from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+from serve.model.artifact import ArtifactError, first_line  # noqa: E402
+from serve.model.manifest import MANIFEST, Manifest  # noqa: E402
+from serve.model.preprocess import Preprocessor  # noqa: E402
+from serve.model.runtime.loading import cpu_model  # noqa: E402
+from serve.model.runtime.torchscript import TorchScriptRunner  # noqa: E402
+from serve.model.versions import KEEP, ModelFolder, VersionError  # noqa: E402
 
 from . import compiled, parity  # noqa: E402
 from .cli import add_version  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from serve.preprocess import Preprocessor
+from serve.model.preprocess import Preprocessor
 
 from .torchscript import probabilities_of
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from serve.preprocess import Preprocessor
+from serve.model.preprocess import Preprocessor
 
 from .compiled import MAX_BATCH, export_program
 from .parity import IMAGE_SUFFIXES, MAX_PIXELS, pick_images

@@ -1,7 +1,7 @@
 """Reading a learner's validation-time pipeline and translating it for the server.
 
 Every transform that runs at validation time must be either replayed exactly by
-`serve.preprocess` or folded into the TorchScript module (scaling, normalisation). Anything
+`serve.model.preprocess` or folded into the TorchScript module (scaling, normalisation). Anything
 else is refused: a server that silently approximates its training pipeline loses accuracy
 nobody notices.
 """
@@ -27,7 +27,7 @@ class UnsupportedTransform(LearnerError):
 
 @dataclass
 class Pipeline:
-    steps: list[dict] = field(default_factory=list)  # Pillow steps for serve.preprocess
+    steps: list[dict] = field(default_factory=list)  # Pillow steps for serve.model.preprocess
     div: float | None = None                         # IntToFloatTensor
     mean: list[float] | None = None                  # Normalize
     std: list[float] | None = None

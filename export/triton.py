@@ -24,9 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serve.errors import ArtifactError
-from serve.manifest import Manifest, sha256_file
-from serve.versions import ModelFolder, VersionError
+from serve.model.errors import ArtifactError
+from serve.model.manifest import Manifest, sha256_file
+from serve.model.versions import ModelFolder, VersionError
 
 from .folders import replace_folder
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from serve.errors import ImageRejected
-from serve.preprocess import Preprocessor
+from serve.model.errors import ImageRejected
+from serve.model.preprocess import Preprocessor
 
 SIZE = 32
 # Small enough that every input runs in milliseconds, large enough for real photos' headers.

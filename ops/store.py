@@ -4,7 +4,7 @@
     FOLDER/<version>/                     a complete version: it appears by one rename, whole
     FOLDER/.remove-<version>/             a version being deleted (renamed out of the way first)
 
-The model folder (serve/versions.py: ROOT and FOLDER are one, versions are numbers) and the
+The model folder (serve/model/versions.py: ROOT and FOLDER are one, versions are numbers) and the
 deploy prefix (deploy/layout.py: versions are releases in ROOT/releases, named by time) are both
 such a store. They differ in what they keep besides `current` (a `previous` link, a history of
 releases) and so in what a rollback does; the ways the disk changes are the ones here: a link

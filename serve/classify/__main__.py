@@ -4,11 +4,11 @@ import warnings
 # torch mentions at import that numpy is absent; nothing here needs it, and stderr is for the summary.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from ..malloc import keep_freed_memory  # noqa: E402
-from ..onednn import cap_isa, packed_isa  # noqa: E402
+from ..model.malloc import keep_freed_memory  # noqa: E402
+from ..model.onednn import cap_isa, packed_isa  # noqa: E402
 from .cli import main, parse_args  # noqa: E402
 
-# As the server does, before torch loads (serve/onednn.py, serve/malloc.py).
+# As the server does, before torch loads (serve/model/onednn.py, serve/model/malloc.py).
 cap_isa(packed_for=packed_isa(parse_args(sys.argv[1:]).model_dir))
 keep_freed_memory()
 

@@ -8,7 +8,7 @@ could not be scored (not an image, undecodable, too many pixels, unreadable); a 
 stops the run. OUT's extension picks the format: .csv, or .jsonl (JSON Lines).
 
 Scoring is the server's: the same artifact loader, the same Preprocessor and the same inference
-threads (serve/scheduler.py), one single-threaded pass per CPU this process may use (CPU
+threads (serve/model/scheduler.py), one single-threaded pass per CPU this process may use (CPU
 affinity and cgroup quota), so a file scores here exactly as it would over HTTP.
 
 Rerun with the same OUT to resume: files already in it, scored by the same model (sha256), are
@@ -27,8 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import ArtifactError
-from ..versions import ModelFolder, VersionError
+from ..model.errors import ArtifactError
+from ..model.versions import ModelFolder, VersionError
 from .output import Progress, RowWriter
 from .rows import MAX_IMAGE_PIXELS, ClassifyError, image_files, model_id
 

@@ -7,8 +7,8 @@ import concurrent.futures
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..cpus import available_cpus
-from ..postprocess import clamp_k
+from ..model.cpus import available_cpus
+from ..model.postprocess import clamp_k
 from .rows import Row, batch_config, score_file
 
 
@@ -17,7 +17,7 @@ class LocalScorer:
     inference thread per CPU, fed by enough reading threads to keep each busy."""
 
     def __init__(self, model_folder: Path, version: str, k: int, max_image_pixels: int):
-        from ..handler import load_handler
+        from ..model.handler import load_handler
 
         self.cpus = available_cpus()
         self.handler = load_handler(model_folder, version, batch_config(model_folder, max_image_pixels, self.cpus))

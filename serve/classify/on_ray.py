@@ -27,8 +27,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .. import onednn
-from ..postprocess import clamp_k
+from ..model import onednn
+from ..model.postprocess import clamp_k
 from .rows import ClassifyError, Row, batch_config, score_file
 
 SERVE_PACKAGE = Path(__file__).resolve().parent.parent
@@ -72,10 +72,10 @@ class ScoreBatch:
     def __init__(self, files, version: str, k: int, max_image_pixels: int):
         import ray
 
-        from ..handler import load_handler
-        from ..malloc import keep_freed_memory
+        from ..model.handler import load_handler
+        from ..model.malloc import keep_freed_memory
 
-        keep_freed_memory()  # as the server does (serve/malloc.py)
+        keep_freed_memory()  # as the server does (serve/model/malloc.py)
         # Ray Data passes constructor arguments nested, so an object reference arrives unresolved.
         if isinstance(files, ray.ObjectRef):
             files = ray.get(files)
@@ -145,7 +145,7 @@ class RayScorer:
         watchdog.start()
         try:
             # whatcar's code travels with the job, so the nodes need only the packages installed;
-            # the actors' oneDNN gets the cap the packages were packed for (serve/onednn.py).
+            # the actors' oneDNN gets the cap the packages were packed for (serve/model/onednn.py).
             self.ray.init(address=address, runtime_env={
                 "py_modules": [str(SERVE_PACKAGE), str(OPS_PACKAGE)],
                 "env_vars": {onednn.VARIABLE: os.environ.get(onednn.VARIABLE, onednn.PACKED_FOR)}},

@@ -7,8 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ImageRejected
-from ..manifest import Manifest
+from ..model.errors import ImageRejected
+from ..model.manifest import Manifest
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 MAX_IMAGE_PIXELS = 50_000_000
@@ -48,10 +48,10 @@ class Row:
 
 
 def score_file(handler, folder: Path, path: Path, k: int) -> Row:
-    """One file's row: read it and have `handler` (serve/handler.py) answer it as one request,
+    """One file's row: read it and have `handler` (serve/model/handler.py) answer it as one request,
     alone in its forward pass, or say why it could not be scored. Both the one-machine command and
     the Ray actors (serve/classify/on_ray.py) make their rows here."""
-    from ..handler import Options
+    from ..model.handler import Options
 
     relative = str(path.relative_to(folder))
     try:
@@ -73,7 +73,7 @@ def batch_config(model_folder: Path, max_image_pixels: int, workers: int):
     image alone in its forward pass. So a file's probabilities do not depend on what it happened
     to share a pass with, and every run (and every Ray actor) gives it the same row to the last
     digit; one image a pass costs no throughput on a small CPU (docs/benchmark.md)."""
-    from ..config import Config
+    from ..process.config import Config
 
     return Config(model_dir=model_folder, inference_workers=workers, torch_threads=1, solo_threads=1,
                   micro_batch=1, max_image_pixels=max_image_pixels)

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from serve.onednn import cap_isa
+from serve.model.onednn import cap_isa
 
 # Compiled packages run here as the server runs them: oneDNN capped at the ISA their weights are
-# packed for (serve/onednn.py), set before any test runs a convolution.
+# packed for (serve/model/onednn.py), set before any test runs a convolution.
 cap_isa()
 
 

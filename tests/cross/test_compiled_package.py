@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.artifact import ArtifactError, load_artifact
-from serve.runtime.compiled import CompiledModel
-from serve.runtime.shapes import ShapedRunner
-from serve.config import Config
-from serve.manifest import Manifest
-from serve.preprocess import Preprocessor
-from serve.handler import load_handler
+from serve.model.artifact import ArtifactError, load_artifact
+from serve.model.runtime.compiled import CompiledModel
+from serve.model.runtime.shapes import ShapedRunner
+from serve.process.config import Config
+from serve.model.manifest import Manifest
+from serve.model.preprocess import Preprocessor
+from serve.model.handler import load_handler
 from tests.support.paths import CARS, ROOT
 from tests.support.server import request, start_server
 
@@ -112,8 +112,8 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
 def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
     """load_handler, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
     read when torch starts); returns the runtime it chose and what it logged."""
-    script = ("import json, logging, sys; from pathlib import Path; from serve.config import Config; "
-              "from serve.handler import load_handler; logging.basicConfig(level=logging.INFO); "
+    script = ("import json, logging, sys; from pathlib import Path; from serve.process.config import Config; "
+              "from serve.model.handler import load_handler; logging.basicConfig(level=logging.INFO); "
               f"folder = Path({str(folder)!r}); "
               "s = load_handler(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
               "print(json.dumps(s.artifact.runtime.as_dict())); s.close()")
@@ -180,7 +180,7 @@ def test_a_tampered_package_is_refused_like_a_tampered_model(copy, caplog):
             load_artifact(copy, runtime=runtime)
     # Listed with the damaged file's own checksum, it still does not load: the zip's CRC catches it
     # (torch's C++ loader would have run it). The pass it was for goes to the dynamic package.
-    from serve.manifest import sha256_file
+    from serve.model.manifest import sha256_file
     edit_package_entry(copy, "model-b1t1.pt2", sha256=sha256_file(package))
     with caplog.at_level(logging.WARNING, logger="whatcar"):
         artifact = load_artifact(copy, runtime="auto")

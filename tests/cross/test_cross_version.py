@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from serve.artifact import load_artifact
-from serve.preprocess import Preprocessor
+from serve.model.artifact import load_artifact
+from serve.model.preprocess import Preprocessor
 from tests.support.paths import CARS
 
 

@@ -18,11 +18,11 @@ import torch
 from export import classnames, cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
-from serve.artifact import load_artifact, sha256_file
-from serve.runtime.compiled import extract_library
-from serve.manifest import Manifest
-from serve.versions import ModelFolder
-from serve.preprocess import Preprocessor
+from serve.model.artifact import load_artifact, sha256_file
+from serve.model.runtime.compiled import extract_library
+from serve.model.manifest import Manifest
+from serve.model.versions import ModelFolder
+from serve.model.preprocess import Preprocessor
 from tests.support.paths import CARS, car_photos
 from tests.support.training import SIZE, train_tiny
 

@@ -10,9 +10,9 @@ import torch
 from export import cli
 from export import compiled as compiled_mod
 from export.learner import load, write_sidecar
-from serve.artifact import load_artifact
-from serve.manifest import Manifest, sha256_file
-from serve.preprocess import Preprocessor
+from serve.model.artifact import load_artifact
+from serve.model.manifest import Manifest, sha256_file
+from serve.model.preprocess import Preprocessor
 from tests.support.paths import CARS, car_photos
 from tests.support.training import train_tiny
 

@@ -3,7 +3,7 @@
 import pytest
 
 from export import noncar_photos
-from serve.decode import decode
+from serve.model.decode import decode
 
 
 def test_every_listed_photo_is_installed_and_decodes_like_an_upload():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from export.learner import load
-from serve.manifest import Manifest
+from serve.model.manifest import Manifest
 from train.cli import DEFAULTS, parse_args
 from train.stages import WeightAverage
 from export.transforms import read_pipeline

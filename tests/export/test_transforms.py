@@ -1,4 +1,4 @@
-"""serve.preprocess must give the same pixels as fastai's own validation transforms."""
+"""serve.model.preprocess must give the same pixels as fastai's own validation transforms."""
 
 import pytest
 from PIL import Image
@@ -7,7 +7,7 @@ from fastai.vision.all import (CropPad, PILImage, RandomResizedCrop, Resize, Res
 from fastai.vision.augment import RandomResizedCropGPU, aug_transforms
 
 from export.transforms import UnsupportedTransform, _item_steps, read_pipeline
-from serve.preprocess import apply_steps
+from serve.model.preprocess import apply_steps
 from tests.support.paths import car_photos
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from export import triton
-from serve.errors import ArtifactError
-from serve.manifest import Manifest
+from serve.model.errors import ArtifactError
+from serve.model.manifest import Manifest
 from tests.support.paths import ROOT
 
 HEIGHT, WIDTH, LABELS = 12, 16, ["Alfa Romeo Giulia 2017", "Citroen DS 1965", "Saab 900 1987", "Volvo 240 1993"]

@@ -1,15 +1,15 @@
 import falcon.testing
 import pytest
 
-from serve.app import State, create_app
-from serve.config import Config
-from serve.handler import build_handler
-from serve.live_model import LiveModel
-from serve.onednn import cap_isa
+from serve.http.app import State, create_app
+from serve.process.config import Config
+from serve.model.handler import build_handler
+from serve.model.live_model import LiveModel
+from serve.model.onednn import cap_isa
 from tests.support.paths import ARTIFACTS, car_photos
 
 # Compiled packages run here as the server runs them: oneDNN capped at the ISA their weights are
-# packed for (serve/onednn.py), set before any test runs a convolution.
+# packed for (serve/model/onednn.py), set before any test runs a convolution.
 cap_isa()
 
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.app import State, create_app, start_serving
-from serve.artifact import load_artifact
-from serve.config import Config
-from serve.errors import ArtifactError
-from serve.manifest import Acceptance, CarClass
-from serve.metrics import Metrics
-from serve.postprocess import MAKE, MODEL, Makes, Output, judge, named_classes, with_article
+from serve.http.app import State, create_app, start_serving
+from serve.model.artifact import load_artifact
+from serve.process.config import Config
+from serve.model.errors import ArtifactError
+from serve.model.manifest import Acceptance, CarClass
+from serve.http.metrics import Metrics
+from serve.model.postprocess import MAKE, MODEL, Makes, Output, judge, named_classes, with_article
 from tests.support.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -196,8 +196,8 @@ def test_batch_rows_carry_the_verdict(judged, tmp_path):
 
 
 def test_answer_splits_ranks_and_judges_one_row_in_one_place():
-    from serve.manifest import Acceptance
-    from serve.postprocess import answer
+    from serve.model.manifest import Acceptance
+    from serve.model.postprocess import answer
 
     labels = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "Volvo 240 Sedan 1993"]
     row = torch.tensor([0.2, 0.7, 0.1, 0.9])  # three probabilities, then the familiarity column
@@ -235,7 +235,7 @@ def test_make_probabilities_are_sums_over_each_makes_models():
 
 
 def test_an_answer_names_the_most_likely_model_of_the_most_likely_make():
-    from serve.postprocess import answer, rank
+    from serve.model.postprocess import answer, rank
 
     labels = ["a1", "b1", "a2", "c1"]
     makes = Makes.of(cars(labels, ["A", "B", "A", "C"]))
@@ -258,7 +258,7 @@ def test_an_answer_names_the_most_likely_model_of_the_most_likely_make():
     assert [r.label for r in rank(split, labels, 2, first=3)] == ["c1", "b1"]
     assert rank(split, labels, 2, first=1) == rank(split, labels, 2)
     # /v2's classification strings lead with the same model.
-    from serve.v2 import classifications
+    from serve.http.v2 import classifications
     assert classifications([got, sure], labels, 2) == [b"0.300000:0:a1", b"0.350000:1:b1",
                                                        b"0.600000:1:b1", b"0.200000:2:a2"]
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from serve.artifact import ArtifactError, load_artifact, sha256_file
+from serve.model.artifact import ArtifactError, load_artifact, sha256_file
 from tests.support.paths import ARTIFACT
 
 
@@ -32,9 +32,9 @@ def test_committed_artifact_loads(copy):
 def test_the_committed_default_ships_a_compiled_shape_for_each_default_pass_and_fits_in_git():
     """Batch 1 on 1 thread (the shared workers, make classify, the Ray actors) and on 2 (a request
     alone), the dynamic package for every other pass; no file over 25 MB, the version under 90 MB."""
-    from serve.manifest import Manifest
-    from serve.runtime.shapes import choose_shape
-    from serve.scheduler import PassPlan
+    from serve.model.manifest import Manifest
+    from serve.model.runtime.shapes import choose_shape
+    from serve.model.scheduler import PassPlan
 
     packages = Manifest.read(ARTIFACT).compiled
     assert {p.shape for p in packages} == {"b1t1", "b1t2", "b1-64"}

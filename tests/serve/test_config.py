@@ -2,13 +2,13 @@
 
 import pytest
 
-from serve import cpus
-from serve.config import Config, ConfigError, build_parser, load_config
+from serve.model import cpus
+from serve.process.config import Config, ConfigError, build_parser, load_config
 from tests.support.paths import ARTIFACTS
 
 
 def test_defaults_fit_the_cpus_the_process_has(monkeypatch):
-    monkeypatch.setattr("serve.config.available_cpus", lambda: 3)
+    monkeypatch.setattr("serve.process.config.available_cpus", lambda: 3)
     config = load_config(["--model-dir", str(ARTIFACTS)], environ={})
     assert config.host == "127.0.0.1" and config.port == 8080
     assert config.torch_threads * config.inference_workers == 3
@@ -72,7 +72,7 @@ def test_quota_caps_the_cpu_count(monkeypatch):
 
 
 def test_openmp_waits_passively_unless_the_operator_chose_otherwise():
-    from serve.openmp import passive_waits
+    from serve.model.openmp import passive_waits
 
     environ = {}
     assert passive_waits(environ) and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -90,5 +90,5 @@ def test_the_server_sets_the_wait_policy_before_torch_loads():
     calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
              and getattr(node.func, "id", None) == "passive_waits"]
     server_import = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                     and node.module == "server"]
+                     and node.module == "process.server"]
     assert calls and server_import and calls[0] < server_import[0]

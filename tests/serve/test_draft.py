@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.decode import decode
-from serve.preprocess import DRAFT_MARGIN, Preprocessor, draft_size
+from serve.model.decode import decode
+from serve.model.preprocess import DRAFT_MARGIN, Preprocessor, draft_size
 from tests.support.paths import car_photos
 
 STEPS = [{"op": "resize", "method": "squish", "height": 288, "width": 288, "resample": "bilinear",

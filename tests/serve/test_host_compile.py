@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from serve import onednn
-from serve.runtime.loading import cpu_model
-from serve.versions import ModelFolder
+from serve.model import onednn
+from serve.model.runtime.loading import cpu_model
+from serve.model.versions import ModelFolder
 from tests.support.paths import ARTIFACT, ROOT, car_photos
 from tests.support.server import Client, clean_env, start_server
 

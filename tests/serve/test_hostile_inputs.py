@@ -21,9 +21,9 @@ import zlib
 import pytest
 from PIL import Image, ImageChops, ImageStat
 
-from serve.decode import decode
-from serve.errors import TooManyPixels
-from serve.preprocess import apply_steps
+from serve.model.decode import decode
+from serve.model.errors import TooManyPixels
+from serve.model.preprocess import apply_steps
 from tests.support.paths import car_photos
 from tests.support.uploads import encode, multipart
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from serve.malloc import limit_arenas
+from serve.model.malloc import limit_arenas
 
 
 @pytest.mark.parametrize("environ", [{"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}])
@@ -16,13 +16,13 @@ def test_operator_setting_wins(environ):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_applied_on_glibc():
     # In a child process, so this test run keeps its own allocator settings.
-    code = "from serve.malloc import limit_arenas; print(limit_arenas(1, environ={}))"
+    code = "from serve.model.malloc import limit_arenas; print(limit_arenas(1, environ={}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 
 
 def test_arena_cap_is_a_setting_off_by_default():
-    from serve.config import ConfigError, load_config
+    from serve.process.config import ConfigError, load_config
     from tests.support.paths import ARTIFACTS
 
     assert load_config(["--model-dir", str(ARTIFACTS)], environ={}).malloc_arenas == 0
@@ -33,7 +33,7 @@ def test_arena_cap_is_a_setting_off_by_default():
 
 
 def test_freed_memory_is_kept_unless_the_operator_set_glibcs_thresholds():
-    from serve.malloc import keep_freed_memory
+    from serve.model.malloc import keep_freed_memory
 
     for chosen in ({"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}):
         assert keep_freed_memory(chosen) is False

@@ -8,12 +8,12 @@ import falcon.testing
 import pytest
 from prometheus_client import CollectorRegistry
 
-from serve.app import create_app
-from serve.errors import ImageRejected
-from serve.scheduler import Model
-from serve.metrics import Metrics, rejection_reasons
-from serve.handler import Handler
-from serve.live_model import LiveModel
+from serve.http.app import create_app
+from serve.model.errors import ImageRejected
+from serve.model.scheduler import Model
+from serve.http.metrics import Metrics, rejection_reasons
+from serve.model.handler import Handler
+from serve.model.live_model import LiveModel
 from tests.support.metrics import scrape, value
 from tests.support.paths import car_photos
 
@@ -36,7 +36,7 @@ def observed(config, handler, state):
         time.sleep(0.2)
         return handler.artifact.runner(batch)
 
-    slow.ran = lambda images: f"slow b{images}"  # what a runner names each pass by (serve/runtime/shapes.py)
+    slow.ran = lambda images: f"slow b{images}"  # what a runner names each pass by (serve/model/runtime/shapes.py)
 
     model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)

@@ -166,7 +166,7 @@ def test_sync_tree_flushes_every_file_and_folder_and_follows_no_link(tmp_path, m
 
 
 def write_manifest(folder: Path) -> None:
-    from serve.manifest import Manifest
+    from serve.model.manifest import Manifest
 
     Manifest({"format_version": 2, "files": {}, "input": {}, "preprocessing": {}, "num_classes": 2}).write(folder)
 
@@ -184,7 +184,7 @@ def write_history(folder: Path) -> None:
 
 
 def write_pid_file(folder: Path) -> None:
-    from serve.server import write_pid_file
+    from serve.process.server import write_pid_file
 
     write_pid_file(folder / "serve.pid")
 

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.app import State, create_app, start_serving
-from serve.config import Config, ConfigError, load_config
-from serve.scheduler import ModelClosed
-from serve.metrics import Metrics
-from serve.handler import build_handler, load_handler
-from serve.live_model import NotServing, NotThisModel, LiveModel
-from serve.versions import ModelFolder
+from serve.http.app import State, create_app, start_serving
+from serve.process.config import Config, ConfigError, load_config
+from serve.model.scheduler import ModelClosed
+from serve.http.metrics import Metrics
+from serve.model.handler import build_handler, load_handler
+from serve.model.live_model import NotServing, NotThisModel, LiveModel
+from serve.model.versions import ModelFolder
 from tests.support.metrics import scrape, value
 from tests.support.tiny_artifact import add_tiny_version, write_manifest
 
@@ -181,7 +181,7 @@ def test_a_lease_for_a_name_and_version_is_refused_once_another_version_is_live(
 def test_v2_inference_checks_the_version_where_it_takes_the_lease(model_dir, monkeypatch):
     """A swap between the route's first look and its lease must not serve a version other than the
     one asked for: the lease itself checks."""
-    from serve import v2
+    from serve.http import v2
 
     serving, client = setup(model_dir)
     try:

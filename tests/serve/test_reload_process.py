@@ -15,7 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-from serve.versions import ModelFolder
+from serve.model.versions import ModelFolder
 from tests.support.paths import ROOT
 from tests.support.server import request, start_server
 from tests.support.tiny_artifact import add_tiny_version
@@ -133,7 +133,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
         # A version that fails its checks: the control command says so and exits 1; 2 still serves.
         broken = add_tiny_version(model_dir)
         (model_dir / broken / "labels.txt").write_text("tampered\n")
-        done = subprocess.run([sys.executable, "-m", "serve.control", "reload", "--pid-file", str(pid_file),
+        done = subprocess.run([sys.executable, "-m", "serve.process.control", "reload", "--pid-file", str(pid_file),
                                "--url", f"http://127.0.0.1:{server.port}"],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and f"reload of version {broken} failed" in done.stderr + done.stdout
@@ -146,7 +146,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
 
 
 def test_make_reload_without_a_server_says_so(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "serve.control", "reload", "--pid-file", str(tmp_path / "none.pid")],
+    done = subprocess.run([sys.executable, "-m", "serve.process.control", "reload", "--pid-file", str(tmp_path / "none.pid")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "is `make serve` running" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -9,12 +9,12 @@ import shutil
 import pytest
 import torch
 
-from serve.artifact import ArtifactError, load_artifact
-from serve.runtime.compiled import CompiledRunner
-from serve.config import ConfigError, load_config
-from serve.runtime.rows import output_rows
-from serve.manifest import Manifest
-from serve.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
+from serve.model.artifact import ArtifactError, load_artifact
+from serve.model.runtime.compiled import CompiledRunner
+from serve.process.config import ConfigError, load_config
+from serve.model.runtime.rows import output_rows
+from serve.model.manifest import Manifest
+from serve.model.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
 from tests.support.paths import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}
@@ -225,7 +225,7 @@ def test_a_package_that_does_not_load_leaves_torchscript_serving(copy, caplog):
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="the committed packages need a CPU with AVX2")
 def test_one_package_that_does_not_load_leaves_its_passes_to_the_next_with_one_line(copy, caplog):
-    from serve.scheduler import PassPlan
+    from serve.model.scheduler import PassPlan
 
     manifest = Manifest.read(copy)
     (copy / "model-b1t2.pt2").write_bytes(b"not a zip")
@@ -257,8 +257,8 @@ def test_metadata_and_metrics_say_which_runtime_serves(client, handler):
 
 
 def test_the_runtime_line_is_logged_once_at_load(tmp_path, caplog):
-    from serve.config import Config
-    from serve.handler import load_handler
+    from serve.process.config import Config
+    from serve.model.handler import load_handler
     from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")

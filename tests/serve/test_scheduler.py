@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from serve.errors import UndecodableImage
-from serve.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
+from serve.model.errors import UndecodableImage
+from serve.model.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
 from tests.support.waiting import wait_for
 
 # ---------------------------------------------------------------------- the policy, no threads
@@ -351,7 +351,7 @@ def test_photos_scored_together_get_the_answers_they_get_alone(handler):
 
 
 def test_batching_settings_come_from_flags_and_environment():
-    from serve.config import ConfigError, load_config
+    from serve.process.config import ConfigError, load_config
     from tests.support.paths import ARTIFACTS
 
     env = {"WHATCAR_MICRO_BATCH": "4", "WHATCAR_BATCH_WAIT_MS": "2.5"}

@@ -13,10 +13,10 @@ import falcon.testing
 import pytest
 from PIL import Image
 
-from serve.app import STATIC, State, create_app
-from serve.config import Config, load_config
-from serve.handler import build_handler
-from serve.live_model import LiveModel
+from serve.http.app import STATIC, State, create_app
+from serve.process.config import Config, load_config
+from serve.model.handler import build_handler
+from serve.model.live_model import LiveModel
 from tests.support.paths import ARTIFACT
 from tests.support.tiny_artifact import write_tiny_artifact
 
@@ -98,7 +98,7 @@ def test_no_route_is_built_from_a_filesystem_path(client):
 
 
 @pytest.mark.parametrize("path", [
-    "/static/../serve/app.py", "/static/%2e%2e/%2e%2e/artifacts/manifest.json",
+    "/static/../serve/http/app.py", "/static/%2e%2e/%2e%2e/artifacts/manifest.json",
     "/static/..%2f..%2fartifacts%2flabels.txt",
     "/static/app.js/../../artifacts/manifest.json", "/static//etc/passwd", "/..%2f..%2fetc%2fpasswd",
     "/v2/models/..%2f..%2fartifacts%2fmanifest.json", "/v2/models/%2e%2e/versions/..%2f..%2fmodel.pt",

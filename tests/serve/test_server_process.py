@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from ops.launch import Server
-from serve.manifest import FORMAT_VERSION
+from serve.model.manifest import FORMAT_VERSION
 from tests.support.paths import ARTIFACT, ARTIFACTS, ROOT, car_photos
 from tests.support.server import clean_env, request, start_server
 from tests.support.tiny_artifact import write_manifest, write_tiny_artifact
@@ -175,7 +175,7 @@ def test_declared_oversize_body_is_refused_before_it_is_sent(server):
         status, response = read_response(sock)  # not one byte of the 50 MB was sent
     finally:
         sock.close()
-    # Waitress answers this itself, in plain text: see MULTIPART_SLACK in serve/server.py.
+    # Waitress answers this itself, in plain text: see MULTIPART_SLACK in serve/process/server.py.
     assert status == 413 and b"Request Entity Too Large" in response
 
 

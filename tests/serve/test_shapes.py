@@ -8,13 +8,13 @@ import logging
 import pytest
 import torch
 
-from serve.artifact import ArtifactError
-from serve.manifest import CompiledPackage, Manifest
-from serve.onednn import cap_isa, effective_isa, packed_isa
-from serve.runtime.choice import Host, package_problem
-from serve.runtime.loading import check_shapes, compiled_choice, warm_up_rounds
-from serve.runtime.shapes import ShapedRunner, choose_shape, describe_passes
-from serve.scheduler import PassPlan
+from serve.model.artifact import ArtifactError
+from serve.model.manifest import CompiledPackage, Manifest
+from serve.model.onednn import cap_isa, effective_isa, packed_isa
+from serve.model.runtime.choice import Host, package_problem
+from serve.model.runtime.loading import check_shapes, compiled_choice, warm_up_rounds
+from serve.model.runtime.shapes import ShapedRunner, choose_shape, describe_passes
+from serve.model.scheduler import PassPlan
 from tests.support.paths import ARTIFACT
 
 

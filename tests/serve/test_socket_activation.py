@@ -17,8 +17,8 @@ from PIL import Image
 
 from deploy.activation import listening_socket, spawn_with_socket
 from ops.launch import Server, launch
-from serve.config import ConfigError
-from serve.server import inherited_socket
+from serve.process.config import ConfigError
+from serve.process.server import inherited_socket
 from tests.support.paths import ROOT
 from tests.support.server import START_TIMEOUT, clean_env
 from tests.support.tiny_artifact import write_tiny_artifact

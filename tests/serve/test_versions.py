@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from serve.versions import ModelFolder, VersionError
+from serve.model.versions import ModelFolder, VersionError
 from tests.support.paths import ARTIFACTS
 from tests.support.syncs import record_syncs, synced
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from serve.manifest import MANIFEST, Check, Manifest, sha256_file
-from serve.versions import ModelFolder
+from serve.model.manifest import MANIFEST, Check, Manifest, sha256_file
+from serve.model.versions import ModelFolder
 
 SIZE = 16
 

@@ -13,14 +13,14 @@ import falcon
 from prometheus_client import CollectorRegistry
 
 from . import repository, v2
-from .config import Config, configure_logging, load_config
-from .decode import ACCEPTED_MEDIA_TYPES
-from .errors import ImageRejected, UnsupportedImageType
+from ..process.config import Config, configure_logging, load_config
+from ..model.decode import ACCEPTED_MEDIA_TYPES
+from ..model.errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
-from .handler import Options, build_handler
-from .postprocess import clamp_k
-from .live_model import NotServing, LiveModel
+from ..model.handler import Options, build_handler
+from ..model.postprocess import clamp_k
+from ..model.live_model import NotServing, LiveModel
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")
@@ -242,11 +242,11 @@ def start_serving(config: Config, metrics: Metrics) -> LiveModel:
 
 def get_app(environ: dict | None = None) -> falcon.App:
     """The app for any WSGI server, configured from WHATCAR_* variables alone, e.g.
-    `gunicorn 'serve.app:get_app()'`. The model is loaded and warmed up before it returns.
+    `gunicorn 'serve.http.app:get_app()'`. The model is loaded and warmed up before it returns.
 
     Only `python -m serve` adds what Waitress is set up for there: the request body cut-off
     before reading, slow-client timeouts, the SIGTERM drain and reloads on SIGHUP (see
-    serve/server.py)."""
+    serve/process/server.py)."""
     # Flags are not read: under another server, sys.argv holds that server's own arguments.
     config = load_config([], environ)
     configure_logging(config.log_level)

@@ -13,7 +13,7 @@ version is serving or has failed its checks (and the old one still serves).
 
 These routes change what the service answers, so they exist only with --model-control explicit,
 and then need `Authorization: Bearer <WHATCAR_ADMIN_TOKEN>`; without a token they are served on
-a loopback address only (checked at start-up, serve/config.py).
+a loopback address only (checked at start-up, serve/process/config.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import json
 
 import falcon
 
-from .config import Config
-from .errors import ArtifactError
-from .manifest import Manifest
-from .live_model import LiveModel
+from ..process.config import Config
+from ..model.errors import ArtifactError
+from ..model.manifest import Manifest
+from ..model.live_model import LiveModel
 from .upload import read_body
 from .v2 import V2Error, bad
-from .versions import VersionError
+from ..model.versions import VersionError
 
 MAX_BODY = 64 * 1024
 

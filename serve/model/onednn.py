@@ -13,7 +13,7 @@ oneDNN reads ONEDNN_MAX_CPU_ISA once, when it first runs, so it is set before to
 (serve/__main__.py, serve/classify/__main__.py, the Ray actors, bench/floor.py), from the
 manifest of the version the process starts with. An operator's own setting is kept, and a
 version swapped in later with packages packed for another ISA has them passed over
-(serve/runtime/choice.py), as does one whose packages `make compile` packed for the CPU's own
+(serve/model/runtime/choice.py), as does one whose packages `make compile` packed for the CPU's own
 kernels while the process runs capped.
 """
 

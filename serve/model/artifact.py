@@ -1,5 +1,5 @@
 """Where an exported artifact is verified and loaded: manifest, checksums, labels, and the model
-in the runtime serve/runtime/ picks (the compiled package, or TorchScript).
+in the runtime serve/model/runtime/ picks (the compiled package, or TorchScript).
 
 Nothing here unpickles Python objects: the model is a TorchScript archive or a compiled
 library in a zip, and everything else is JSON or text.
@@ -47,7 +47,7 @@ class Artifact:
     # The TorchScript module, when it is what serves (None when compiled packages do).
     module: torch.jit.ScriptModule | None = None
     load_seconds: float = 0.0
-    # Which version of its model folder this is (serve/versions.py).
+    # Which version of its model folder this is (serve/model/versions.py).
     version: str = "1"
 
     @property
@@ -68,7 +68,7 @@ class Artifact:
 
     def fall_back(self, requested: str, problem: str, optimize: bool = True) -> RuntimeChoice:
         """Serve TorchScript instead of the compiled packages, which failed after loading (a warm-up
-        or a check photo), by serve/runtime/loading.py's one policy; returns the new choice. The
+        or a check photo), by serve/model/runtime/loading.py's one policy; returns the new choice. The
         artifact was verified when it loaded."""
         choice = fall_back(requested, problem)
         self.close()
@@ -91,7 +91,7 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
 
     Every file the manifest lists is checked against its sha256 first, the compiled package too
     whichever runtime serves. `runtime` (auto, compiled, torchscript) picks what is loaded, see
-    serve/runtime/; with auto, a compiled package that cannot serve here leaves its passes to
+    serve/model/runtime/; with auto, a compiled package that cannot serve here leaves its passes to
     the next runtime, and a WARNING line says why. `plan` says which passes the inference
     threads will run, so that each gets its compiled shape and each thread an instance.
     """

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import falcon
 
-from .decode import ACCEPTED_MEDIA_TYPES
-from .errors import BodyTooLarge, EmptyBody, UnsupportedImageType
+from ..model.decode import ACCEPTED_MEDIA_TYPES
+from ..model.errors import BodyTooLarge, EmptyBody, UnsupportedImageType
 
 # Raw bodies may also be untyped or generic bytes: the decoder, not the header, decides.
 RAW_TYPES = frozenset(ACCEPTED_MEDIA_TYPES) | {"application/octet-stream", ""}

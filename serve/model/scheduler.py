@@ -108,7 +108,7 @@ def warm_up_sizes(micro_batch: int) -> list[int]:
 @dataclass(frozen=True)
 class PassPlan:
     """The forward passes a set of inference threads will run, for the runtime to load a compiled
-    shape for each (serve/runtime/shapes.py)."""
+    shape for each (serve/model/runtime/shapes.py)."""
 
     workers: int = 1
     torch_threads: int = 1
@@ -199,7 +199,7 @@ class InferenceThreads:
     arena of its own, and the space a pass frees stays in the arena, at the top of its heap,
     where malloc_trim does not reach. Starting a new set for each model left the old sets'
     arenas resident: on two cores at eight clients, 1.4x a fresh server's memory after 10 swaps
-    and 1.7x after 20; with the threads kept (and loads on one thread, serve/live_model.py), 0.97x
+    and 1.7x after 20; with the threads kept (and loads on one thread, serve/model/live_model.py), 0.97x
     after 20 (docs/benchmark.md, "Model swaps under load").
     """
 
@@ -459,7 +459,7 @@ def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
 class Model:
     """One loaded model, run by inference threads.
 
-    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see serve/runtime/rows.py); `preprocess` maps an
+    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see serve/model/runtime/rows.py); `preprocess` maps an
     encoded image to uint8 [3, H, W] or raises ImageRejected. `threads` are the inference
     threads to run on, shared with the models before and after this one; without them the model
     starts a set of its own from `settings` (InferenceThreads' arguments), which stops with it.

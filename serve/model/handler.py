@@ -2,8 +2,8 @@
 
 `Handler.predict(items, options)` is what every caller uses: /predict, /v2, the batch command, the
 Ray actors and the check photos every load scores. It hands the images to the inference threads
-(serve/scheduler.py: decoding and preprocessing (serve/preprocess.py) and the forward pass run
-there) and makes each output row an `Answer` (serve/postprocess.py). Routes only parse requests
+(serve/model/scheduler.py: decoding and preprocessing (serve/model/preprocess.py) and the forward pass run
+there) and makes each output row an `Answer` (serve/model/postprocess.py). Routes only parse requests
 and format answers. The model's facts (name, version, labels, classes, thresholds) are its
 `artifact`'s; nothing here forwards them.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, load_artifact
-from .config import Config
+from ..process.config import Config
 from .errors import ArtifactError, ImageRejected, first_line
 from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer

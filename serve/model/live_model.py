@@ -2,7 +2,7 @@
 
 Every request scores inside `serving.lease()`, which hands it the handler that is live at that
 moment and keeps that handler alive until the request is done. A reload loads the new version
-beside the old one (verify, warm up, check photos: serve/handler.py's load_handler), and only
+beside the old one (verify, warm up, check photos: serve/model/handler.py's load_handler), and only
 when all of that has passed makes it the live one. Requests already inside finish on the model
 they started with, on the same inference threads as the new one; when its last lease ends the
 old model leaves them, and its memory is handed back to the system. A reload that fails at any
@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from .config import Config
+from ..process.config import Config
 from .errors import ArtifactError
 from .scheduler import PassObserver
 from .malloc import release_free_memory
@@ -68,7 +68,7 @@ class LiveModel:
         self.loader = loader
         self.status = ReloadStatus(serving=handler.artifact.version if handler else None)
         self._live = _Live(handler) if handler is not None else None
-        # Every version runs on the same inference threads (serve/scheduler.py says why).
+        # Every version runs on the same inference threads (serve/model/scheduler.py says why).
         self.threads = handler.model.threads if handler is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time

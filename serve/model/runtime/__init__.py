@@ -5,5 +5,5 @@
 - rows.py: what every runner hands back (one float row per image) and the probe pass;
 - loading.py: loading the chosen runner, the warm-up rounds each needs, and the one fallback policy.
 
-The inference threads (serve/scheduler.py) call a runner; they never look inside one.
+The inference threads (serve/model/scheduler.py) call a runner; they never look inside one.
 """

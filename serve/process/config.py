@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cpus import available_cpus
-from .runtime.choice import RUNTIMES
+from ..model.cpus import available_cpus
+from ..model.runtime.choice import RUNTIMES
 
 MiB = 1 << 20
 

@@ -21,11 +21,11 @@ from waitress.server import create_server
 
 from ops import atomic
 
-from .app import State, create_app, start_serving
+from ..http.app import State, create_app, start_serving
 from .config import ConfigError, configure_logging, load_config, repository_exposure
-from .errors import ArtifactError
-from .malloc import limit_arenas
-from .metrics import Metrics
+from ..model.errors import ArtifactError
+from ..model.malloc import limit_arenas
+from ..http.metrics import Metrics
 
 log = logging.getLogger("whatcar")
 

@@ -41,7 +41,7 @@ class Host:
     cpu_capability: str  # torch.backends.cpu.get_cpu_capability()
     arch: str            # platform.machine()
     torch: str           # torch.__version__
-    onednn_isa: str = ""  # the ISA oneDNN's kernels use here (serve/onednn.py); "" for the CPU's own
+    onednn_isa: str = ""  # the ISA oneDNN's kernels use here (serve/model/onednn.py); "" for the CPU's own
     cpu_model: str = ""  # the CPU's model name (loading.cpu_model()); "" when unknown
 
 

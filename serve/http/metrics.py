@@ -12,7 +12,7 @@ import time
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 
-from .errors import ImageRejected
+from ..model.errors import ImageRejected
 
 # Whole requests include upload and decode, so they reach further than a forward pass alone.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -79,12 +79,12 @@ class Metrics:
             self.runtime.info(artifact.runtime.as_dict())
 
     def model_changed(self, status, handler) -> None:
-        """Called by serve/live_model.py after every reload or unload."""
+        """Called by serve/model/live_model.py after every reload or unload."""
         self.reloads.labels(outcome=status.outcome).inc()
         self.serving(handler)
 
     def observe_pass(self, seconds: float, batch: int, ran: str) -> None:
-        """Called by the inference thread that ran the pass (see serve/scheduler.py)."""
+        """Called by the inference thread that ran the pass (see serve/model/scheduler.py)."""
         self.inference_seconds.observe(seconds)
         self.batch_size.observe(batch)
         self.passes.labels(ran=ran).inc()

@@ -2,7 +2,7 @@
 
 Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1],
 /v2/models/{name}[/versions/1]/ready and POST /v2/models/{name}[/versions/1]/infer. The model
-name is the artifact's (manifest "name"); its version is the one serving (see serve/versions.py).
+name is the artifact's (manifest "name"); its version is the one serving (see serve/model/versions.py).
 
 A request carries exactly one input:
   "image"   BYTES [N] or [N, 1]: encoded image files (JPEG, PNG, WebP, GIF, BMP, TIFF), each
@@ -46,12 +46,12 @@ from dataclasses import dataclass
 import falcon
 import torch
 
-from .config import Config
-from .errors import ImageRejected
+from ..process.config import Config
+from ..model.errors import ImageRejected
 from .metrics import Metrics
-from .handler import Handler, Options
-from .postprocess import Answer, clamp_k, rank
-from .live_model import NotServing, NotThisModel, LiveModel, check_identity
+from ..model.handler import Handler, Options
+from ..model.postprocess import Answer, clamp_k, rank
+from ..model.live_model import NotServing, NotThisModel, LiveModel, check_identity
 from .upload import read_body
 
 SERVER_NAME = "whatcar"

@@ -1,8 +1,8 @@
-"""`python -m serve.control`: switch the running server's model from the command line.
+"""`python -m serve.process.control`: switch the running server's model from the command line.
 
-    python -m serve.control reload   [--pid-file build/serve.pid] [--url http://127.0.0.1:8080]
-    python -m serve.control rollback [--model-dir artifacts] [--pid-file ...] [--url ...]
-    python -m serve.control status   [--model-dir artifacts] [--url ...]
+    python -m serve.process.control reload   [--pid-file build/serve.pid] [--url http://127.0.0.1:8080]
+    python -m serve.process.control rollback [--model-dir artifacts] [--pid-file ...] [--url ...]
+    python -m serve.process.control status   [--model-dir artifacts] [--url ...]
 
 reload sends the server SIGHUP (it loads the version `current` names, checks it, and switches
 only if every check passes), then waits for the outcome on /metadata and prints it in one line.
@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .versions import ModelFolder, VersionError
+from ..model.versions import ModelFolder, VersionError
 
 PID_FILE = Path("build/serve.pid")
 URL = "http://127.0.0.1:8080"
@@ -83,7 +83,7 @@ def describe(status: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.control", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m serve.process.control", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("reload", "rollback", "status"))
     p.add_argument("--model-dir", type=Path, default=Path("artifacts"))

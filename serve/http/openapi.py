@@ -10,9 +10,9 @@ import json
 
 import falcon
 
-from .config import Config
-from .decode import ACCEPTED_MEDIA_TYPES
-from .live_model import LiveModel
+from ..process.config import Config
+from ..model.decode import ACCEPTED_MEDIA_TYPES
+from ..model.live_model import LiveModel
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
@@ -217,7 +217,7 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
 
 
 def repository_paths(name_param: dict) -> dict:
-    """The model repository extension (serve/repository.py), served with --model-control explicit."""
+    """The model repository extension (serve/http/repository.py), served with --model-control explicit."""
     denied = {"401": v2_error("no bearer token, or not the admin token")}
     load_body = {"required": False, "content": {"application/json": {"schema": {"type": "object", "properties": {
         "parameters": {"type": "object", "properties": {

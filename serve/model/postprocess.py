@@ -65,7 +65,7 @@ class Output:
 
 
 def split_row(row: torch.Tensor, classes: int, extra_outputs: list[str]) -> Output:
-    """An output row (serve/scheduler.py's output_rows) back into its parts."""
+    """An output row (serve/model/scheduler.py's output_rows) back into its parts."""
     extras = dict(zip(extra_outputs, row[classes:].tolist()))
     return Output(row[:classes], extras.get("familiarity"))
 

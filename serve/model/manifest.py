@@ -35,7 +35,7 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Acceptance:
-    """When the named model (serve/postprocess.py) counts as an answer: its probability reaches
+    """When the named model (serve/model/postprocess.py) counts as an answer: its probability reaches
     `min_probability` and, when the module reports it, the photo's familiarity reaches
     `min_familiarity`."""
 
@@ -70,7 +70,7 @@ class CompiledPackage:
 
     A static package (one batch size, one thread count) is compiled with its convolution weights
     packed for oneDNN ahead of time, in the layout oneDNN picks for `onednn_isa`; a dynamic one
-    packs nothing (onednn_isa None) and reorders weights on every pass (serve/runtime/shapes.py
+    packs nothing (onednn_isa None) and reorders weights on every pass (serve/model/runtime/shapes.py
     says what that costs)."""
 
     file: str
@@ -100,7 +100,7 @@ class CompiledPackage:
         return f"b{batch}" + (f"t{self.threads}" if self.threads is not None else "")
 
     def requirements(self) -> dict:
-        """What serve/runtime/choice.py compares with the host."""
+        """What serve/model/runtime/choice.py compares with the host."""
         return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch,
                 "onednn_isa": self.onednn_isa, "built_for": self.built_for}
 
@@ -256,7 +256,7 @@ class Manifest:
 
     @property
     def output_width(self) -> int:
-        """Columns of the module's output once its outputs are put side by side (serve/artifact.py)."""
+        """Columns of the module's output once its outputs are put side by side (serve/model/artifact.py)."""
         return self.num_classes + len(self.extra_outputs)
 
     @property
