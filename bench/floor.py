@@ -54,7 +54,7 @@ keep_freed_memory()
 import torch  # noqa: E402
 
 from serve.model.artifact import ArtifactError, load_artifact  # noqa: E402
-from serve.process.config import Config  # noqa: E402
+from serve.model.settings import InferenceSettings  # noqa: E402
 from serve.model.cpus import available_cpus  # noqa: E402
 from serve.model.preprocess import Preprocessor  # noqa: E402
 from serve.model.scheduler import PassPlan  # noqa: E402
@@ -178,13 +178,13 @@ def streams(preprocess: Preprocessor, module, data: bytes, count: int, threads: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    config = Config(model_dir=args.model_dir)
-    folder = current_folder(config.model_dir)
+    settings = InferenceSettings(model_dir=args.model_dir)
+    folder = current_folder(settings.model_dir)
     # The runtime the server picks, with the same setting.
     artifact = load_artifact(folder, runtime=os.environ.get("WHATCAR_RUNTIME", "auto"),
                              plan=passes(available_cpus()))
     runners, missing = forward_runners(folder, artifact, available_cpus())
-    preprocess = Preprocessor(artifact.steps, config.max_image_pixels)
+    preprocess = Preprocessor(artifact.steps, settings.max_image_pixels)
     inputs = {}
     for item in args.image:
         name, _, path = item.partition("=")

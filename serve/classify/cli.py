@@ -30,7 +30,8 @@ from pathlib import Path
 from ..model.errors import ArtifactError
 from ..model.versions import ModelFolder, VersionError
 from .output import Progress, RowWriter
-from .rows import MAX_IMAGE_PIXELS, ClassifyError, image_files, model_id
+from ..model.settings import MAX_IMAGE_PIXELS
+from .rows import ClassifyError, image_files, model_id
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 from ..model.cpus import available_cpus
 from ..model.postprocess import clamp_k
-from .rows import Row, batch_config, score_file
+from .rows import Row, batch_settings, score_file
 
 
 class LocalScorer:
@@ -20,7 +20,7 @@ class LocalScorer:
         from ..model.handler import load_handler
 
         self.cpus = available_cpus()
-        self.handler = load_handler(model_folder, version, batch_config(model_folder, max_image_pixels, self.cpus))
+        self.handler = load_handler(model_folder, version, batch_settings(model_folder, max_image_pixels, self.cpus))
         self.in_flight = 4 * self.cpus
         self.k = clamp_k(k, len(self.handler.artifact.labels))
 

@@ -29,7 +29,7 @@ from typing import Iterator
 
 from ..model import onednn
 from ..model.postprocess import clamp_k
-from .rows import ClassifyError, Row, batch_config, score_file
+from .rows import ClassifyError, Row, batch_settings, score_file
 
 SERVE_PACKAGE = Path(__file__).resolve().parent.parent
 OPS_PACKAGE = SERVE_PACKAGE.parent / "ops"  # serve imports it: it travels too
@@ -84,7 +84,7 @@ class ScoreBatch:
             for name, data in files.items():
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 (folder / name).write_bytes(data)
-            self.handler = load_handler(folder, version, batch_config(folder, max_image_pixels, workers=1))
+            self.handler = load_handler(folder, version, batch_settings(folder, max_image_pixels, workers=1))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.k = clamp_k(k, len(self.handler.artifact.labels))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from ..model.errors import ImageRejected
 from ..model.manifest import Manifest
+from ..model.settings import InferenceSettings
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-MAX_IMAGE_PIXELS = 50_000_000
 
 
 class ClassifyError(Exception):
@@ -68,15 +68,13 @@ def score_file(handler, folder: Path, path: Path, k: int) -> Row:
                make=(make.label, round(make.probability, 6)) if make is not None else None)
 
 
-def batch_config(model_folder: Path, max_image_pixels: int, workers: int):
+def batch_settings(model_folder: Path, max_image_pixels: int, workers: int) -> InferenceSettings:
     """The inference settings of a batch run: `workers` single-threaded inference threads, every
     image alone in its forward pass. So a file's probabilities do not depend on what it happened
     to share a pass with, and every run (and every Ray actor) gives it the same row to the last
     digit; one image a pass costs no throughput on a small CPU (docs/benchmark.md)."""
-    from ..process.config import Config
-
-    return Config(model_dir=model_folder, inference_workers=workers, torch_threads=1, solo_threads=1,
-                  micro_batch=1, max_image_pixels=max_image_pixels)
+    return InferenceSettings(model_dir=model_folder, inference_workers=workers, torch_threads=1, solo_threads=1,
+                             micro_batch=1, max_image_pixels=max_image_pixels)
 
 
 def image_files(folder: Path, skip: Path | None = None) -> list[Path]:

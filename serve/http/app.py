@@ -236,8 +236,8 @@ def create_app(config: Config, serving: LiveModel, state: State, metrics: Metric
 def start_serving(config: Config, metrics: Metrics) -> LiveModel:
     """Load the current version for `config`, reporting passes and model changes to `metrics`;
     raises ArtifactError with a one-line reason."""
-    handler = build_handler(config, observer=metrics.observe_pass)
-    return LiveModel(config, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
+    handler = build_handler(config.inference, observer=metrics.observe_pass)
+    return LiveModel(config.inference, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
 
 
 def get_app(environ: dict | None = None) -> falcon.App:

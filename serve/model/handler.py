@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact, load_artifact
-from ..process.config import Config
 from .errors import ArtifactError, ImageRejected, first_line
+from .settings import InferenceSettings
 from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer
 from .preprocess import Preprocessor
@@ -116,20 +116,20 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
     return len(checks)
 
 
-def load_handler(folder: Path, version: str, config: Config, observer: PassObserver | None = None,
+def load_handler(folder: Path, version: str, settings: InferenceSettings, observer: PassObserver | None = None,
                  require_checks: bool = False, threads: InferenceThreads | None = None) -> Handler:
     """Verify and load the artifact in `folder`, warm it up on the inference threads, and score
     its check photos; raises ArtifactError with a one-line reason (and leaves nothing running).
-    `threads` are the ones the model before it runs on (by default new ones, from `config`);
+    `threads` are the ones the model before it runs on (by default new ones, from `settings`);
     `observer` hears about every forward pass.
 
     The warm-up and the check photos run through the runtime that will serve. With
     --runtime auto, a compiled package that fails either is replaced by TorchScript, and the
     reason logged; TorchScript failing them fails the load."""
-    torch.set_num_threads(config.torch_threads)
-    threads = threads if threads is not None else inference_threads(config)
-    artifact = load_artifact(folder, runtime=config.runtime, plan=threads.plan, version=version)
-    preprocessor = Preprocessor(artifact.steps, config.max_image_pixels)
+    torch.set_num_threads(settings.torch_threads)
+    threads = threads if threads is not None else inference_threads(settings)
+    artifact = load_artifact(folder, runtime=settings.runtime, plan=threads.plan, version=version)
+    preprocessor = Preprocessor(artifact.steps, settings.max_image_pixels)
     while True:
         started = time.perf_counter()
         rounds = warm_up_rounds(artifact.runner, threads.plan.passes())
@@ -142,14 +142,14 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
             except Exception as exc:
                 raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
             warmed = time.perf_counter()
-            checked = verify_checks(handler, require_checks, config.runtime)
+            checked = verify_checks(handler, require_checks, settings.runtime)
             break
         except ArtifactError as exc:
             model.close()
             try:
                 if artifact.runtime.name != "compiled":
                     raise
-                artifact.fall_back(config.runtime, f"it failed once loaded: {exc}")
+                artifact.fall_back(settings.runtime, f"it failed once loaded: {exc}")
             except ArtifactError:
                 artifact.close()
                 raise
@@ -158,7 +158,7 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
             artifact.close()
             raise
     # The one line that says which runtime serves and why; a warning when a package was passed over.
-    passed_over = artifact.runtime.name == "torchscript" and config.runtime == "auto" and \
+    passed_over = artifact.runtime.name == "torchscript" and settings.runtime == "auto" and \
         bool(artifact.manifest.compiled)
     log.log(logging.WARNING if passed_over else logging.INFO, "%s version %s runs on %s: %s", artifact.name, version,
             artifact.runtime.name, artifact.runtime.reason)
@@ -166,25 +166,25 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
              "%d check photos agree (%.2fs); %d inference workers of %d torch threads, batches of up to %d, %s",
              artifact.name, version, len(artifact.labels), artifact.sha256[:12], artifact.runtime.name,
              artifact.load_seconds, warmed - started, checked, time.perf_counter() - warmed,
-             config.inference_workers, config.torch_threads, config.micro_batch,
+             settings.inference_workers, settings.torch_threads, settings.micro_batch,
              f"{model.solo_threads} threads for a request alone" if model.solo_threads else "no solo passes")
     if not checked:
         log.warning("%s lists no check photos: the loaded model was not compared with the exported one", folder)
     return handler
 
 
-def inference_threads(config: Config) -> InferenceThreads:
-    """Inference threads as `config` sets them up; they start when the first model attaches."""
-    return InferenceThreads(workers=config.inference_workers, torch_threads=config.torch_threads,
-                            micro_batch=config.micro_batch, batch_wait=config.batch_wait_ms / 1000,
-                            solo_threads=config.solo_threads)
+def inference_threads(settings: InferenceSettings) -> InferenceThreads:
+    """Inference threads as `settings` lay them out; they start when the first model attaches."""
+    return InferenceThreads(workers=settings.inference_workers, torch_threads=settings.torch_threads,
+                            micro_batch=settings.micro_batch, batch_wait=settings.batch_wait_ms / 1000,
+                            solo_threads=settings.solo_threads)
 
 
-def build_handler(config: Config, observer: PassObserver | None = None) -> Handler:
-    """The handler for the version config.model_dir names as current; raises ArtifactError."""
-    models = ModelFolder(config.model_dir)
+def build_handler(settings: InferenceSettings, observer: PassObserver | None = None) -> Handler:
+    """The handler for the version settings.model_dir names as current; raises ArtifactError."""
+    models = ModelFolder(settings.model_dir)
     try:
         version = models.current()
     except VersionError as exc:
         raise ArtifactError(str(exc)) from None
-    return load_handler(models.folder(version), version, config, observer)
+    return load_handler(models.folder(version), version, settings, observer)

@@ -19,12 +19,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from ..process.config import Config
 from .errors import ArtifactError
 from .scheduler import PassObserver
 from .malloc import release_free_memory
 from .manifest import Manifest
 from .handler import Handler, load_handler
+from .settings import InferenceSettings
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -59,10 +59,10 @@ class _Live:
 
 
 class LiveModel:
-    def __init__(self, config: Config, handler: Handler | None, observer: PassObserver | None = None,
+    def __init__(self, settings: InferenceSettings, handler: Handler | None, observer: PassObserver | None = None,
                  on_change=None, loader=load_handler):
-        self.config = config
-        self.folder = ModelFolder(config.model_dir)
+        self.settings = settings
+        self.folder = ModelFolder(settings.model_dir)
         self.observer = observer
         self.on_change = on_change or (lambda status, handler: None)
         self.loader = loader
@@ -120,7 +120,7 @@ class LiveModel:
                 folder = self.folder.folder(version)
                 if self._is_live(version, folder):
                     return self._finish("unchanged", started, f"version {version} is already serving")
-                handler = self._loads.submit(self.loader, folder, version, self.config, self.observer,
+                handler = self._loads.submit(self.loader, folder, version, self.settings, self.observer,
                                              require_checks=True, threads=self.threads).result()
                 self.threads = handler.model.threads
             except Exception as exc:  # noqa: BLE001 - a reload never takes the server down

@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ..model.cpus import available_cpus
-from ..model.runtime.choice import RUNTIMES
+from ..model.settings import MAX_IMAGE_PIXELS, RUNTIMES, InferenceSettings
 
 MiB = 1 << 20
 
@@ -29,7 +30,7 @@ class Config:
     torch_threads: int = 1
     inference_workers: int = 1
     max_upload_bytes: int = 20 * MiB
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     top_k: int = 5
     # The most images one /v2 inference request may carry (--max-batch): a request limit, not
     # a forward pass's size (micro_batch) nor a compiled package's batch range.
@@ -46,6 +47,14 @@ class Config:
     ready_file: Path | None = None
     # From WHATCAR_ADMIN_TOKEN only: a flag would show in the process list.
     admin_token: str | None = field(default=None, repr=False)
+
+    @cached_property
+    def inference(self) -> InferenceSettings:
+        """The part of this configuration the inference core reads, built once."""
+        return InferenceSettings(model_dir=self.model_dir, runtime=self.runtime, torch_threads=self.torch_threads,
+                                 inference_workers=self.inference_workers, micro_batch=self.micro_batch,
+                                 solo_threads=self.solo_threads, batch_wait_ms=self.batch_wait_ms,
+                                 max_image_pixels=self.max_image_pixels)
 
 
 def _defaults() -> dict:

@@ -20,7 +20,7 @@ import torch
 from serve.model.artifact import ArtifactError, load_artifact
 from serve.model.runtime.compiled import CompiledModel
 from serve.model.runtime.shapes import ShapedRunner
-from serve.process.config import Config
+from serve.model.settings import InferenceSettings
 from serve.model.manifest import Manifest
 from serve.model.preprocess import Preprocessor
 from serve.model.handler import load_handler
@@ -112,10 +112,10 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
 def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
     """load_handler, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
     read when torch starts); returns the runtime it chose and what it logged."""
-    script = ("import json, logging, sys; from pathlib import Path; from serve.process.config import Config; "
+    script = ("import json, logging, sys; from pathlib import Path; from serve.model.settings import InferenceSettings; "
               "from serve.model.handler import load_handler; logging.basicConfig(level=logging.INFO); "
               f"folder = Path({str(folder)!r}); "
-              "s = load_handler(folder, '1', Config(model_dir=folder, inference_workers=1), require_checks=True); "
+              "s = load_handler(folder, '1', InferenceSettings(model_dir=folder, inference_workers=1), require_checks=True); "
               "print(json.dumps(s.artifact.runtime.as_dict())); s.close()")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **environ},
                           capture_output=True, text=True, timeout=300)
@@ -160,7 +160,7 @@ def test_weights_packed_for_avx2_are_passed_over_where_onednn_runs_wider_kernels
 def test_a_package_from_an_incompatible_torch_falls_back_or_is_refused(copy, caplog):
     edit_package_entry(copy, torch="2.11.0")
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        handler = load_handler(copy, "1", Config(model_dir=copy, inference_workers=1), require_checks=True)
+        handler = load_handler(copy, "1", InferenceSettings(model_dir=copy, inference_workers=1), require_checks=True)
     assert handler.artifact.runtime.name == "torchscript"
     handler.close()
     lines = [r for r in caplog.records if " runs on " in r.getMessage()]
@@ -196,9 +196,9 @@ def test_a_tampered_package_is_refused_like_a_tampered_model(copy, caplog):
 
 def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
     folder = cross_dir / "artifact"
-    config = Config(model_dir=folder, inference_workers=2, solo_threads=2, micro_batch=2)
+    settings = InferenceSettings(model_dir=folder, inference_workers=2, solo_threads=2, micro_batch=2)
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        handler = load_handler(folder, "1", config, require_checks=True)
+        handler = load_handler(folder, "1", settings, require_checks=True)
     try:
         assert handler.artifact.runtime.name == "compiled" and isinstance(handler.model.runner, ShapedRunner)
         loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]

@@ -21,7 +21,7 @@ def config() -> Config:
 
 @pytest.fixture(scope="session")
 def handler(config):
-    return build_handler(config)
+    return build_handler(config.inference)
 
 
 @pytest.fixture()
@@ -32,7 +32,7 @@ def state() -> State:
 @pytest.fixture()
 def serving(config, handler) -> LiveModel:
     """The session's handler as the live model (never closed by a test)."""
-    return LiveModel(config, handler)
+    return LiveModel(config.inference, handler)
 
 
 @pytest.fixture()

@@ -92,3 +92,41 @@ def test_the_server_sets_the_wait_policy_before_torch_loads():
     server_import = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                      and node.module == "process.server"]
     assert calls and server_import and calls[0] < server_import[0]
+
+
+def test_the_core_gets_its_settings_from_the_config_once(tmp_path):
+    from serve.model.settings import InferenceSettings
+
+    config = load_config(["--model-dir", str(tmp_path), "--runtime", "torchscript", "--micro-batch", "4",
+                          "--max-image-pixels", "1000", "--batch-wait-ms", "2.5"], {})
+    settings = config.inference
+    assert settings is config.inference
+    assert settings == InferenceSettings(model_dir=tmp_path, runtime="torchscript", torch_threads=config.torch_threads,
+                                         inference_workers=config.inference_workers, micro_batch=4,
+                                         solo_threads=config.solo_threads, batch_wait_ms=2.5, max_image_pixels=1000)
+    # Host, port and the admin token stay with the server.
+    assert not {"host", "port", "admin_token"} & set(vars(settings))
+
+
+def test_the_core_imports_nothing_from_the_http_or_process_layers():
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[2] / "serve" / "model"
+    offending = []
+    for path in core.rglob("*.py"):
+        depth = len(path.relative_to(core).parts)  # 1 in serve/model, 2 in serve/model/runtime
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    # Relative: climbing past serve/model lands in serve, where http and process live.
+                    names = [node.module or ""] if node.level <= depth else [f"serve.{node.module or ''}"]
+                    names = [n if n.startswith("serve.") else "" for n in names]
+                else:
+                    names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            offending += [f"{path.name}: {n}" for n in names if n.startswith(("serve.http", "serve.process"))]
+    assert offending == []

@@ -41,7 +41,7 @@ def observed(config, handler, state):
     model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, LiveModel(config, Handler(handler.artifact, model)), state, metrics))
+    yield falcon.testing.TestClient(create_app(config, LiveModel(config.inference, Handler(handler.artifact, model)), state, metrics))
     model.close()
 
 

@@ -212,7 +212,7 @@ def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
         loaded_on.append(threading.current_thread())
         return load_handler(*args, **kwargs)
 
-    serving = LiveModel(config, build_handler(config), loader=loader)
+    serving = LiveModel(config.inference, build_handler(config.inference), loader=loader)
     models = ModelFolder(model_dir)
     add_tiny_version(model_dir, labels=NEW_LABELS)
     outcomes = []

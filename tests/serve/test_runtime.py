@@ -257,13 +257,13 @@ def test_metadata_and_metrics_say_which_runtime_serves(client, handler):
 
 
 def test_the_runtime_line_is_logged_once_at_load(tmp_path, caplog):
-    from serve.process.config import Config
+    from serve.model.settings import InferenceSettings
     from serve.model.handler import load_handler
     from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")
     with caplog.at_level(logging.INFO, logger="whatcar"):
-        handler = load_handler(folder, "1", Config(model_dir=tmp_path, inference_workers=1))
+        handler = load_handler(folder, "1", InferenceSettings(model_dir=tmp_path, inference_workers=1))
     handler.close()
     lines = [r.getMessage() for r in caplog.records if " runs on " in r.getMessage()]
     assert lines == ["tiny-test version 1 runs on torchscript: compiled package not used: the artifact has no "

@@ -29,7 +29,7 @@ def hostile_client(tmp_path_factory) -> falcon.testing.TestClient:
     """An app serving a model whose labels are markup, as a tampered or careless export could hold."""
     folder = write_tiny_artifact(tmp_path_factory.mktemp("hostile") / "artifact", labels=HOSTILE_LABELS)
     config = Config(model_dir=folder, inference_workers=1)
-    return falcon.testing.TestClient(create_app(config, LiveModel(config, build_handler(config)), State(ready=True)))
+    return falcon.testing.TestClient(create_app(config, LiveModel(config.inference, build_handler(config.inference)), State(ready=True)))
 
 
 def jpeg(color=(30, 60, 200)) -> bytes:

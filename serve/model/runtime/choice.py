@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RUNTIMES = ("auto", "compiled", "torchscript")
+from ..settings import RUNTIMES
 
 # torch.backends.cpu.get_cpu_capability() on x86-64, weakest first. Each level includes the one
 # before (an AVX512 CPU runs AVX2 code). ATEN_CPU_CAPABILITY can lower what a host reports.
