@@ -57,7 +57,7 @@ from serve.model.artifact import ArtifactError, load_artifact  # noqa: E402
 from serve.model.settings import InferenceSettings  # noqa: E402
 from serve.model.cpus import available_cpus  # noqa: E402
 from serve.model.preprocess import Preprocessor  # noqa: E402
-from serve.model.scheduler import PassPlan  # noqa: E402
+from serve.model.runtime.plan import PassPlan  # noqa: E402
 from serve.model.versions import current_folder  # noqa: E402
 
 from .report import floor_layouts  # noqa: E402

@@ -34,7 +34,7 @@ from serve.model.artifact import ArtifactError, first_line, load_artifact
 from serve.model.runtime.torchscript import TorchScriptRunner
 from serve.model.manifest import MANIFEST, Manifest, sha256_file
 from serve.model.preprocess import Preprocessor
-from serve.model.scheduler import PassPlan
+from serve.model.runtime.plan import PassPlan
 from serve.model.versions import KEEP, ModelFolder
 
 from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton

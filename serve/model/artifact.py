@@ -19,7 +19,7 @@ from .manifest import MANIFEST, Acceptance, Manifest, sha256_file
 from .preprocess import SpecError, validate_steps
 from .runtime.choice import RuntimeChoice
 from .runtime.loading import fall_back, open_runner, torchscript_runner
-from .scheduler import PassPlan
+from .runtime.plan import PassPlan
 
 __all__ = ["Artifact", "ArtifactError", "first_line", "load_artifact", "read_labels", "sha256_file"]
 

@@ -225,7 +225,7 @@ def test_a_package_that_does_not_load_leaves_torchscript_serving(copy, caplog):
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="the committed packages need a CPU with AVX2")
 def test_one_package_that_does_not_load_leaves_its_passes_to_the_next_with_one_line(copy, caplog):
-    from serve.model.scheduler import PassPlan
+    from serve.model.runtime.plan import PassPlan
 
     manifest = Manifest.read(copy)
     (copy / "model-b1t2.pt2").write_bytes(b"not a zip")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from serve.model.errors import UndecodableImage
-from serve.model.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass, warm_up_sizes
+from serve.model.runtime.plan import warm_up_sizes
+from serve.model.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass
 from tests.support.waiting import wait_for
 
 # ---------------------------------------------------------------------- the policy, no threads

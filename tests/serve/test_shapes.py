@@ -14,7 +14,7 @@ from serve.model.onednn import cap_isa, effective_isa, packed_isa
 from serve.model.runtime.choice import Host, package_problem
 from serve.model.runtime.loading import check_shapes, compiled_choice, warm_up_rounds
 from serve.model.runtime.shapes import ShapedRunner, choose_shape, describe_passes
-from serve.model.scheduler import PassPlan
+from serve.model.runtime.plan import PassPlan
 from tests.support.paths import ARTIFACT
 
 

@@ -83,7 +83,7 @@ class Opened:
 def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, plan,
                 optimize: bool = True) -> Opened:
     """The runner for a verified artifact in `folder`: its compiled packages that can serve here,
-    one per shape, and TorchScript for any pass none of them takes. `plan` (scheduler.PassPlan)
+    one per shape, and TorchScript for any pass none of them takes. `plan` (plan.PassPlan)
     says which passes the inference threads will run."""
     packages = manifest.compiled
     if requested == "torchscript" or not packages:
