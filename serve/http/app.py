@@ -19,7 +19,8 @@ from ..model.errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
 from ..model.handler import Options, build_handler
-from ..model.postprocess import clamp_k
+from ..model.postprocess import Answer, clamp_k
+from ..model.scheduler import Timings
 from ..model.live_model import NotServing, LiveModel
 from .upload import read_upload
 
@@ -91,27 +92,31 @@ class PredictResource:
             except ImageRejected as exc:
                 self.metrics.observe_rejection(exc)
                 raise reject(exc) from None
-            self.metrics.observe_queue(prediction.queue)
-            answer = prediction.answers[0]
-            finished = time.perf_counter()
-            verdict = answer.verdict
-            make = answer.make_answer()
-            resp.media = {
-                "predictions": answer.predictions(),
-                **({"make": make} if make is not None else {}),
-                "accepted": verdict.accepted,
-                "accepted_level": verdict.level,
-                **({"reason": verdict.reason} if verdict.reason else {}),
-                "model": {"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256},
-                "timings_ms": {
-                    "preprocess": ms(prediction.preprocess),
-                    "queue": ms(prediction.queue),
-                    "inference": ms(prediction.forward),
-                    "postprocess": ms(prediction.postprocess),
-                    "total": ms(finished - started),
-                },
-                "forward_pass": {"ran": prediction.ran, "images": prediction.batch_size},
-            }
+            self.metrics.observe_queue(prediction.timings.queue)
+            resp.media = predict_body(prediction.answers[0], artifact, prediction.timings,
+                                      time.perf_counter() - started)
+
+
+def predict_body(answer: Answer, artifact, timings: Timings, total: float) -> dict:
+    """/predict's JSON for one image's answer, the one place it is built: the top k classes and
+    the top make (six decimals), the verdict, which model answered, and where the time went."""
+    verdict, make = answer.verdict, answer.make
+    return {
+        "predictions": [{"label": r.label, "probability": round(r.probability, 6)} for r in answer.ranked],
+        **({"make": {"label": make.label, "probability": round(make.probability, 6)}} if make is not None else {}),
+        "accepted": verdict.accepted,
+        "accepted_level": verdict.level,
+        **({"reason": verdict.reason} if verdict.reason else {}),
+        "model": {"name": artifact.name, "version": artifact.version, "sha256": artifact.sha256},
+        "timings_ms": {
+            "preprocess": ms(timings.preprocess),
+            "queue": ms(timings.queue),
+            "inference": ms(timings.forward),
+            "postprocess": ms(timings.postprocess),
+            "total": ms(total),
+        },
+        "forward_pass": {"ran": timings.ran, "images": timings.batch_size},
+    }
 
 
 def ms(seconds: float) -> float:

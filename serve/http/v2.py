@@ -502,7 +502,7 @@ class InferResource:
         if rejected is not None:
             self.metrics.observe_rejection(rejected)
             raise V2Error(rejected.status, f"image {prediction.answers.index(rejected)}: {rejected.description}")
-        self.metrics.observe_queue(prediction.queue)
+        self.metrics.observe_queue(prediction.timings.queue)
         entries, blobs = response_outputs(infer, prediction.answers)
         # The version that scored this request, even if another has been loaded since.
         artifact = handler.artifact

@@ -18,7 +18,7 @@ from .errors import ArtifactError, first_line
 from .manifest import MANIFEST, Acceptance, Manifest, sha256_file
 from .preprocess import SpecError, validate_steps
 from .runtime.choice import RuntimeChoice
-from .runtime.loading import fall_back, open_runner, torchscript_runner
+from .runtime.loading import check_shapes, compiled_choice, fall_back, open_runner, torchscript_runner
 from .runtime.plan import PassPlan
 
 __all__ = ["Artifact", "ArtifactError", "first_line", "load_artifact", "read_labels", "sha256_file"]
@@ -75,6 +75,16 @@ class Artifact:
         self.runner, self.module = torchscript_runner(self.folder, self.manifest, len(self.labels), optimize)
         self.runtime = choice
         return choice
+
+    def prove_shapes(self, pixels: torch.Tensor, expected: list[int], requested: str,
+                     passes: list[tuple[int, int]]) -> list[str]:
+        """Give each compiled shape one of `passes` runs on the check photos' pixels and compare its
+        top-1 with `expected` (class indices); a shape that disagrees leaves its passes to the next
+        runtime, and the runtime's account says so. Returns the shapes dropped."""
+        dropped = check_shapes(self.runner, pixels, expected, len(self.labels), requested, passes)
+        if dropped:
+            self.runtime = compiled_choice(self.runner, passes)
+        return dropped
 
     def close(self) -> None:
         """Let go of the model's code and weights now (a compiled package's instances are freed

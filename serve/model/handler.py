@@ -1,29 +1,31 @@
 """One loaded model, and the one object that owns a request from its images to its answers.
 
 `Handler.predict(items, options)` is what every caller uses: /predict, /v2, the batch command, the
-Ray actors and the check photos every load scores. It hands the images to the inference threads
-(serve/model/scheduler.py: decoding and preprocessing (serve/model/preprocess.py) and the forward pass run
-there) and makes each output row an `Answer` (serve/model/postprocess.py). Routes only parse requests
-and format answers. The model's facts (name, version, labels, classes, thresholds) are its
-`artifact`'s; nothing here forwards them.
+Ray actors and the check photos every load scores. The request's stages are the handler's, by
+name: `preprocess` (decode and prepare one image, serve/model/preprocess.py), `inference` (the
+forward pass of a batch) and `postprocess` (each output row made an `Answer`,
+serve/model/postprocess.py). The inference threads (serve/model/scheduler.py) decide when and with
+which other requests a request's images go through the first two, and call them on their own
+threads; routes only parse requests and format answers. The model's facts (name, version,
+labels, classes, thresholds) are its `artifact`'s; nothing here forwards them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .artifact import Artifact, load_artifact
 from .errors import ArtifactError, ImageRejected, first_line
-from .settings import InferenceSettings
-from .scheduler import InferenceThreads, Item, Model, PassObserver
-from .postprocess import Makes, answer
+from .postprocess import Answer, Makes, answer
 from .preprocess import Preprocessor
-from .runtime.loading import SHAPE_CHECKS, check_shapes, compiled_choice, warm_up_rounds
+from .runtime.loading import SHAPE_CHECKS, warm_up_rounds
+from .scheduler import InferenceThreads, Item, Model, PassObserver, Timings
+from .settings import InferenceSettings
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -43,15 +45,10 @@ class Options:
 @dataclass
 class Prediction:
     """One request's answers, one per image (or the ImageRejected that stopped it), and where
-    its time went, in seconds."""
+    its time went."""
 
     answers: list  # Answer | ImageRejected, in the images' order
-    queue: float = 0.0       # from hand-over until an inference thread took it
-    preprocess: float = 0.0  # decoding and preprocessing its images, on the inference thread
-    forward: float = 0.0     # the forward pass it was part of
-    batch_size: int = 0      # images in that forward pass (other requests' included)
-    postprocess: float = 0.0  # making the answers from the output rows
-    ran: str = ""            # what ran that pass: a compiled shape such as "b1t1", or "torchscript"
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def rejected(self) -> ImageRejected | None:
@@ -60,29 +57,65 @@ class Prediction:
 
 
 class Handler:
-    def __init__(self, artifact: Artifact, model: Model):
+    """The stages of a request for one loaded `artifact`, run on `threads` (warmed up with
+    `warm_up_rounds` passes at each batch size; `observer` hears about every forward pass)."""
+
+    def __init__(self, artifact: Artifact, preprocessor: Preprocessor, threads: InferenceThreads,
+                 observer: PassObserver | None = None, warm_up_rounds: int = 2):
         self.artifact = artifact
-        self.model = model
+        self.preprocessor = preprocessor
         classes = artifact.manifest.classes
         self.makes = Makes.of(classes) if classes else None
+        self.model = Model(self.inference, self.preprocess, artifact.input_size, threads, observer=observer,
+                           warm_up_rounds=warm_up_rounds, ran=self.ran)
+
+    # ------------------------------------------------------------------ the stages
+
+    def preprocess(self, item: Item) -> torch.Tensor:
+        """One image of a request as the model takes it, uint8 [3, H, W]: an encoded file decoded
+        and prepared, or pixels a client sent at the input size as they are. Raises ImageRejected."""
+        return item if isinstance(item, torch.Tensor) else self.preprocessor(item)
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        """The forward pass: uint8 [N, 3, H, W] in, one float output row per image out."""
+        with torch.inference_mode():
+            return self.artifact.runner(batch)
+
+    def ran(self, batch: int) -> str:
+        """What runs a pass of `batch` images on the calling thread: a compiled shape such as
+        "b1t1", or "torchscript"."""
+        runner = self.artifact.runner
+        name = getattr(runner, "ran", None)
+        return name(batch) if name is not None else type(runner).__name__
+
+    def postprocess(self, rows: list, options: Options) -> list:
+        """Each output row made an Answer; a rejected image's error stays as it is."""
+        artifact = self.artifact
+        return [row if isinstance(row, ImageRejected) or row is None else
+                answer(row, artifact.labels, artifact.extra_outputs, artifact.acceptance, options.top_k,
+                       options.min_probability, self.makes)
+                for row in rows]
+
+    # ------------------------------------------------------------------ a request
 
     def predict(self, items: list[Item], options: Options = Options()) -> Prediction:
         """An answer for each encoded image or uint8 [3, H, W] tensor of one request."""
         scored = self.model.score(items, options.all_or_nothing)
         started = time.perf_counter()
-        artifact = self.artifact
-        answers = [row if isinstance(row, ImageRejected) or row is None else
-                   answer(row, artifact.labels, artifact.extra_outputs, artifact.acceptance, options.top_k,
-                          options.min_probability, self.makes)
-                   for row in scored.rows]
-        return Prediction(answers, scored.queue, scored.preprocess, scored.forward, scored.batch_size,
-                          time.perf_counter() - started, scored.ran)
+        answers = self.postprocess(scored.rows, options)
+        scored.timings.postprocess = time.perf_counter() - started
+        return Prediction(answers, scored.timings)
+
+    def planned_passes(self) -> list[tuple[int, int]]:
+        """(batch, intra-op threads) of every forward pass the inference threads will run."""
+        return self.model.threads.plan.passes()
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather
         than whenever the last reference to this handler goes, so their memory can be returned now."""
         self.model.close()
-        self.model.runner = None
+        # The threads' record of the model holds these bound methods, and through them this handler.
+        self.model.inference = self.model.preprocess = None
         self.artifact.close()
 
 
@@ -90,7 +123,7 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
     """Score the artifact's check photos, one request each as clients send them, and hold each
     top-1 to the one recorded at export; returns how many were checked. Raises ArtifactError on
     a disagreement, or when `required` and the manifest lists none. Then every compiled shape
-    gets them too: one that disagrees leaves its passes to the next runtime (check_shapes)."""
+    gets them too: one that disagrees leaves its passes to the next runtime (Artifact.prove_shapes)."""
     folder, checks = handler.artifact.folder, handler.artifact.manifest.checks
     if required and not checks:
         raise ArtifactError(f"{folder / 'manifest.json'} lists no check photos to prove the model with; "
@@ -108,11 +141,9 @@ def verify_checks(handler: Handler, required: bool, requested: str = "auto") -> 
                                 "this is not the model that was exported, or it runs differently here")
     artifact = handler.artifact
     if checks:
-        pixels = torch.stack([handler.model.preprocess(photo) for photo in photos[:SHAPE_CHECKS]])
+        pixels = torch.stack([handler.preprocess(photo) for photo in photos[:SHAPE_CHECKS]])
         expected = [artifact.labels.index(check.top1) for check in checks[:SHAPE_CHECKS]]
-        passes = handler.model.threads.plan.passes()
-        if check_shapes(artifact.runner, pixels, expected, len(artifact.labels), requested, passes):
-            artifact.runtime = compiled_choice(artifact.runner, passes)
+        artifact.prove_shapes(pixels, expected, requested, handler.planned_passes())
     return len(checks)
 
 
@@ -133,9 +164,8 @@ def load_handler(folder: Path, version: str, settings: InferenceSettings, observ
     while True:
         started = time.perf_counter()
         rounds = warm_up_rounds(artifact.runner, threads.plan.passes())
-        model = Model(artifact.runner, preprocessor, artifact.input_size, threads, observer=observer,
-                      warm_up_rounds=rounds)
-        handler = Handler(artifact, model)
+        handler = Handler(artifact, preprocessor, threads, observer=observer, warm_up_rounds=rounds)
+        model = handler.model
         try:
             try:
                 model.wait_ready()

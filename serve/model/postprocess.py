@@ -156,14 +156,6 @@ class Answer:
     def probabilities(self) -> torch.Tensor:
         return self.output.probabilities
 
-    def predictions(self) -> list[dict]:
-        """/predict's and the batch rows' form: label and probability (six decimals) for the top k."""
-        return [{"label": r.label, "probability": round(r.probability, 6)} for r in self.ranked]
-
-    def make_answer(self) -> dict | None:
-        """/predict's "make": the most likely make and its probability (six decimals)."""
-        return None if self.make is None else {"label": self.make.label, "probability": round(self.make.probability, 6)}
-
 
 def answer(row: torch.Tensor, labels: list[str], extra_outputs: list[str], acceptance: Acceptance | None, k: int,
            min_probability: float | None = None, makes: Makes | None = None) -> Answer:

@@ -105,15 +105,24 @@ def hold_open(images_waiting: int, micro_batch: int, waited: float, batch_wait: 
 
 
 @dataclass
+class Timings:
+    """Where one request's time went, in seconds: filled in by the inference thread that ran its
+    pass, then by the handler's postprocessing."""
+
+    queue: float = 0.0        # from hand-over until an inference thread took it
+    preprocess: float = 0.0   # decoding and preprocessing its images, on the inference thread
+    forward: float = 0.0      # the forward pass it was part of
+    batch_size: int = 0       # images in that forward pass (other requests' included)
+    ran: str = ""             # what ran that pass: a compiled shape such as "b1t1", or "torchscript"
+    postprocess: float = 0.0  # making the answers from the output rows
+
+
+@dataclass
 class Scored:
-    """One request's outcome and where its time went, in seconds."""
+    """One request's outcome and where its time went."""
 
     rows: list  # per image: float [classes] probabilities, or the ImageRejected that stopped it
-    queue: float = 0.0       # from hand-over until an inference thread took it
-    preprocess: float = 0.0  # decoding and preprocessing its images, on the inference thread
-    forward: float = 0.0     # the forward pass it was part of
-    batch_size: int = 0      # images in that forward pass (other requests' included)
-    ran: str = ""            # what ran that pass: a compiled shape such as "b1t1", or "torchscript"
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def rejected(self) -> ImageRejected | None:
@@ -326,7 +335,7 @@ class InferenceThreads:
                 for size in sizes:
                     probe = torch.zeros((size, 3, height, width), dtype=torch.uint8)
                     for _ in range(model.warm_up_rounds):
-                        model.runner(probe)
+                        model.inference(probe)
         except BaseException as exc:  # noqa: BLE001 - reported by wait_ready
             error = exc
         with self._changed:
@@ -377,18 +386,18 @@ class InferenceThreads:
         started = time.perf_counter()
         pixels, owners = [], []
         for request in requests:
-            scored = request.scored
-            scored.queue = started - request.handed_over
+            timings = request.scored.timings
+            timings.queue = started - request.handed_over
             t0 = time.perf_counter()
             try:
                 mine = _prepare(model.preprocess, request)
             except Exception as exc:  # noqa: BLE001 - not a bad image but a fault: that caller raises it
                 request.error = exc
                 mine = []
-            scored.preprocess = time.perf_counter() - t0
+            timings.preprocess = time.perf_counter() - t0
             for index, tensor in mine:
                 pixels.append(tensor)
-                owners.append((scored, index))
+                owners.append((request.scored, index))
         if not pixels:
             return
         try:
@@ -396,11 +405,11 @@ class InferenceThreads:
                 batch = pixels[0].unsqueeze(0) if len(pixels) == 1 else torch.stack(pixels)
                 ran = model.ran(len(pixels))
                 t0 = time.perf_counter()
-                probabilities = model.runner(batch)
+                probabilities = model.inference(batch)
                 forward = time.perf_counter() - t0
             for (scored, index), row in zip(owners, probabilities):
                 scored.rows[index] = row
-                scored.forward, scored.batch_size, scored.ran = forward, len(pixels), ran
+                scored.timings.forward, scored.timings.batch_size, scored.timings.ran = forward, len(pixels), ran
             if model.observer is not None:
                 model.observer(forward, len(pixels), ran)
         except BaseException as exc:  # noqa: BLE001 - every caller in the pass gets the error
@@ -413,9 +422,6 @@ def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
     its rows."""
     ready = []
     for index, item in enumerate(request.items):
-        if isinstance(item, torch.Tensor):
-            ready.append((index, item))
-            continue
         try:
             ready.append((index, preprocess(item)))
         except ImageRejected as exc:
@@ -429,21 +435,26 @@ def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
 
 
 class Model:
-    """One loaded model, run by inference threads.
+    """One loaded model, run by inference threads: the stages they call, and its place among them.
 
-    `runner` maps uint8 [N, 3, H, W] to float [N, width] (see serve/model/runtime/rows.py); `preprocess` maps an
-    encoded image to uint8 [3, H, W] or raises ImageRejected. `threads` are the inference
-    threads to run on, shared with the models before and after this one; without them the model
-    starts a set of its own from `settings` (InferenceThreads' arguments), which stops with it.
-    Every thread warms the model up at once; `wait_ready` returns when all of them have.
+    The stages are the handler's (serve/model/handler.py): `preprocess` maps one item of a
+    request (an encoded image, or uint8 [3, H, W] pixels) to uint8 [3, H, W] or raises
+    ImageRejected; `inference` maps uint8 [N, 3, H, W] to float [N, width] (see
+    serve/model/runtime/rows.py); `ran` names what runs a pass of a batch size (by default what
+    `inference` says, or its type). `threads` are the inference threads to run on, shared with
+    the models before and after this one; without them the model starts a set of its own from
+    `settings` (InferenceThreads' arguments), which stops with it. Every thread warms the model
+    up at once; `wait_ready` returns when all of them have.
     """
 
-    def __init__(self, runner, preprocess, input_size: tuple[int, int], threads: InferenceThreads | None = None,
-                 observer: PassObserver | None = None, warm_up_rounds: int = 2, **settings):
+    def __init__(self, inference, preprocess, input_size: tuple[int, int], threads: InferenceThreads | None = None,
+                 observer: PassObserver | None = None, warm_up_rounds: int = 2, ran: Callable[[int], str] | None = None,
+                 **settings):
         if threads is not None and settings:
             raise TypeError(f"thread settings {sorted(settings)} belong to the InferenceThreads passed in")
-        self.runner = runner
+        self.inference = inference
         self.preprocess = preprocess
+        self._ran = ran
         self.input_size = input_size
         self.observer = observer
         self.warm_up_rounds = warm_up_rounds
@@ -455,9 +466,9 @@ class Model:
         return self.threads.workers
 
     def ran(self, batch: int) -> str:
-        """What runs a pass of `batch` images on the calling thread, as the runner names it."""
-        name = getattr(self.runner, "ran", None)
-        return name(batch) if name is not None else type(self.runner).__name__
+        """What runs a pass of `batch` images on the calling thread."""
+        name = self._ran or getattr(self.inference, "ran", None)
+        return name(batch) if name is not None else type(self.inference).__name__
 
     @property
     def solo_threads(self) -> int:

@@ -200,7 +200,7 @@ def test_check_photos_are_scored_by_the_compiled_runtime(cross_dir, caplog):
     with caplog.at_level(logging.INFO, logger="whatcar"):
         handler = load_handler(folder, "1", settings, require_checks=True)
     try:
-        assert handler.artifact.runtime.name == "compiled" and isinstance(handler.model.runner, ShapedRunner)
+        assert handler.artifact.runtime.name == "compiled" and isinstance(handler.artifact.runner, ShapedRunner)
         loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
         assert len(loaded) == 1 and " on compiled in " in loaded[0] and "6 check photos agree" in loaded[0]
     finally:

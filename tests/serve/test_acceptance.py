@@ -196,16 +196,23 @@ def test_batch_rows_carry_the_verdict(judged, tmp_path):
 
 
 def test_answer_splits_ranks_and_judges_one_row_in_one_place():
+    from types import SimpleNamespace
+
+    from serve.http.app import predict_body
     from serve.model.manifest import Acceptance
     from serve.model.postprocess import answer
+    from serve.model.scheduler import Timings
 
     labels = ["Audi S4 Sedan 2007", "Audi S4 Sedan 2012", "Volvo 240 Sedan 1993"]
     row = torch.tensor([0.2, 0.7, 0.1, 0.9])  # three probabilities, then the familiarity column
     gate = Acceptance(min_probability=0.5, min_familiarity=0.95)
     got = answer(row, labels, ["familiarity"], gate, k=2)
     assert [r.label for r in got.ranked] == ["Audi S4 Sedan 2012", "Audi S4 Sedan 2007"]
-    assert got.predictions() == [{"label": "Audi S4 Sedan 2012", "probability": 0.7},
-                                 {"label": "Audi S4 Sedan 2007", "probability": 0.2}]
+    # /predict's form of it, built in one place.
+    body = predict_body(got, SimpleNamespace(name="cars", version="1", sha256="0" * 64), Timings(), 0.0)
+    assert body["predictions"] == [{"label": "Audi S4 Sedan 2012", "probability": 0.7},
+                                   {"label": "Audi S4 Sedan 2007", "probability": 0.2}]
+    assert "make" not in body and body["accepted"] is False and body["reason"] == got.verdict.reason
     assert got.output.familiarity == pytest.approx(0.9)
     assert got.verdict.accepted is False and "does not look like" in got.verdict.reason
     assert answer(row, labels, ["familiarity"], gate, k=1, min_probability=0.8).verdict.accepted is False

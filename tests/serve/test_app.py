@@ -153,7 +153,7 @@ def test_internal_error_is_json_without_traceback(client, handler, monkeypatch, 
     def broken(batch):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(handler.model, "runner", broken)
+    monkeypatch.setattr(handler.artifact, "runner", broken)
     resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
     assert resp.status_code == 500
     assert "secret" not in resp.text and "Traceback" not in resp.text

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from serve.http.app import create_app
 from serve.model.errors import ImageRejected
-from serve.model.scheduler import Model
+from serve.model.scheduler import InferenceThreads
 from serve.http.metrics import Metrics, rejection_reasons
 from serve.model.handler import Handler
 from serve.model.live_model import LiveModel
@@ -32,17 +32,23 @@ def observed(config, handler, state):
     requests arriving during one pass share the next."""
     metrics = Metrics(CollectorRegistry())
 
-    def slow(batch):
-        time.sleep(0.2)
-        return handler.artifact.runner(batch)
+    class Slow(Handler):
+        """The served handler with a slower forward pass, and its passes named as a runner names
+        them (serve/model/runtime/shapes.py)."""
 
-    slow.ran = lambda images: f"slow b{images}"  # what a runner names each pass by (serve/model/runtime/shapes.py)
+        def inference(self, batch):
+            time.sleep(0.2)
+            return super().inference(batch)
 
-    model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
-                  observer=metrics.observe_pass, warm_up_rounds=1)
-    model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, LiveModel(config.inference, Handler(handler.artifact, model)), state, metrics))
-    model.close()
+        def ran(self, batch: int) -> str:
+            return f"slow b{batch}"
+
+    slow = Slow(handler.artifact, handler.preprocessor, InferenceThreads(workers=1, micro_batch=2),
+                observer=metrics.observe_pass, warm_up_rounds=1)
+    slow.model.wait_ready(60)
+    yield falcon.testing.TestClient(create_app(config, LiveModel(config.inference, slow), state, metrics))
+    # Not slow.close(): the artifact is the shared handler fixture's.
+    slow.model.close()
 
 
 def test_requests_inference_batches_and_rejections_are_counted(observed, handler):

@@ -154,7 +154,7 @@ def test_a_request_inside_finishes_on_the_model_it_started_with(model_dir):
         # Its last lease ended: the old model is closed, the threads go on serving the new one.
         with pytest.raises(ModelClosed):
             old.predict([red_png()])
-        assert old.model.runner is None
+        assert old.artifact.runner is None and old.model.inference is None
         assert all(thread.is_alive() for thread in threads) and new.model.threads.threads == threads
         assert predict(client)["model"]["version"] == "2"
     finally:

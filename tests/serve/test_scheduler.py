@@ -127,8 +127,11 @@ def image(value: int) -> torch.Tensor:
     return torch.full((3, 4, 4), value, dtype=torch.uint8)
 
 
-def decode_number(data: bytes) -> torch.Tensor:
-    """A stand-in preprocessor: b"7" becomes an image of sevens; b"bad" is rejected."""
+def decode_number(data: bytes | torch.Tensor) -> torch.Tensor:
+    """A stand-in for the handler's preprocess stage: pixels pass as they are, b"7" becomes an
+    image of sevens, b"bad" is rejected."""
+    if isinstance(data, torch.Tensor):
+        return data
     if data == b"bad":
         raise UndecodableImage("not a number")
     return image(int(data))
@@ -204,7 +207,7 @@ def test_a_multi_image_request_keeps_its_order_and_is_never_split():
         model.close()
     assert [r[0] for r in torch.stack(scored.rows).tolist()] == [9.0, 1.0, 7.0, 3.0, 5.0]
     assert [size for size, _, _ in module.calls] == [5]
-    assert scored.batch_size == 5
+    assert scored.timings.batch_size == 5
 
 
 def test_workers_share_the_queue_and_set_their_torch_threads():
@@ -306,19 +309,19 @@ def test_each_pass_is_reported_with_its_real_batch_size():
         model.close()
     assert sorted(n for _, n in passes) == [1, 2]
     assert all(seconds >= 0.1 for seconds, _ in passes)
-    assert sorted(r.batch_size for r in results.values()) == [1, 2, 2]
+    assert sorted(r.timings.batch_size for r in results.values()) == [1, 2, 2]
     # A runner that does not name its passes is named by its type.
-    assert ran_by == ["Recorder"] * 2 and {r.ran for r in results.values()} == {"Recorder"}
+    assert ran_by == ["Recorder"] * 2 and {r.timings.ran for r in results.values()} == {"Recorder"}
     # Whoever went second waited through the other pass: that is queue time, not forward time.
-    assert max(r.queue for r in results.values()) >= 0.06
-    assert all(r.forward >= 0.1 for r in results.values())
+    assert max(r.timings.queue for r in results.values()) >= 0.06
+    assert all(r.timings.forward >= 0.1 for r in results.values())
 
 
 def test_photos_scored_together_get_the_answers_they_get_alone(handler):
     """The real model and preprocessor: shared batches change nothing a client sees."""
     from tests.support.paths import car_photos
 
-    artifact, preprocessor = handler.artifact, handler.model.preprocess
+    artifact, preprocessor = handler.artifact, handler.preprocess
     photos = car_photos()[::3]
     alone = {}
     for path in photos:

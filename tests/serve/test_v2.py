@@ -137,7 +137,7 @@ def test_json_batch_matches_predict_per_image(client, handler, config, infer_pat
 
 def test_preprocessed_uint8_input_gives_the_same_probabilities(client, handler, infer_path):
     # One image: as a JSON list of numbers a 288 px image is already about 1 MB of the 2 MB test limit.
-    pixels = torch.stack([handler.model.preprocess(p.read_bytes()) for p in PHOTOS[:1]])
+    pixels = torch.stack([handler.preprocess(p.read_bytes()) for p in PHOTOS[:1]])
     name = handler.artifact.manifest.input_name
     from_bytes = output(infer(client, infer_path, {"inputs": [image_input(PHOTOS[:1])]}).json, "probabilities")
     resp = infer(client, infer_path, {"inputs": [{"name": name, "datatype": "UINT8", "shape": list(pixels.shape),
@@ -150,7 +150,7 @@ def test_binary_extension_both_ways(client, handler, infer_path):
     photos = PHOTOS[:2]
     files = [p.read_bytes() for p in photos]
     packed = b"".join(struct.pack("<I", len(f)) + f for f in files)
-    pixels = torch.stack([handler.model.preprocess(f) for f in files])
+    pixels = torch.stack([handler.preprocess(f) for f in files])
     name = handler.artifact.manifest.input_name
     body, headers = binary_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2, 1],
                                                 "parameters": {"binary_data_size": len(packed)}}],
