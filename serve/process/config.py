@@ -11,38 +11,33 @@ import ipaddress
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
 from ..model.cpus import available_cpus
-from ..model.settings import MAX_IMAGE_PIXELS, RUNTIMES, InferenceSettings
+from ..model.settings import RUNTIMES, InferenceSettings
 
 MiB = 1 << 20
 
 
 @dataclass(frozen=True)
-class Config:
-    model_dir: Path = Path("artifacts")
+class Config(InferenceSettings):
+    """Every server setting: the inference core's (InferenceSettings' fields, which it gets alone
+    through `inference`) and the server's own below."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     threads: int = 4
-    torch_threads: int = 1
-    inference_workers: int = 1
     max_upload_bytes: int = 20 * MiB
-    max_image_pixels: int = MAX_IMAGE_PIXELS
     top_k: int = 5
     # The most images one /v2 inference request may carry (--max-batch): a request limit, not
     # a forward pass's size (micro_batch) nor a compiled package's batch range.
     max_request_images: int = 32
-    micro_batch: int = 1
-    solo_threads: int = 1
     malloc_arenas: int = 0
-    batch_wait_ms: float = 0.0
     channel_timeout: int = 30
     log_level: str = "INFO"
     model_control: str = "none"
-    runtime: str = "auto"
     pid_file: Path | None = None
     ready_file: Path | None = None
     # From WHATCAR_ADMIN_TOKEN only: a flag would show in the process list.
@@ -50,11 +45,9 @@ class Config:
 
     @cached_property
     def inference(self) -> InferenceSettings:
-        """The part of this configuration the inference core reads, built once."""
-        return InferenceSettings(model_dir=self.model_dir, runtime=self.runtime, torch_threads=self.torch_threads,
-                                 inference_workers=self.inference_workers, micro_batch=self.micro_batch,
-                                 solo_threads=self.solo_threads, batch_wait_ms=self.batch_wait_ms,
-                                 max_image_pixels=self.max_image_pixels)
+        """The inference core's settings alone, built once: the core never holds the server's
+        Config, with its address and token."""
+        return InferenceSettings(**{f.name: getattr(self, f.name) for f in fields(InferenceSettings)})
 
 
 def _defaults() -> dict:

@@ -100,7 +100,7 @@ def test_the_core_gets_its_settings_from_the_config_once(tmp_path):
     config = load_config(["--model-dir", str(tmp_path), "--runtime", "torchscript", "--micro-batch", "4",
                           "--max-image-pixels", "1000", "--batch-wait-ms", "2.5"], {})
     settings = config.inference
-    assert settings is config.inference
+    assert settings is config.inference and type(settings) is InferenceSettings
     assert settings == InferenceSettings(model_dir=tmp_path, runtime="torchscript", torch_threads=config.torch_threads,
                                          inference_workers=config.inference_workers, micro_batch=4,
                                          solo_threads=config.solo_threads, batch_wait_ms=2.5, max_image_pixels=1000)
