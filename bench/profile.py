@@ -74,10 +74,10 @@ CHILD = """
 import json, sys, time, statistics, torch
 sys.path.insert(0, {root!r})
 from serve.model.malloc import keep_freed_memory
-from serve.model.runtime.compiled import CompiledModel
+from serve.model.runtime.compiled import CompiledLibrary
 keep_freed_memory()  # as the server does
 torch.set_num_threads({threads})
-model = CompiledModel({path!r})
+model = CompiledLibrary({path!r})
 images = torch.randint(0, 256, ({batch}, 3, {height}, {width}), dtype=torch.uint8)
 with torch.inference_mode():
     for _ in range({passes}):

@@ -35,7 +35,7 @@ from serve.model.runtime.torchscript import TorchScriptRunner
 from serve.model.manifest import MANIFEST, Manifest, sha256_file
 from serve.model.preprocess import Preprocessor
 from serve.model.runtime.plan import PassPlan
-from serve.model.versions import KEEP, ModelFolder
+from serve.model.versions import KEEP, VersionFolder
 
 from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton
 from . import learner as learner_io
@@ -285,7 +285,7 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
             built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
             runner = compiled.load_runner(built, height, width)
             try:
-                # The runner answers one row per image, the probabilities first (serve/model/runtime/rows.py's output_rows).
+                # The runner answers one row per image, the probabilities first (serve/model/runtime/outputs.py's output_rows).
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
                 report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,
@@ -349,7 +349,7 @@ SERVED_PASSES = PassPlan(workers=1, torch_threads=1, micro_batch=1, solo_threads
 def add_version(out: Path, fill, keep: int) -> str:
     """Build a new version beside `out`'s others, check it as the server would, then add it and
     make it current; returns its name. On any error `out` is untouched."""
-    models = ModelFolder(out)
+    models = VersionFolder(out)
     if models.flat:
         raise ArtifactError(f"{out} holds a single unversioned artifact; move its files into {out}/1/ and "
                             f"`ln -s 1 {out}/current`, or export to another folder")

@@ -60,7 +60,7 @@ import torch
 from serve.model.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
 from serve.model.onednn import VARIABLE as ONEDNN_VARIABLE
 from serve.model.onednn import effective_isa
-from serve.model.runtime.compiled import CompiledModel, CompiledRunner, extract_library
+from serve.model.runtime.compiled import CompiledLibrary, CompiledRunner, extract_library
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "model.pt2"
@@ -238,7 +238,7 @@ def evex_instructions(library: Path) -> int | None:
 
 def load_runner(compiled: Compiled, height: int, width: int) -> CompiledRunner:
     """The package loaded exactly as the server loads it (serve/runtime/compiled.py)."""
-    model = CompiledModel(compiled.path, runners=1)
+    model = CompiledLibrary(compiled.path, runners=1)
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
 
 

@@ -41,7 +41,7 @@ from serve.model.manifest import MANIFEST, Manifest  # noqa: E402
 from serve.model.preprocess import Preprocessor  # noqa: E402
 from serve.model.runtime.loading import cpu_model  # noqa: E402
 from serve.model.runtime.torchscript import TorchScriptRunner  # noqa: E402
-from serve.model.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+from serve.model.versions import KEEP, VersionFolder, VersionError  # noqa: E402
 
 from . import compiled, parity  # noqa: E402
 from .cli import add_version  # noqa: E402
@@ -112,7 +112,7 @@ def check_against_torchscript(runner, module: torch.jit.ScriptModule, preprocess
 
 def build(model_dir: Path, keep: int = KEEP, log=print) -> str:
     """The new version's name, made current; raises HostCompileError or ArtifactError."""
-    models = ModelFolder(model_dir)
+    models = VersionFolder(model_dir)
     try:
         source = models.folder(models.current())
     except VersionError as exc:

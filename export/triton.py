@@ -26,7 +26,7 @@ from pathlib import Path
 
 from serve.model.errors import ArtifactError
 from serve.model.manifest import Manifest, sha256_file
-from serve.model.versions import ModelFolder, VersionError
+from serve.model.versions import VersionFolder, VersionError
 
 from .folders import replace_folder
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="model instances per Triton server (default: 1)")
     args = parser.parse_args(argv)
     try:
-        models = ModelFolder(args.artifact)
+        models = VersionFolder(args.artifact)
         folder = models.folder(models.current())
         model_dir = write_model_repository(folder, Manifest.read(folder), args.max_batch_size, args.instances)
     except (TritonError, ArtifactError, VersionError) as exc:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from ..model.errors import ArtifactError
-from ..model.versions import ModelFolder, VersionError
+from ..model.versions import VersionFolder, VersionError
 from .output import Progress, RowWriter
 from ..model.settings import MAX_IMAGE_PIXELS
 from .rows import ClassifyError, image_files, model_id
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     folder = args.input
     files = image_files(folder, skip=args.output)
     output = RowWriter(args.output, args.top_k)
-    models = ModelFolder(args.model_dir)
+    models = VersionFolder(args.model_dir)
     try:
         version = models.current()
         model_folder = models.folder(version)

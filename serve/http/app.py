@@ -1,11 +1,10 @@
-"""The HTTP face of whatcar: `create_app(config, serving, state, metrics)` builds the Falcon app;
+"""The HTTP face of whatcar: `create_app(config, serving, metrics)` builds the Falcon app;
 `get_app()` builds one from WHATCAR_* variables for any WSGI server."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .openapi import OpenApiResource
 from ..model.handler import Options, build_handler
 from ..model.postprocess import Answer, clamp_k
 from ..model.scheduler import Timings
-from ..model.live_model import NotServing, LiveModel
+from ..model.live_version import NotServing, LiveVersion
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")
@@ -32,22 +31,6 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
             "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
-class State:
-    """Readiness, shared by the server (which flips it) and the probes (which report it)."""
-
-    def __init__(self, ready: bool = False):
-        self._ready = threading.Event()
-        if ready:
-            self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def set_ready(self, ready: bool) -> None:
-        (self._ready.set if ready else self._ready.clear)()
-
-
 def reject(exc: ImageRejected) -> falcon.HTTPError:
     headers = None
     if isinstance(exc, UnsupportedImageType):
@@ -56,15 +39,13 @@ def reject(exc: ImageRejected) -> falcon.HTTPError:
                             code=exc.reason, headers=headers)
 
 
-def not_serving(what: str = "model is not ready") -> falcon.HTTPServiceUnavailable:
+def not_serving(what: str) -> falcon.HTTPServiceUnavailable:
     return falcon.HTTPServiceUnavailable(description=what, retry_after=1)
 
 
 @contextlib.contextmanager
-def handler_for(serving: LiveModel, state: State):
+def handler_for(serving: LiveVersion):
     """The live handler for one request, kept alive until the request is done; 503 when none."""
-    if not state.ready:
-        raise not_serving()
     try:
         with serving.lease() as handler:
             yield handler
@@ -73,11 +54,11 @@ def handler_for(serving: LiveModel, state: State):
 
 
 class PredictResource:
-    def __init__(self, serving: LiveModel, config: Config, state: State, metrics: Metrics):
-        self.serving, self.config, self.state, self.metrics = serving, config, state, metrics
+    def __init__(self, serving: LiveVersion, config: Config, metrics: Metrics):
+        self.serving, self.config, self.metrics = serving, config, metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        with handler_for(self.serving, self.state) as handler:
+        with handler_for(self.serving) as handler:
             artifact = handler.artifact
             classes = len(artifact.labels)
             k = req.get_param_as_int("top_k", min_value=1, max_value=classes,
@@ -129,11 +110,14 @@ class HealthResource:
 
 
 class ReadyResource:
-    def __init__(self, serving: LiveModel, state: State):
-        self.serving, self.state = serving, state
+    """Ready while a model is live: the server listens only once the first one has loaded, warmed
+    up and passed its checks, and it is not live after an unload through the repository API."""
+
+    def __init__(self, serving: LiveVersion):
+        self.serving = serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self.state.ready or self.serving.current is None:
+        if self.serving.current is None:
             resp.status = falcon.HTTP_503
             resp.media = {"status": "not ready"}
             return
@@ -141,7 +125,7 @@ class ReadyResource:
 
 
 class MetadataResource:
-    def __init__(self, serving: LiveModel):
+    def __init__(self, serving: LiveVersion):
         self.serving = serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -209,7 +193,7 @@ def handle_unexpected(req, resp, exc, params) -> None:
     raise falcon.HTTPInternalServerError(description="the server hit an internal error; it has been logged")
 
 
-def create_app(config: Config, serving: LiveModel, state: State, metrics: Metrics | None = None) -> falcon.App:
+def create_app(config: Config, serving: LiveVersion, metrics: Metrics | None = None) -> falcon.App:
     """The app, counting in `metrics` (fresh ones, in a registry of their own, when not given; never
     prometheus_client's global registry). Forward passes are counted by whoever built the served
     model with `metrics.observe_pass` as its observer."""
@@ -221,28 +205,28 @@ def create_app(config: Config, serving: LiveModel, state: State, metrics: Metric
     multipart = app.req_options.media_handlers[falcon.MEDIA_MULTIPART]
     multipart.parse_options.max_body_part_count = 8
 
-    predict = PredictResource(serving, config, state, metrics)
+    predict = PredictResource(serving, config, metrics)
     app.add_route("/predict", predict)
     app.add_route("/upload", predict)  # the original whatcar app's path
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(serving, state))
+    app.add_route("/readyz", ReadyResource(serving))
     app.add_route("/metadata", MetadataResource(serving))
     app.add_route("/", StaticResource("index.html", falcon.MEDIA_HTML))
     app.add_route("/static/app.js", StaticResource("app.js", falcon.MEDIA_JS))
     app.add_route("/static/app.css", StaticResource("app.css", "text/css; charset=utf-8"))
     app.add_route("/metrics", MetricsResource(metrics.registry))
     app.add_route("/openapi.json", OpenApiResource(config, serving))
-    v2.register(app, config, serving, state, metrics)
+    v2.register(app, config, serving, metrics)
     if config.model_control == "explicit":
         repository.register(app, config, serving)
     return app
 
 
-def start_serving(config: Config, metrics: Metrics) -> LiveModel:
+def start_serving(config: Config, metrics: Metrics) -> LiveVersion:
     """Load the current version for `config`, reporting passes and model changes to `metrics`;
     raises ArtifactError with a one-line reason."""
     handler = build_handler(config.inference, observer=metrics.observe_pass)
-    return LiveModel(config.inference, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
+    return LiveVersion(config.inference, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
 
 
 def get_app(environ: dict | None = None) -> falcon.App:
@@ -256,4 +240,4 @@ def get_app(environ: dict | None = None) -> falcon.App:
     config = load_config([], environ)
     configure_logging(config.log_level)
     metrics = Metrics(CollectorRegistry())
-    return create_app(config, start_serving(config, metrics), State(ready=True), metrics)
+    return create_app(config, start_serving(config, metrics), metrics)

@@ -79,7 +79,7 @@ class Metrics:
             self.runtime.info(artifact.runtime.as_dict())
 
     def model_changed(self, status, handler) -> None:
-        """Called by serve/model/live_model.py after every reload or unload."""
+        """Called by serve/model/live_version.py after every reload or unload."""
         self.reloads.labels(outcome=status.outcome).inc()
         self.serving(handler)
 

@@ -12,7 +12,7 @@ import falcon
 
 from ..process.config import Config
 from ..model.decode import ACCEPTED_MEDIA_TYPES
-from ..model.live_model import LiveModel
+from ..model.live_version import LiveVersion
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}
@@ -58,7 +58,7 @@ def predict_operation(config: Config, summary: str, operation_id: str) -> dict:
             "413": error("body over the upload limit"),
             "415": error("not an image type whatcar reads"),
             "422": error("image over the pixel limit"),
-            "503": error("model not ready (starting or draining)"),
+            "503": error("no model is loaded (unloaded through the repository API)"),
         },
     }
 
@@ -68,7 +68,7 @@ def static_operation(summary: str, media_type: str) -> dict:
             "responses": {"200": {"description": summary, "content": {media_type: {"schema": {"type": "string"}}}}}}
 
 
-def build_spec(config: Config, serving: LiveModel) -> dict:
+def build_spec(config: Config, serving: LiveVersion) -> dict:
     handler = serving.current
     if handler is None:
         return {"openapi": "3.1.0", "info": {"title": "whatcar", "version": "1",
@@ -115,7 +115,7 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
                     "413": v2_error("body over the upload limit"),
                     "415": v2_error("not an image type whatcar reads, or a compressed body"),
                     "422": v2_error("image over the pixel limit"),
-                    "503": v2_error("model not ready"),
+                    "503": v2_error("no model is loaded"),
                 }}},
         }
 
@@ -126,7 +126,7 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
                              "responses": {"200": json_response("the process answers", {"type": "object"})}}},
         "/readyz": {"get": {"summary": "Readiness", "tags": ["health"],
                             "responses": {"200": json_response("ready to score", {"type": "object"}),
-                                          "503": json_response("starting or draining", {"type": "object"})}}},
+                                          "503": json_response("no model is loaded", {"type": "object"})}}},
         "/metadata": {"get": {"summary": "The served artifact: name, checksum, classes, preprocessing, the runtime running it",
                               "tags": ["model"], "responses": {"200": json_response("model metadata", {
                                   "type": "object", "properties": {"name": {"type": "string"},
@@ -245,7 +245,7 @@ def repository_paths(name_param: dict) -> dict:
 
 
 class OpenApiResource:
-    def __init__(self, config: Config, serving: LiveModel):
+    def __init__(self, config: Config, serving: LiveVersion):
         self.config, self.serving = config, serving
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -26,7 +26,7 @@ import falcon
 from ..process.config import Config
 from ..model.errors import ArtifactError
 from ..model.manifest import Manifest
-from ..model.live_model import LiveModel
+from ..model.live_version import LiveVersion
 from .upload import read_body
 from .v2 import V2Error, bad
 from ..model.versions import VersionError
@@ -87,7 +87,7 @@ def requested_version(parameters: dict) -> str | None:
 
 
 class Repository:
-    def __init__(self, serving: LiveModel, token: str | None):
+    def __init__(self, serving: LiveVersion, token: str | None):
         self.serving, self.token = serving, token
 
     def names(self, version: str | None) -> set[str]:
@@ -151,7 +151,7 @@ class UnloadResource:
         resp.media = {}
 
 
-def register(app: falcon.App, config: Config, serving: LiveModel) -> None:
+def register(app: falcon.App, config: Config, serving: LiveVersion) -> None:
     repository = Repository(serving, config.admin_token)
     app.add_route("/v2/repository/index", IndexResource(repository))
     app.add_route("/v2/repository/models/{name}/load", LoadResource(repository))

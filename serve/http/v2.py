@@ -51,7 +51,7 @@ from ..model.errors import ImageRejected
 from .metrics import Metrics
 from ..model.handler import Handler, Options
 from ..model.postprocess import Answer, clamp_k, rank
-from ..model.live_model import NotServing, NotThisModel, LiveModel, check_identity
+from ..model.live_version import NotServing, NotThisModel, LiveVersion, check_identity
 from .upload import read_body
 
 SERVER_NAME = "whatcar"
@@ -387,8 +387,8 @@ def response_outputs(infer: InferRequest, answers: list[Answer]) -> tuple[list[d
 class ModelScope:
     """What every model route shares: the served model, its name and version checks, readiness."""
 
-    def __init__(self, serving: LiveModel, state):
-        self.serving, self.state = serving, state
+    def __init__(self, serving: LiveVersion):
+        self.serving = serving
 
     def check(self, name: str, version: str | None) -> Handler:
         """The live handler, if `name` (and `version`, when given) are what it serves; for facts
@@ -404,7 +404,7 @@ class ModelScope:
 
     @property
     def ready(self) -> bool:
-        return self.state.ready and self.serving.current is not None
+        return self.serving.current is not None
 
 
 class ServerMetadataResource:
@@ -476,8 +476,6 @@ class InferResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, name: str, version: str | None = None) -> None:
         self.scope.check(name, version)
-        if not self.scope.state.ready:
-            raise V2Error(falcon.HTTP_503, "model is not ready")
         encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
         if encoding != "identity":
             raise V2Error(falcon.HTTP_415, f"Content-Encoding {encoding!r} is not supported; send the body as is")
@@ -519,10 +517,10 @@ class InferResource:
             resp.data = head
 
 
-def register(app: falcon.App, config: Config, serving: LiveModel, state, metrics: Metrics) -> None:
+def register(app: falcon.App, config: Config, serving: LiveVersion, metrics: Metrics) -> None:
     """Add the V2 routes and their error format to `app`."""
     app.add_error_handler(V2Error, handle_error)
-    scope = ModelScope(serving, state)
+    scope = ModelScope(serving)
     model, ready, infer = ModelMetadataResource(scope), ModelReadyResource(scope), InferResource(scope, config, metrics)
     extensions = EXTENSIONS + (["model_repository"] if config.model_control == "explicit" else [])
     app.add_route("/v2", ServerMetadataResource(extensions))

@@ -17,8 +17,8 @@ import torch
 from .errors import ArtifactError, first_line
 from .manifest import MANIFEST, Acceptance, Manifest, sha256_file
 from .preprocess import SpecError, validate_steps
-from .runtime.choice import RuntimeChoice
-from .runtime.loading import check_shapes, compiled_choice, fall_back, open_runner, torchscript_runner
+from .runtime.choice import RuntimeChoice, fall_back
+from .runtime.loading import check_shapes, compiled_choice, open_runner, torchscript_runner
 from .runtime.plan import PassPlan
 
 __all__ = ["Artifact", "ArtifactError", "first_line", "load_artifact", "read_labels", "sha256_file"]
@@ -66,10 +66,10 @@ class Artifact:
     def steps(self) -> list[dict]:
         return self.manifest.steps
 
-    def fall_back(self, requested: str, problem: str, optimize: bool = True) -> RuntimeChoice:
+    def switch_to_torchscript(self, requested: str, problem: str, optimize: bool = True) -> RuntimeChoice:
         """Serve TorchScript instead of the compiled packages, which failed after loading (a warm-up
-        or a check photo), by serve/model/runtime/loading.py's one policy; returns the new choice. The
-        artifact was verified when it loaded."""
+        or a check photo), as the one fallback policy (runtime/choice.py's fall_back) allows;
+        returns the new choice. The artifact was verified when it loaded."""
         choice = fall_back(requested, problem)
         self.close()
         self.runner, self.module = torchscript_runner(self.folder, self.manifest, len(self.labels), optimize)

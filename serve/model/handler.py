@@ -24,9 +24,9 @@ from .errors import ArtifactError, ImageRejected, first_line
 from .postprocess import Answer, Makes, answer
 from .preprocess import Preprocessor
 from .runtime.loading import SHAPE_CHECKS, warm_up_rounds
-from .scheduler import InferenceThreads, Item, Model, PassObserver, Timings
+from .scheduler import InferenceThreads, Item, ScheduledModel, PassObserver, Timings
 from .settings import InferenceSettings
-from .versions import ModelFolder, VersionError
+from .versions import VersionFolder, VersionError
 
 log = logging.getLogger("whatcar")
 
@@ -66,7 +66,7 @@ class Handler:
         self.preprocessor = preprocessor
         classes = artifact.manifest.classes
         self.makes = Makes.of(classes) if classes else None
-        self.model = Model(self.inference, self.preprocess, artifact.input_size, threads, observer=observer,
+        self.scheduled = ScheduledModel(self.inference, self.preprocess, artifact.input_size, threads, observer=observer,
                            warm_up_rounds=warm_up_rounds, ran=self.ran)
 
     # ------------------------------------------------------------------ the stages
@@ -100,7 +100,7 @@ class Handler:
 
     def predict(self, items: list[Item], options: Options = Options()) -> Prediction:
         """An answer for each encoded image or uint8 [3, H, W] tensor of one request."""
-        scored = self.model.score(items, options.all_or_nothing)
+        scored = self.scheduled.score(items, options.all_or_nothing)
         started = time.perf_counter()
         answers = self.postprocess(scored.rows, options)
         scored.timings.postprocess = time.perf_counter() - started
@@ -108,14 +108,14 @@ class Handler:
 
     def planned_passes(self) -> list[tuple[int, int]]:
         """(batch, intra-op threads) of every forward pass the inference threads will run."""
-        return self.model.threads.plan.passes()
+        return self.scheduled.threads.plan.passes()
 
     def close(self) -> None:
         """Take the model off the inference threads and let go of its weights at once, rather
         than whenever the last reference to this handler goes, so their memory can be returned now."""
-        self.model.close()
+        self.scheduled.close()
         # The threads' record of the model holds these bound methods, and through them this handler.
-        self.model.inference = self.model.preprocess = None
+        self.scheduled.inference = self.scheduled.preprocess = None
         self.artifact.close()
 
 
@@ -165,7 +165,7 @@ def load_handler(folder: Path, version: str, settings: InferenceSettings, observ
         started = time.perf_counter()
         rounds = warm_up_rounds(artifact.runner, threads.plan.passes())
         handler = Handler(artifact, preprocessor, threads, observer=observer, warm_up_rounds=rounds)
-        model = handler.model
+        model = handler.scheduled
         try:
             try:
                 model.wait_ready()
@@ -179,7 +179,7 @@ def load_handler(folder: Path, version: str, settings: InferenceSettings, observ
             try:
                 if artifact.runtime.name != "compiled":
                     raise
-                artifact.fall_back(settings.runtime, f"it failed once loaded: {exc}")
+                artifact.switch_to_torchscript(settings.runtime, f"it failed once loaded: {exc}")
             except ArtifactError:
                 artifact.close()
                 raise
@@ -212,7 +212,7 @@ def inference_threads(settings: InferenceSettings) -> InferenceThreads:
 
 def build_handler(settings: InferenceSettings, observer: PassObserver | None = None) -> Handler:
     """The handler for the version settings.model_dir names as current; raises ArtifactError."""
-    models = ModelFolder(settings.model_dir)
+    models = VersionFolder(settings.model_dir)
     try:
         version = models.current()
     except VersionError as exc:

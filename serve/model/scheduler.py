@@ -132,7 +132,7 @@ class Scored:
 
 @dataclass
 class _Request:
-    model: "Model"
+    model: "ScheduledModel"
     items: list
     all_or_nothing: bool
     handed_over: float = field(default_factory=time.perf_counter)
@@ -180,8 +180,8 @@ class InferenceThreads:
     arena of its own, and the space a pass frees stays in the arena, at the top of its heap,
     where malloc_trim does not reach. Starting a new set for each model left the old sets'
     arenas resident: on two cores at eight clients, 1.4x a fresh server's memory after 10 swaps
-    and 1.7x after 20; with the threads kept (and loads on one thread, serve/model/live_model.py), 0.97x
-    after 20 (docs/benchmark.md, "Model swaps under load").
+    and 1.7x after 20; with the threads kept (and loads on one thread, serve/model/live_version.py), 0.97x
+    after 20 (docs/benchmark.md, "ScheduledModel swaps under load").
     """
 
     def __init__(self, workers: int = 1, torch_threads: int = 1, micro_batch: int = 1, batch_wait: float = 0.0,
@@ -197,9 +197,9 @@ class InferenceThreads:
         self._running = 0
         self._solo_running = False
         self._changed = threading.Condition()
-        self._records: dict[Model, _Record] = {}
+        self._records: dict[ScheduledModel, _Record] = {}
         # Per thread, the models it has yet to warm up; it does that before taking requests.
-        self._warm_ups: list[collections.deque[Model]] = []
+        self._warm_ups: list[collections.deque[ScheduledModel]] = []
         self._threads: list[threading.Thread] = []
         # Bumped to stop the threads: each one runs for the generation it was started in.
         self._generation = 0
@@ -225,7 +225,7 @@ class InferenceThreads:
         with self._changed:
             return len(self._queue)
 
-    def attach(self, model: "Model") -> None:
+    def attach(self, model: "ScheduledModel") -> None:
         """Run `model` too: every thread warms it up before taking more requests. Starts the
         threads if none run."""
         with self._lifecycle, self._changed:
@@ -236,7 +236,7 @@ class InferenceThreads:
                 pending.append(model)
             self._changed.notify_all()
 
-    def wait_ready(self, model: "Model", timeout: float | None = None) -> None:
+    def wait_ready(self, model: "ScheduledModel", timeout: float | None = None) -> None:
         """Block until every thread has warmed `model` up; raise what a warm-up raised."""
         with self._changed:
             record = self._records.get(model)
@@ -247,7 +247,7 @@ class InferenceThreads:
         if record.errors:
             raise record.errors[0]
 
-    def detach(self, model: "Model", timeout: float = 5.0) -> None:
+    def detach(self, model: "ScheduledModel", timeout: float = 5.0) -> None:
         """Take no more requests for `model`, and stop running it once the requests it was handed
         are done; stop the threads once no model is left."""
         with self._changed:
@@ -308,7 +308,7 @@ class InferenceThreads:
             job = self._take(pending, solo, generation)
             if job is None:
                 return
-            if isinstance(job, Model):
+            if isinstance(job, ScheduledModel):
                 self._warm_up(job, [1] if solo else warm_up_sizes(self.micro_batch))
                 continue
             model, requests = job
@@ -324,7 +324,7 @@ class InferenceThreads:
                 for request in requests:
                     request.done.set()
 
-    def _warm_up(self, model: "Model", sizes: list[int]) -> None:
+    def _warm_up(self, model: "ScheduledModel", sizes: list[int]) -> None:
         """The model's first passes on this thread, at each batch size it will see: TorchScript
         profiles and optimises during the first runs of each shape, and oneDNN builds kernels
         per thread."""
@@ -382,7 +382,7 @@ class InferenceThreads:
             self._changed.notify_all()
             return front, requests
 
-    def _run_pass(self, model: "Model", requests: list[_Request]) -> None:
+    def _run_pass(self, model: "ScheduledModel", requests: list[_Request]) -> None:
         started = time.perf_counter()
         pixels, owners = [], []
         for request in requests:
@@ -434,13 +434,13 @@ def _prepare(preprocess, request: _Request) -> list[tuple[int, torch.Tensor]]:
 # ---------------------------------------------------------------------- a model on the threads
 
 
-class Model:
+class ScheduledModel:
     """One loaded model, run by inference threads: the stages they call, and its place among them.
 
     The stages are the handler's (serve/model/handler.py): `preprocess` maps one item of a
     request (an encoded image, or uint8 [3, H, W] pixels) to uint8 [3, H, W] or raises
     ImageRejected; `inference` maps uint8 [N, 3, H, W] to float [N, width] (see
-    serve/model/runtime/rows.py); `ran` names what runs a pass of a batch size (by default what
+    serve/model/runtime/outputs.py); `ran` names what runs a pass of a batch size (by default what
     `inference` says, or its type). `threads` are the inference threads to run on, shared with
     the models before and after this one; without them the model starts a set of its own from
     `settings` (InferenceThreads' arguments), which stops with it. Every thread warms the model

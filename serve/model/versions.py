@@ -37,11 +37,13 @@ class VersionError(ValueError):
 
 def current_folder(path: str | Path) -> Path:
     """The artifact folder of the version a model folder serves (the folder itself when flat)."""
-    models = ModelFolder(path)
+    models = VersionFolder(path)
     return models.folder(models.current())
 
 
-class ModelFolder:
+class VersionFolder:
+    """A model folder's numbered versions on disk, and which one `current` names."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.store = Store(self.path, names=VERSION_NAME, numbered=True)

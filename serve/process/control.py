@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..model.versions import ModelFolder, VersionError
+from ..model.versions import VersionFolder, VersionError
 
 PID_FILE = Path("build/serve.pid")
 URL = "http://127.0.0.1:8080"
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "status":
-            models = ModelFolder(args.model_dir)
+            models = VersionFolder(args.model_dir)
             print(f"{args.model_dir}: versions {', '.join(models.versions()) or 'none'}; current "
                   f"{models.current()}; previous {models.previous() or 'none'}")
             try:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"server: {exc}")
             return 0
         if args.command == "rollback":
-            now, was = ModelFolder(args.model_dir).rollback()
+            now, was = VersionFolder(args.model_dir).rollback()
             print(f"{args.model_dir}/current is now version {now} (was {was})")
             if not args.pid_file.is_file():
                 print(f"no running server found ({args.pid_file}); the next start serves version {now}")

@@ -21,7 +21,7 @@ from waitress.server import create_server
 
 from ops import atomic
 
-from ..http.app import State, create_app, start_serving
+from ..http.app import create_app, start_serving
 from .config import ConfigError, configure_logging, load_config, repository_exposure
 from ..model.errors import ArtifactError
 from ..model.malloc import limit_arenas
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactError as exc:
         print(f"whatcar: cannot serve {config.model_dir}: {exc}", file=sys.stderr)
         return 1
-    state = State(ready=True)
-    app = create_app(config, serving, state, metrics)
+    app = create_app(config, serving, metrics)
     where = dict(sockets=[listener]) if listener is not None else dict(host=config.host, port=config.port)
     try:
         server = create_server(
@@ -297,8 +296,9 @@ def serve_until(server, stopping: threading.Event, drain_seconds: float = 10.0, 
     manager keeps the socket open), close idle keep-alive connections, let requests already inside
     finish and be written, and return once none is left or `drain_seconds` have passed.
 
-    Readiness stays as it is: with the socket closed no new probe gets through, and a request
-    still queued for a worker thread must be answered, not refused with a 503."""
+    /readyz keeps answering 200 while the model is live, as it does from the first request on: with
+    the socket closed no new probe gets through, and a request still queued for a worker thread
+    must be answered, not refused with a 503."""
     adj = server.adj
     slow = SlowRequests(request_timeout)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from serve.model.artifact import ArtifactError, load_artifact
-from serve.model.runtime.compiled import CompiledModel
+from serve.model.runtime.compiled import CompiledLibrary
 from serve.model.runtime.shapes import ShapedRunner
 from serve.model.settings import InferenceSettings
 from serve.model.manifest import Manifest
@@ -215,9 +215,9 @@ def test_loading_a_package_again_reuses_its_library(cross_dir):
                 if "whatcar-compiled-" in line}
 
     path = cross_dir / "artifact" / "model.pt2"
-    first = CompiledModel(path, runners=1)
+    first = CompiledLibrary(path, runners=1)
     before = mapped_libraries()
-    second = CompiledModel(path, runners=1)
+    second = CompiledLibrary(path, runners=1)
     assert before and mapped_libraries() == before and first._lib is second._lib
     images = torch.randint(0, 256, (1, 3, *Manifest.read(cross_dir / "artifact").input_size), dtype=torch.uint8)
     with torch.inference_mode():

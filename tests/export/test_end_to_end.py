@@ -21,7 +21,7 @@ from export.learner import LearnerError, load, write_sidecar
 from serve.model.artifact import load_artifact, sha256_file
 from serve.model.runtime.compiled import extract_library
 from serve.model.manifest import Manifest
-from serve.model.versions import ModelFolder
+from serve.model.versions import VersionFolder
 from serve.model.preprocess import Preprocessor
 from tests.support.paths import CARS, car_photos
 from tests.support.training import SIZE, train_tiny
@@ -43,7 +43,7 @@ def exported(learner, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def artifact(exported) -> Path:
-    assert ModelFolder(exported).current() == "1"
+    assert VersionFolder(exported).current() == "1"
     return exported / "1"
 
 
@@ -166,7 +166,7 @@ def test_failed_parity_adds_nothing_to_the_model_folder(learner, exported, monke
     monkeypatch.setattr(cli.parity, "check", one_disagreement)
     assert cli.main([str(learner), "--out", str(exported), "--images", str(CARS)]) == 1
     assert "parity check failed" in capsys.readouterr().err
-    assert contents() == before and ModelFolder(exported).versions() == ["1"]
+    assert contents() == before and VersionFolder(exported).versions() == ["1"]
 
 
 def test_each_export_adds_a_version_makes_it_current_and_keeps_the_last_few(learner, tmp_path):
@@ -175,7 +175,7 @@ def test_each_export_adds_a_version_makes_it_current_and_keeps_the_last_few(lear
             "--keep", "2", "--no-compiled"]
     for _ in range(4):
         assert cli.main(args) == 0
-    models = ModelFolder(out)
+    models = VersionFolder(out)
     assert models.versions() == ["3", "4"] and models.current() == "4" and models.previous() == "3"
     load_artifact(models.folder("4"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
@@ -325,7 +325,7 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
     printed = capsys.readouterr().out
     assert all(line in printed for line in expected), printed
     assert ("export: no compiled package, the artifact serves TorchScript only" in printed) == (not kept)
-    version = out / ModelFolder(out).current()
+    version = out / VersionFolder(out).current()
     assert sorted(p.shape for p in Manifest.read(version).compiled) == kept
     assert sorted(p.name for p in version.glob("*.pt2")) == sorted(SHAPES[name][0] for name in kept)
     served = load_artifact(version)

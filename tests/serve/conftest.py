@@ -1,10 +1,10 @@
 import falcon.testing
 import pytest
 
-from serve.http.app import State, create_app
+from serve.http.app import create_app
 from serve.process.config import Config
 from serve.model.handler import build_handler
-from serve.model.live_model import LiveModel
+from serve.model.live_version import LiveVersion
 from serve.model.onednn import cap_isa
 from tests.support.paths import ARTIFACTS, car_photos
 
@@ -25,19 +25,20 @@ def handler(config):
 
 
 @pytest.fixture()
-def state() -> State:
-    return State(ready=True)
-
-
-@pytest.fixture()
-def serving(config, handler) -> LiveModel:
+def serving(config, handler) -> LiveVersion:
     """The session's handler as the live model (never closed by a test)."""
-    return LiveModel(config.inference, handler)
+    return LiveVersion(config.inference, handler)
 
 
 @pytest.fixture()
-def client(config, serving, state) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(config, serving, state))
+def client(config, serving) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(config, serving))
+
+
+@pytest.fixture()
+def unloaded(config) -> falcon.testing.TestClient:
+    """The app with no model live, as after an unload through the repository API."""
+    return falcon.testing.TestClient(create_app(config, LiveVersion(config.inference, None)))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.http.app import State, create_app, start_serving
+from serve.http.app import create_app, start_serving
 from serve.model.artifact import load_artifact
 from serve.process.config import Config
 from serve.model.errors import ArtifactError
@@ -85,7 +85,7 @@ def serving_client(folder):
     config = Config(model_dir=folder, inference_workers=1, solo_threads=1)
     metrics = Metrics(CollectorRegistry())
     serving = start_serving(config, metrics)
-    yield falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
+    yield falcon.testing.TestClient(create_app(config, serving, metrics))
     serving.close()
 
 

@@ -113,13 +113,13 @@ def test_multipart_with_wrong_boundary(client, photo):
     assert resp.status_code == 400
 
 
-def test_health_ready_and_not_ready(client, state, photo):
+def test_health_ready_and_not_ready(client, unloaded, photo):
     assert client.simulate_get("/healthz").json == {"status": "alive"}
     assert client.simulate_get("/readyz").status_code == 200
-    state.set_ready(False)
-    assert client.simulate_get("/readyz").status_code == 503
-    resp = client.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
-    assert resp.status_code == 503
+    assert unloaded.simulate_get("/healthz").json == {"status": "alive"}
+    assert unloaded.simulate_get("/readyz").status_code == 503
+    resp = unloaded.simulate_post("/predict", body=photo, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 503 and resp.json["description"] == "no model is loaded"
 
 
 def test_metadata_comes_from_the_manifest(client, handler):

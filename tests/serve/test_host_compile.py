@@ -12,7 +12,7 @@ import torch
 
 from serve.model import onednn
 from serve.model.runtime.loading import cpu_model
-from serve.model.versions import ModelFolder
+from serve.model.versions import VersionFolder
 from tests.support.paths import ARTIFACT, ROOT, car_photos
 from tests.support.server import Client, clean_env, start_server
 
@@ -50,7 +50,7 @@ def compiled_here(tmp_path_factory):
 
 def test_every_shape_is_built_for_this_cpu_and_agrees_with_model_pt(compiled_here):
     model_dir, done = compiled_here
-    models = ModelFolder(model_dir)
+    models = VersionFolder(model_dir)
     assert models.current() == "2" and models.previous() == "1"
     before = json.loads((model_dir / "1" / "manifest.json").read_text())
     after = json.loads((model_dir / "2" / "manifest.json").read_text())

@@ -13,20 +13,20 @@ from serve.model.errors import ImageRejected
 from serve.model.scheduler import InferenceThreads
 from serve.http.metrics import Metrics, rejection_reasons
 from serve.model.handler import Handler
-from serve.model.live_model import LiveModel
+from serve.model.live_version import LiveVersion
 from tests.support.metrics import scrape, value
 from tests.support.paths import car_photos
 
 
 @pytest.fixture()
-def fresh(config, serving, state):
+def fresh(config, serving):
     def build() -> falcon.testing.TestClient:
-        return falcon.testing.TestClient(create_app(config, serving, state))
+        return falcon.testing.TestClient(create_app(config, serving))
     return build
 
 
 @pytest.fixture()
-def observed(config, handler, state):
+def observed(config, handler):
     """An app whose model reports its forward passes to the app's metrics, as the server's does:
     one shared inference thread, micro-batches of 2, and a forward pass slowed down so that
     requests arriving during one pass share the next."""
@@ -45,10 +45,10 @@ def observed(config, handler, state):
 
     slow = Slow(handler.artifact, handler.preprocessor, InferenceThreads(workers=1, micro_batch=2),
                 observer=metrics.observe_pass, warm_up_rounds=1)
-    slow.model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, LiveModel(config.inference, slow), state, metrics))
+    slow.scheduled.wait_ready(60)
+    yield falcon.testing.TestClient(create_app(config, LiveVersion(config.inference, slow), metrics))
     # Not slow.close(): the artifact is the shared handler fixture's.
-    slow.model.close()
+    slow.scheduled.close()
 
 
 def test_requests_inference_batches_and_rejections_are_counted(observed, handler):

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.http.app import State, create_app, start_serving
+from serve.http.app import create_app, start_serving
 from serve.process.config import Config, ConfigError, load_config
 from serve.model.scheduler import ModelClosed
 from serve.http.metrics import Metrics
 from serve.model.handler import build_handler, load_handler
-from serve.model.live_model import NotServing, NotThisModel, LiveModel
-from serve.model.versions import ModelFolder
+from serve.model.live_version import NotServing, NotThisModel, LiveVersion
+from serve.model.versions import VersionFolder
 from tests.support.metrics import scrape, value
 from tests.support.tiny_artifact import add_tiny_version, write_manifest
 
@@ -46,7 +46,7 @@ def setup(model_dir, **settings):
     config = Config(model_dir=model_dir, inference_workers=1, solo_threads=1, **settings)
     metrics = Metrics(CollectorRegistry())
     serving = start_serving(config, metrics)
-    client = falcon.testing.TestClient(create_app(config, serving, State(ready=True), metrics))
+    client = falcon.testing.TestClient(create_app(config, serving, metrics))
     return serving, client
 
 
@@ -148,14 +148,14 @@ def test_a_request_inside_finishes_on_the_model_it_started_with(model_dir):
             assert old.artifact.version == "1" and answer.ranked[0].label == OLD_LABELS[0]
             # Both versions run on the same inference threads.
             new = serving.current
-            assert new.artifact.version == "2" and new.model.threads is old.model.threads
-            threads = old.model.threads.threads
+            assert new.artifact.version == "2" and new.scheduled.threads is old.scheduled.threads
+            threads = old.scheduled.threads.threads
             assert threads and all(thread.is_alive() for thread in threads)
         # Its last lease ended: the old model is closed, the threads go on serving the new one.
         with pytest.raises(ModelClosed):
             old.predict([red_png()])
-        assert old.artifact.runner is None and old.model.inference is None
-        assert all(thread.is_alive() for thread in threads) and new.model.threads.threads == threads
+        assert old.artifact.runner is None and old.scheduled.inference is None
+        assert all(thread.is_alive() for thread in threads) and new.scheduled.threads.threads == threads
         assert predict(client)["model"]["version"] == "2"
     finally:
         serving.close()
@@ -212,8 +212,8 @@ def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
         loaded_on.append(threading.current_thread())
         return load_handler(*args, **kwargs)
 
-    serving = LiveModel(config.inference, build_handler(config.inference), loader=loader)
-    models = ModelFolder(model_dir)
+    serving = LiveVersion(config.inference, build_handler(config.inference), loader=loader)
+    models = VersionFolder(model_dir)
     add_tiny_version(model_dir, labels=NEW_LABELS)
     outcomes = []
 
@@ -236,7 +236,7 @@ def test_every_reload_loads_on_one_thread_whoever_asks(model_dir):
 def test_concurrent_requests_during_reloads_all_succeed_on_one_of_the_versions(model_dir):
     serving, client = setup(model_dir)
     add_tiny_version(model_dir, labels=NEW_LABELS)
-    models, failures, seen = ModelFolder(model_dir), [], set()
+    models, failures, seen = VersionFolder(model_dir), [], set()
     stop = threading.Event()
 
     def hammer():

@@ -15,7 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-from serve.model.versions import ModelFolder
+from serve.model.versions import VersionFolder
 from tests.support.paths import ROOT
 from tests.support.server import request, start_server
 from tests.support.tiny_artifact import add_tiny_version
@@ -99,7 +99,7 @@ def test_ten_swaps_under_eight_clients_drop_nothing_and_switch_cleanly(model_dir
 
 def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
     pid_file = tmp_path / "run" / "serve.pid"
-    models = ModelFolder(model_dir)
+    models = VersionFolder(model_dir)
     models.switch_to("1")
     server = start_server(model_dir, tmp_path / "server.log", "--pid-file", str(pid_file))
     try:

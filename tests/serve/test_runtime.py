@@ -12,9 +12,9 @@ import torch
 from serve.model.artifact import ArtifactError, load_artifact
 from serve.model.runtime.compiled import CompiledRunner
 from serve.process.config import ConfigError, load_config
-from serve.model.runtime.rows import output_rows
+from serve.model.runtime.outputs import output_rows
 from serve.model.manifest import Manifest
-from serve.model.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
+from serve.model.runtime.choice import Host, RuntimeChoice, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
 from tests.support.paths import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}
@@ -268,3 +268,14 @@ def test_the_runtime_line_is_logged_once_at_load(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if " runs on " in r.getMessage()]
     assert lines == ["tiny-test version 1 runs on torchscript: compiled package not used: the artifact has no "
                      "compiled package"]
+
+
+def test_one_fallback_policy_for_every_unfit_compiled_package():
+    from serve.model.runtime.choice import fall_back
+
+    assert fall_back("auto", "it failed to load") == RuntimeChoice("torchscript",
+                                                                   "compiled package not used: it failed to load")
+    with pytest.raises(RuntimeChoiceError, match="^--runtime compiled cannot be served: it failed to load$") as raised:
+        fall_back("compiled", "it failed to load")
+    # Raised where a load is under way, it fails the load as any unservable artifact does.
+    assert isinstance(raised.value, ArtifactError)

@@ -9,7 +9,7 @@ import torch
 
 from serve.model.errors import UndecodableImage
 from serve.model.runtime.plan import warm_up_sizes
-from serve.model.scheduler import InferenceThreads, Model, ModelClosed, hold_open, plan_pass
+from serve.model.scheduler import InferenceThreads, ScheduledModel, ModelClosed, hold_open, plan_pass
 from tests.support.waiting import wait_for
 
 # ---------------------------------------------------------------------- the policy, no threads
@@ -137,8 +137,8 @@ def decode_number(data: bytes | torch.Tensor) -> torch.Tensor:
     return image(int(data))
 
 
-def model_with(runner, **settings) -> Model:
-    model = Model(runner, decode_number, (4, 4), **settings)
+def model_with(runner, **settings) -> ScheduledModel:
+    model = ScheduledModel(runner, decode_number, (4, 4), **settings)
     model.wait_ready(10)
     return model
 
@@ -156,7 +156,7 @@ def run_concurrently(fn, args: list[tuple], timeout: float = 10) -> None:
         t.join(timeout)
 
 
-def call_all(model: Model, values: list[int]) -> dict:
+def call_all(model: ScheduledModel, values: list[int]) -> dict:
     results, errors = {}, {}
     start = threading.Barrier(len(values))
 
@@ -256,7 +256,7 @@ def test_batch_wait_holds_a_short_batch_open():
 
 def test_each_inference_thread_warms_itself_at_each_batch_size_before_ready():
     module = Recorder()
-    model = Model(module, decode_number, (4, 4), workers=2, torch_threads=1, micro_batch=4, solo_threads=2,
+    model = ScheduledModel(module, decode_number, (4, 4), workers=2, torch_threads=1, micro_batch=4, solo_threads=2,
                   warm_up_rounds=1)
     try:
         model.wait_ready(10)
@@ -275,7 +275,7 @@ def test_a_warm_up_that_fails_is_reported_by_wait_ready():
     def broken(batch):
         raise RuntimeError("cannot run this shape")
 
-    model = Model(broken, decode_number, (4, 4), workers=1)
+    model = ScheduledModel(broken, decode_number, (4, 4), workers=1)
     try:
         with pytest.raises(RuntimeError, match="cannot run this shape"):
             model.wait_ready(10)
@@ -334,7 +334,7 @@ def test_photos_scored_together_get_the_answers_they_get_alone(handler):
             sizes.append(batch.shape[0])
         return artifact.runner(batch)
 
-    model = Model(module, preprocessor, artifact.input_size, workers=1, micro_batch=4)
+    model = ScheduledModel(module, preprocessor, artifact.input_size, workers=1, micro_batch=4)
     answers = {}
     start = threading.Barrier(len(photos))
 
@@ -413,10 +413,10 @@ def test_models_on_shared_threads_never_share_a_pass_and_the_threads_outlive_eac
     threads = InferenceThreads(workers=1, torch_threads=1, micro_batch=8)
     gate = threading.Event()
     old_module, new_module = Recorder(gate=gate), Recorder()
-    old = Model(old_module, decode_number, (4, 4), threads, warm_up_rounds=1)
+    old = ScheduledModel(old_module, decode_number, (4, 4), threads, warm_up_rounds=1)
     old.wait_ready(10)
     started = threads.threads
-    new = Model(new_module, decode_number, (4, 4), threads, warm_up_rounds=1)
+    new = ScheduledModel(new_module, decode_number, (4, 4), threads, warm_up_rounds=1)
     results, callers = {}, []
 
     def one(model, v):
@@ -460,11 +460,11 @@ def test_models_on_shared_threads_never_share_a_pass_and_the_threads_outlive_eac
 
 def test_threads_stopped_with_their_last_model_start_again_for_the_next():
     threads = InferenceThreads(workers=1)
-    first = Model(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
+    first = ScheduledModel(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
     first.wait_ready(10)
     first.close()
     assert not threads.threads
-    second = Model(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
+    second = ScheduledModel(Recorder(), decode_number, (4, 4), threads, warm_up_rounds=1)
     try:
         second.wait_ready(10)
         assert second.score([image(3)]).rows[0].tolist() == row(3)
@@ -474,7 +474,7 @@ def test_threads_stopped_with_their_last_model_start_again_for_the_next():
 
 def test_thread_settings_belong_to_the_threads_not_to_a_model_that_shares_them():
     with pytest.raises(TypeError, match="micro_batch"):
-        Model(Recorder(), decode_number, (4, 4), InferenceThreads(), micro_batch=4)
+        ScheduledModel(Recorder(), decode_number, (4, 4), InferenceThreads(), micro_batch=4)
 
 
 def test_no_solo_thread_when_it_would_not_have_more_threads():
@@ -493,7 +493,7 @@ def test_uploads_are_decoded_on_the_inference_thread_and_fail_alone():
         decoded_on.append(threading.current_thread().name)
         return decode_number(data)
 
-    model = Model(module, preprocess, (4, 4), workers=1, torch_threads=1, micro_batch=8)
+    model = ScheduledModel(module, preprocess, (4, 4), workers=1, torch_threads=1, micro_batch=8)
     scored = {}
     start = threading.Barrier(6)
 

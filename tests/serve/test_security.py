@@ -13,10 +13,10 @@ import falcon.testing
 import pytest
 from PIL import Image
 
-from serve.http.app import STATIC, State, create_app
+from serve.http.app import STATIC, create_app
 from serve.process.config import Config, load_config
 from serve.model.handler import build_handler
-from serve.model.live_model import LiveModel
+from serve.model.live_version import LiveVersion
 from tests.support.paths import ARTIFACT
 from tests.support.tiny_artifact import write_tiny_artifact
 
@@ -29,7 +29,7 @@ def hostile_client(tmp_path_factory) -> falcon.testing.TestClient:
     """An app serving a model whose labels are markup, as a tampered or careless export could hold."""
     folder = write_tiny_artifact(tmp_path_factory.mktemp("hostile") / "artifact", labels=HOSTILE_LABELS)
     config = Config(model_dir=folder, inference_workers=1)
-    return falcon.testing.TestClient(create_app(config, LiveModel(config.inference, build_handler(config.inference)), State(ready=True)))
+    return falcon.testing.TestClient(create_app(config, LiveVersion(config.inference, build_handler(config.inference))))
 
 
 def jpeg(color=(30, 60, 200)) -> bytes:

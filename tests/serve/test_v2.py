@@ -68,14 +68,13 @@ def unpack_strings(raw: bytes) -> list[str]:
     return out
 
 
-def test_server_metadata_and_health(client, state):
+def test_server_metadata_and_health(client, unloaded):
     body = client.simulate_get("/v2").json
     assert body["name"] == "whatcar" and {"binary_tensor_data", "classification"} <= set(body["extensions"])
     assert client.simulate_get("/v2/health/live").status_code == 200
     assert client.simulate_get("/v2/health/ready").status_code == 200
-    state.set_ready(False)
-    assert client.simulate_get("/v2/health/ready").status_code == 503
-    assert client.simulate_get("/v2/health/live").status_code == 200
+    assert unloaded.simulate_get("/v2/health/ready").status_code == 503
+    assert unloaded.simulate_get("/v2/health/live").status_code == 200
 
 
 def test_model_metadata_comes_from_the_artifact(client, handler):
@@ -93,13 +92,12 @@ def test_model_metadata_comes_from_the_artifact(client, handler):
                                             "shape": [-1, len(artifact.labels)]}
 
 
-def test_model_readiness_follows_the_server(client, handler, state, infer_path):
+def test_model_readiness_follows_the_server(client, unloaded, handler, infer_path):
     path = f"/v2/models/{handler.artifact.name}/ready"
     assert client.simulate_get(path).status_code == 200
-    state.set_ready(False)
-    assert client.simulate_get(path).status_code == 503
-    resp = infer(client, infer_path, {"inputs": [image_input(PHOTOS[:1])]})
-    assert resp.status_code == 503 and "ready" in resp.json["error"]
+    assert unloaded.simulate_get(path).status_code == 503
+    resp = infer(unloaded, infer_path, {"inputs": [image_input(PHOTOS[:1])]})
+    assert resp.status_code == 503 and "not loaded" in resp.json["error"]
 
 
 @pytest.mark.parametrize("path", ["/v2/models/nope", "/v2/models/nope/ready", "/v2/models/{name}/versions/2",

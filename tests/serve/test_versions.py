@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from serve.model.versions import ModelFolder, VersionError
+from serve.model.versions import VersionFolder, VersionError
 from tests.support.paths import ARTIFACTS
 from tests.support.syncs import record_syncs, synced
 
@@ -16,7 +16,7 @@ def folder_with(tmp_path, *versions: str, current: str | None = None):
         (tmp_path / version / "manifest.json").write_text("{}")
     if current is not None:
         os.symlink(current, tmp_path / "current")
-    return ModelFolder(tmp_path)
+    return VersionFolder(tmp_path)
 
 
 def staged(tmp_path, name: str = ".staging"):
@@ -26,7 +26,7 @@ def staged(tmp_path, name: str = ".staging"):
 
 
 def test_the_committed_folder_serves_version_1():
-    models = ModelFolder(ARTIFACTS)
+    models = VersionFolder(ARTIFACTS)
     assert models.current() == "1" and "1" in models.versions()
     assert models.folder("1") == ARTIFACTS / "1" and (models.folder("1") / "manifest.json").is_file()
 
@@ -41,7 +41,7 @@ def test_versions_are_numbered_folders_in_numeric_order(tmp_path):
 
 def test_a_single_artifact_folder_is_version_1(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    models = ModelFolder(tmp_path)
+    models = VersionFolder(tmp_path)
     assert models.flat and models.versions() == ["1"] and models.current() == "1"
     assert models.folder("1") == tmp_path
     with pytest.raises(VersionError, match="single artifact"):
@@ -85,7 +85,7 @@ def test_add_takes_the_next_number_and_switch_remembers_the_previous(tmp_path):
 
 
 def test_the_first_version_of_an_empty_folder_is_1(tmp_path):
-    models = ModelFolder(tmp_path / "models")
+    models = VersionFolder(tmp_path / "models")
     version = models.add(staged(tmp_path))
     models.switch_to(version)
     assert version == "1" and models.current() == "1" and models.previous() is None

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from serve.model.manifest import MANIFEST, Check, Manifest, sha256_file
-from serve.model.versions import ModelFolder
+from serve.model.versions import VersionFolder
 
 SIZE = 16
 
@@ -96,7 +96,7 @@ def add_tiny_version(model_dir: Path, **options) -> str:
     """A tiny artifact added to a model folder as its next version, made current; returns its name."""
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = write_tiny_artifact(model_dir / ".staging", **options)
-    models = ModelFolder(model_dir)
+    models = VersionFolder(model_dir)
     version = models.add(staging)
     models.switch_to(version)
     return version

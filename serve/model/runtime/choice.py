@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ArtifactError
 from ..settings import RUNTIMES
 
 # torch.backends.cpu.get_cpu_capability() on x86-64, weakest first. Each level includes the one
@@ -19,7 +20,7 @@ from ..settings import RUNTIMES
 X86_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 
 
-class RuntimeChoiceError(Exception):
+class RuntimeChoiceError(ArtifactError):
     """`--runtime compiled` was asked for and the compiled package cannot serve; says why."""
 
 
@@ -97,9 +98,7 @@ def choose_runtime(requested: str, package: dict | None, host: Host) -> RuntimeC
     if problem is None:
         return RuntimeChoice("compiled", f"{package['cpu_capability']} package compiled by torch {package['torch']}, "
                                          f"this host offers {host.cpu_capability} and runs torch {host.torch}")
-    if requested == "compiled":
-        raise RuntimeChoiceError(f"--runtime compiled cannot be served: {problem}")
-    return fallback(problem)
+    return fall_back(requested, problem)
 
 
 def package_problem(package: dict | None, host: Host) -> str | None:
@@ -126,6 +125,12 @@ def package_problem(package: dict | None, host: Host) -> str | None:
     return None
 
 
-def fallback(problem: str) -> RuntimeChoice:
+def fall_back(requested: str, problem: str) -> RuntimeChoice:
+    """The one fallback policy, wherever a compiled package or shape turns out unfit (before
+    loading, when it loads, warms up or scores the check photos): with --runtime auto, TorchScript
+    serves and `problem` is the reason given; with --runtime compiled, nothing does, and
+    RuntimeChoiceError (an ArtifactError) says why."""
+    if requested == "compiled":
+        raise RuntimeChoiceError(f"--runtime compiled cannot be served: {problem}")
     return RuntimeChoice("torchscript", f"compiled package not used: {problem}")
 

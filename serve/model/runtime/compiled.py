@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest, sha256_file
-from .rows import output_rows, probe
+from .outputs import output_rows, probe
 
 MODEL_FOLDER = "/data/aotinductor/model/"
 
@@ -121,7 +121,7 @@ def load_library(package: Path) -> ctypes.CDLL:
     return lib
 
 
-class CompiledModel:
+class CompiledLibrary:
     """One loaded package: `runners` model instances sharing one copy of the weights.
 
     A pass takes a free instance (and waits for one if none is free), so make `runners` the
@@ -168,7 +168,7 @@ class CompiledRunner:
     on each other, and one runtime per process keeps TorchScript from loading at all.
     """
 
-    def __init__(self, model: CompiledModel, height: int, width: int, min_batch: int, max_batch: int):
+    def __init__(self, model: CompiledLibrary, height: int, width: int, min_batch: int, max_batch: int):
         self.model = model
         self.height, self.width = height, width
         self.min_batch, self.max_batch = min_batch, max_batch
@@ -200,7 +200,7 @@ def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, clas
     height, width = manifest.input_size
     try:
         # load_artifact has checked the file against this sha256.
-        model = CompiledModel(path, runners, sha256=package.sha256)
+        model = CompiledLibrary(path, runners, sha256=package.sha256)
     except PackageError as exc:
         raise ArtifactError(str(exc)) from None
     runner = CompiledRunner(model, height, width, package.min_batch, package.max_batch)

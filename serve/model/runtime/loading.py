@@ -1,9 +1,10 @@
-"""Loading a model in the runtime that will serve it, and the one fallback policy.
+"""Loading a model in the runtime that will serve it.
 
 `choose_runtime` (choice.py) decides for each compiled package before it loads. What can still
 go wrong afterwards (a package fails to load, to warm up, or to give the check photos their
-recorded answers) is handled by `fall_back` alone: with --runtime auto, the next runtime serves
-and one WARNING line says why; with --runtime compiled, the load fails with that same line.
+recorded answers) is handled by choice.py's one fallback policy, `fall_back`: with --runtime auto,
+the next runtime serves and one WARNING line says why; with --runtime compiled, the load fails
+with that same line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest
 from ..onednn import effective_isa
-from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fallback, package_problem
+from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fall_back, package_problem
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
@@ -57,19 +58,10 @@ def this_host() -> Host:
                 onednn_isa=effective_isa(capability), cpu_model=cpu_model())
 
 
-def fall_back(requested: str, problem: str) -> RuntimeChoice:
-    """TorchScript instead of a compiled package that failed with `problem`, or, when the
-    compiled runtime was asked for by name, an ArtifactError saying why it cannot serve."""
-    if requested == "compiled":
-        raise ArtifactError(f"--runtime compiled cannot be served: {problem}")
-    return fallback(problem)
-
-
 def pass_over(requested: str, problem: str) -> None:
-    """One compiled shape is not used: a WARNING line with --runtime auto, the load's failure
-    with --runtime compiled."""
-    if requested == "compiled":
-        raise ArtifactError(f"--runtime compiled cannot be served: {problem}")
+    """One compiled shape is not used, by the one fallback policy: a WARNING line with --runtime
+    auto, the load's failure with --runtime compiled."""
+    fall_back(requested, problem)
     log.warning("%s", problem)
 
 
@@ -152,7 +144,8 @@ def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: H
     host = host or this_host()
     packages = runner.packages
     if not packages:
-        return fallback("no compiled shape is left to serve")
+        # Only --runtime auto gets here: with compiled, the first shape dropped failed the load.
+        return fall_back("auto", "no compiled shape is left to serve")
     return RuntimeChoice("compiled", f"{describe_passes(passes, packages)}; packages compiled by torch "
                                      f"{', '.join(sorted({p.torch for p in packages}))} for "
                                      f"{', '.join(sorted({p.cpu_capability for p in packages}))}, this host offers "

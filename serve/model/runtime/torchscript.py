@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ArtifactError, first_line
 from ..manifest import Manifest
-from .rows import output_rows, probe
+from .outputs import output_rows, probe
 
 
 class TorchScriptRunner:

@@ -25,7 +25,7 @@ from .malloc import release_free_memory
 from .manifest import Manifest
 from .handler import Handler, load_handler
 from .settings import InferenceSettings
-from .versions import ModelFolder, VersionError
+from .versions import VersionFolder, VersionError
 
 log = logging.getLogger("whatcar")
 
@@ -58,18 +58,20 @@ class _Live:
         self.handler, self.leases, self.retired = handler, 0, False
 
 
-class LiveModel:
+class LiveVersion:
+    """The version that answers requests now (its handler), and its replacement by another one."""
+
     def __init__(self, settings: InferenceSettings, handler: Handler | None, observer: PassObserver | None = None,
                  on_change=None, loader=load_handler):
         self.settings = settings
-        self.folder = ModelFolder(settings.model_dir)
+        self.folder = VersionFolder(settings.model_dir)
         self.observer = observer
         self.on_change = on_change or (lambda status, handler: None)
         self.loader = loader
         self.status = ReloadStatus(serving=handler.artifact.version if handler else None)
         self._live = _Live(handler) if handler is not None else None
         # Every version runs on the same inference threads (serve/model/scheduler.py says why).
-        self.threads = handler.model.threads if handler is not None else None
+        self.threads = handler.scheduled.threads if handler is not None else None
         self._lock = threading.Lock()        # guards _live and the leases
         self._reloading = threading.Lock()   # one reload at a time
         # Every reload loads on this one thread, whoever asked (an HTTP thread, SIGHUP). What a
@@ -122,7 +124,7 @@ class LiveModel:
                     return self._finish("unchanged", started, f"version {version} is already serving")
                 handler = self._loads.submit(self.loader, folder, version, self.settings, self.observer,
                                              require_checks=True, threads=self.threads).result()
-                self.threads = handler.model.threads
+                self.threads = handler.scheduled.threads
             except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
                 if not isinstance(exc, (ArtifactError, VersionError)):
                     log.exception("unexpected error while loading version %s", version)
