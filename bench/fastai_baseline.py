@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     import torch
 
-    from export.learner import LearnerError, load
+    from learners.learner import LearnerError, load
     try:
         learn = load(args.learner)
     except LearnerError as exc:

@@ -220,7 +220,7 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
 
 def photo_makes(files: list[Path]) -> list[str | None]:
     """The make of each photo's class, from its folder's name (None where it is no Stanford name)."""
-    from .classnames import ClassNameError, parse
+    from learners.classnames import ClassNameError, parse
 
     def make(folder: str) -> str | None:
         try:

@@ -36,9 +36,10 @@ from serve.model.manifest import MANIFEST, Manifest, sha256_file
 from serve.model.preprocess import Preprocessor
 from serve.model.runtime.plan import PassPlan
 from serve.model.versions import KEEP, VersionFolder
+from learners import classnames
+from learners import learner as learner_io
 
-from . import acceptance, checks, classnames, compiled, parity, quantize, torchscript, triton
-from . import learner as learner_io
+from . import acceptance, checks, compiled, parity, quantize, torchscript, triton
 from .noncar_photos import MissingPhotos, noncar_photos
 from .transforms import read_pipeline
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .learner import LearnerError
+from learners.learner import LearnerError
 
 RESAMPLE_NAMES = {
     Image.Resampling.NEAREST: "nearest", Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic",

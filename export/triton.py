@@ -24,11 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ops import atomic
 from serve.model.errors import ArtifactError
 from serve.model.manifest import Manifest, sha256_file
 from serve.model.versions import VersionFolder, VersionError
 
-from .folders import replace_folder
 
 REPOSITORY = "triton"
 # The PyTorch backend binds tensors by position: TorchScript keeps no output names, so the
@@ -120,7 +120,7 @@ def write_model_repository(folder: Path, manifest: Manifest, max_batch_size: int
         (staging / name / "config.pbtxt").write_text(config, encoding="utf-8")
         if sha256_file(version_dir / "model.pt") != manifest.model_sha256:
             raise TritonError("the copied model.pt differs from the artifact's; is the disk full?")
-        replace_folder(staging, folder / REPOSITORY)
+        atomic.replace_folder(staging, folder / REPOSITORY)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

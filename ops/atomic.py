@@ -1,4 +1,4 @@
-"""Replacing a file or a symlink in one rename, durably.
+"""Replacing a file, a symlink or a whole folder by renaming, durably.
 
 A reader sees the old content or the new, never a half-written file or a missing name, and after
 a power cut the disk holds one or the other too: the new content is fsync'd before the rename, and
@@ -12,7 +12,9 @@ between writing and renaming.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -106,3 +108,24 @@ def point_symlink(link: str | Path, target: str) -> None:
         temporary.unlink(missing_ok=True)
         raise
     fsync_dir(link.parent)
+
+
+def replace_folder(staging: str | Path, target: str | Path) -> None:
+    """Put the finished `staging` folder in `target`'s place, removing what was there: readers see
+    the old folder or the new one, never a mix, and after a power cut the disk holds one of them
+    whole, since the new one is synced before the rename that publishes it and the parent after.
+
+    Both must be on one filesystem (staging is made beside target), so each rename is atomic;
+    between the two renames `target` is briefly absent, never half-written.
+    """
+    staging, target = Path(staging), Path(target)
+    sync_tree(staging)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from export import learner as learner_io
+from learners import learner as learner_io
 
 from . import backbones, checkpoint, datafolder, progress
 

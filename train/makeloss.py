@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from export.classnames import parse
+from learners.classnames import parse
 
 
 def make_index(labels: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -1,6 +1,6 @@
-"""export/classnames.py against every Stanford Cars name whatcar uses, fields written out by hand:
-the 164 known classes and the 16 unknown ones. The table is the expected answer, so the test
-needs no data folder."""
+"""learners/classnames.py against every Stanford Cars name whatcar uses, fields written out by
+hand: the 164 known classes and the 16 unknown ones; and export/classnames.py, which writes them
+into a version's manifest. The table is the expected answer, so the test needs no data folder."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from export import classnames
-from export.classnames import ClassNameError, class_fields, display_names, parse
+from learners.classnames import ClassNameError, class_fields, display_names, parse
 
 # (Stanford name, make, model, body, year)
 KNOWN = [

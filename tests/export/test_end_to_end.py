@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import classnames, cli, quantize
+from export import cli, quantize
+from learners import classnames
 from export import compiled as compiled_mod
-from export.learner import LearnerError, load, write_sidecar
+from learners.learner import LearnerError, load, write_sidecar
 from serve.model.artifact import load_artifact, sha256_file
 from serve.model.runtime.compiled import extract_library
 from serve.model.manifest import Manifest

@@ -9,7 +9,7 @@ import torch
 
 from export import cli
 from export import compiled as compiled_mod
-from export.learner import load, write_sidecar
+from learners.learner import load, write_sidecar
 from serve.model.artifact import load_artifact
 from serve.model.manifest import Manifest, sha256_file
 from serve.model.preprocess import Preprocessor

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 
-from export.learner import load
+from learners.learner import load
 from tests.support.paths import CARS, ROOT
 from train.makeloss import MakeAwareLoss, make_index, make_log_probs
 

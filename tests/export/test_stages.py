@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.learner import load
+from learners.learner import load
 from serve.model.manifest import Manifest
 from train.cli import DEFAULTS, parse_args
 from train.stages import WeightAverage

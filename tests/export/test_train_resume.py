@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from train import checkpoint
-from export.learner import load
+from learners.learner import load
 from tests.support.paths import CARS, ROOT
 
 # Random weights and tiny sizes keep each run to seconds; one head epoch, then one unfrozen epoch at

@@ -217,3 +217,21 @@ def test_ops_needs_nothing_but_the_standard_library():
     done = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_folder_is_replaced_whole_and_synced_before_it_is_published(tmp_path, monkeypatch):
+    target = tmp_path / "triton"
+    (target / "old-model").mkdir(parents=True)
+    (target / "old-model" / "model.pt").write_bytes(b"old")
+    staging = tmp_path / ".triton.new"
+    (staging / "cars" / "1").mkdir(parents=True)
+    (staging / "cars" / "1" / "model.pt").write_bytes(b"new")
+    inodes = {"file": (staging / "cars" / "1" / "model.pt").stat().st_ino, "top": staging.stat().st_ino}
+    events = record_syncs(monkeypatch, rename="rename")
+    atomic.replace_folder(staging, target)
+    assert (target / "cars" / "1" / "model.pt").read_bytes() == b"new" and not (target / "old-model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["triton"], "no staging or old copy is left behind"
+    published = events.index(("rename", "triton"))
+    before = events[:published]
+    assert ("fsync", inodes["file"]) in before and ("fsync", inodes["top"]) in before
+    assert events[published + 1:] == [synced(tmp_path)], "the parent is synced after the rename"
