@@ -135,14 +135,17 @@ triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current
 
 test: test-serve test-export test-cross test-client test-ray test-deploy ## run every test (serve, export, cross-version, clients, Ray, deploy)
 
+# Tests are grouped by what they test; a group runs under the virtualenv its code runs in. The
+# serving venv's: serve/, ops/, bench/'s figures, fuzz/'s corpus, and export/host.py (make compile).
+SERVE_TESTS := tests/serve tests/ops tests/bench tests/fuzz tests/export/host
 test-serve: $(VENV)/serve/.stamp-test
-	$(SERVE_PY) -m pytest tests/serve
+	$(SERVE_PY) -m pytest $(SERVE_TESTS)
 
 # Its exports compile with the training torch (no WHATCAR_COMPILE_PYTHON), so that test-cross
 # proves the older pairing too: packages built by 2.14, served by 2.13.
 test-export: $(VENV)/train/.stamp-test cxx
 	rm -rf $(BUILD)/cross
-	WHATCAR_CROSS_DIR=$(BUILD)/cross $(TRAIN_PY) -m pytest tests/export
+	WHATCAR_CROSS_DIR=$(BUILD)/cross $(TRAIN_PY) -m pytest tests/export --ignore=tests/export/host
 
 # The artifact test-export wrote under torch 2.14.1, loaded and scored under the serve side's 2.13.0.
 test-cross: $(VENV)/serve/.stamp-test test-export

@@ -1,6 +1,6 @@
 """The benchmark's report, apart from any measuring: series of measurements, the floor's
 layouts for the CPUs available, each target's per-round ratio and the tables printed at the end.
-Pure functions of the figures, so tests/serve/test_bench_report.py can hold them to hand-made
+Pure functions of the figures, so tests/bench/test_bench_report.py can hold them to hand-made
 numbers.
 """
 

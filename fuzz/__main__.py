@@ -4,7 +4,7 @@
 
 The corpus folder is seeded with small images of every accepted format. A crash (any exception
 other than ImageRejected, or a failed check) stops the run and leaves the input as a crash-* file;
-add it to tests/serve/test_fuzz_decode.py as a regression case.
+add it to tests/fuzz/test_fuzz_decode.py as a regression case.
 """
 
 import sys

@@ -5,13 +5,12 @@ An answer names one model: the most likely model of the most likely make, so tha
 and the make it gives never disagree. That is the most likely class whenever one class holds
 more than half the probability (every model-level answer in practice); short of that, a make
 whose models share the probability wins over one model of another make, e.g. a pair of
-Chevrolet vans at 0.30 and 0.25 over a GMC van at 0.35. On the default model's validation photos
-this named the right make for 92.4 % of photos where the most likely class gave 91.7 %, and the
-right model for 86.3 % where it gave 86.1 %.
+Chevrolet vans at 0.30 and 0.25 over a GMC van at 0.35. The export names classes the same way
+(named_classes) when it measures the model, so the figures it records are this rule's.
 
 `answer` puts those together once; every route takes its `Answer` and only formats it its own
-way (/predict as objects, /v2 as Triton's classification strings and tensors, the batch command
-as rows).
+way (/predict as objects in serve/http/app.py's predict_body, /v2 as Triton's classification
+strings and tensors, the batch command as rows).
 
 Acceptance has two levels. The model is named when its probability reaches the threshold;
 otherwise, when the make's probability (the sum over that make's models) reaches the make
@@ -65,7 +64,8 @@ class Output:
 
 
 def split_row(row: torch.Tensor, classes: int, extra_outputs: list[str]) -> Output:
-    """An output row (serve/model/scheduler.py's output_rows) back into its parts."""
+    """An output row (runtime/outputs.py's output_rows: the probabilities, then the extra
+    outputs) back into its parts."""
     extras = dict(zip(extra_outputs, row[classes:].tolist()))
     return Output(row[:classes], extras.get("familiarity"))
 

@@ -21,7 +21,7 @@ COMPILE_TIMEOUT = 900  # three shapes, 20-80 s each on a busy 2-core machine
 
 @pytest.fixture(scope="module", autouse=True)
 def onednn_as_an_operator_leaves_it():
-    """tests/serve/conftest.py caps this process's oneDNN for the portable packages; the commands
+    """tests/export/conftest.py caps this process's oneDNN for the portable packages; the commands
     here must start as they do for an operator who set nothing."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(onednn.VARIABLE, raising=False)

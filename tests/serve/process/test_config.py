@@ -4,7 +4,7 @@ import pytest
 
 from serve.model import cpus
 from serve.process.config import Config, ConfigError, build_parser, load_config
-from tests.support.paths import ARTIFACTS
+from tests.support.paths import ARTIFACTS, ROOT
 
 
 def test_defaults_fit_the_cpus_the_process_has(monkeypatch):
@@ -84,9 +84,8 @@ def test_openmp_waits_passively_unless_the_operator_chose_otherwise():
 def test_the_server_sets_the_wait_policy_before_torch_loads():
     """libgomp reads the policy once, when torch loads it: serve/__main__.py must set it first."""
     import ast
-    from pathlib import Path
 
-    tree = ast.parse((Path(__file__).resolve().parents[2] / "serve" / "__main__.py").read_text())
+    tree = ast.parse((ROOT / "serve" / "__main__.py").read_text())
     calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
              and getattr(node.func, "id", None) == "passive_waits"]
     server_import = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
@@ -110,9 +109,8 @@ def test_the_core_gets_its_settings_from_the_config_once(tmp_path):
 
 def test_the_core_imports_nothing_from_the_http_or_process_layers():
     import ast
-    from pathlib import Path
 
-    core = Path(__file__).resolve().parents[2] / "serve" / "model"
+    core = ROOT / "serve" / "model"
     offending = []
     for path in core.rglob("*.py"):
         depth = len(path.relative_to(core).parts)  # 1 in serve/model, 2 in serve/model/runtime
