@@ -1,4 +1,6 @@
-"""Where the model runs: requests' images in, one probability row (or rejection) per image out.
+"""When and with which other requests the model runs: requests' images in, one probability row
+(or rejection) per image out. What runs is the handler's (serve/model/handler.py): its
+`preprocess` and `inference` stages, called here on the inference threads.
 
 A request hands over its images as they came, encoded files or pixels already at the model's
 input size, and waits. Inference threads take waiting requests from one queue, decode them
