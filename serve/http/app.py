@@ -1,5 +1,5 @@
-"""The HTTP face of whatcar: `create_app(config, serving, metrics)` builds the Falcon app;
-`get_app()` builds one from WHATCAR_* variables for any WSGI server."""
+"""The HTTP face of whatcar: `create_app(config, serving, metrics)` builds the Falcon app around
+the live version; serve/process/ starts it (python -m serve, or get_app for any WSGI server)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,24 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import falcon
 from prometheus_client import CollectorRegistry
 
 from . import repository, v2
-from ..process.config import Config, configure_logging, load_config
 from ..model.decode import ACCEPTED_MEDIA_TYPES
 from ..model.errors import ImageRejected, UnsupportedImageType
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
-from ..model.handler import Options, build_handler
+from ..model.handler import Options
 from ..model.postprocess import Answer, clamp_k
 from ..model.scheduler import Timings
 from ..model.live_version import NotServing, LiveVersion
 from .upload import read_upload
+
+if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it
+    from ..process.config import Config
 
 log = logging.getLogger("whatcar")
 access_log = logging.getLogger("whatcar.access")
@@ -220,24 +223,3 @@ def create_app(config: Config, serving: LiveVersion, metrics: Metrics | None = N
     if config.model_control == "explicit":
         repository.register(app, config, serving)
     return app
-
-
-def start_serving(config: Config, metrics: Metrics) -> LiveVersion:
-    """Load the current version for `config`, reporting passes and model changes to `metrics`;
-    raises ArtifactError with a one-line reason."""
-    handler = build_handler(config.inference, observer=metrics.observe_pass)
-    return LiveVersion(config.inference, handler, observer=metrics.observe_pass, on_change=metrics.model_changed)
-
-
-def get_app(environ: dict | None = None) -> falcon.App:
-    """The app for any WSGI server, configured from WHATCAR_* variables alone, e.g.
-    `gunicorn 'serve.http.app:get_app()'`. The model is loaded and warmed up before it returns.
-
-    Only `python -m serve` adds what Waitress is set up for there: the request body cut-off
-    before reading, slow-client timeouts, the SIGTERM drain and reloads on SIGHUP (see
-    serve/process/server.py)."""
-    # Flags are not read: under another server, sys.argv holds that server's own arguments.
-    config = load_config([], environ)
-    configure_logging(config.log_level)
-    metrics = Metrics(CollectorRegistry())
-    return create_app(config, start_serving(config, metrics), metrics)

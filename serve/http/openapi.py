@@ -7,12 +7,15 @@ the same set of paths and methods, so neither can drift without the other.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import falcon
 
-from ..process.config import Config
 from ..model.decode import ACCEPTED_MEDIA_TYPES
 from ..model.live_version import LiveVersion
+
+if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it
+    from ..process.config import Config
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 V2_ERROR = {"$ref": "#/components/schemas/V2Error"}

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import hmac
 import json
+from typing import TYPE_CHECKING
 
 import falcon
 
-from ..process.config import Config
 from ..model.errors import ArtifactError
 from ..model.manifest import Manifest
 from ..model.live_version import LiveVersion
 from .upload import read_body
 from .v2 import V2Error, bad
 from ..model.versions import VersionError
+
+if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it
+    from ..process.config import Config
 
 MAX_BODY = 64 * 1024
 

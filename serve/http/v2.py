@@ -42,17 +42,20 @@ import binascii
 import json
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import falcon
 import torch
 
-from ..process.config import Config
 from ..model.errors import ImageRejected
 from .metrics import Metrics
 from ..model.handler import Handler, Options
 from ..model.postprocess import Answer, clamp_k, rank
 from ..model.live_version import NotServing, NotThisModel, LiveVersion, check_identity
 from .upload import read_body
+
+if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it
+    from ..process.config import Config
 
 SERVER_NAME = "whatcar"
 # Version of this V2 front end; changes when its inputs or outputs change.

@@ -163,19 +163,19 @@ def test_internal_error_is_json_without_traceback(client, handler, monkeypatch, 
 
 
 def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(tmp_path, monkeypatch):
-    """What a WSGI server such as gunicorn does with `serve.http.app:get_app()`, shown with the standard
+    """What a WSGI server such as gunicorn does with `serve.process.startup:get_app()`, shown with the standard
     library's own server: the settings come from WHATCAR_* alone, never from the host's argv."""
     import http.client
     import io
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    from serve.http.app import get_app
+    from serve.process.startup import get_app
     from serve.process.config import ConfigError
     from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")
-    monkeypatch.setattr("sys.argv", ["gunicorn", "--workers", "3", "serve.http.app:get_app()"])
+    monkeypatch.setattr("sys.argv", ["gunicorn", "--workers", "3", "serve.process.startup:get_app()"])
     with pytest.raises(ConfigError, match="WHATCAR_TOP_K"):
         get_app({"WHATCAR_MODEL_DIR": str(folder), "WHATCAR_TOP_K": "many"})
 

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.http.app import create_app, start_serving
+from serve.http.app import create_app
+from serve.process.startup import start_serving
 from serve.model.artifact import load_artifact
 from serve.process.config import Config
 from serve.model.errors import ArtifactError

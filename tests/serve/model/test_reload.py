@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serve.http.app import create_app, start_serving
+from serve.http.app import create_app
+from serve.process.startup import start_serving
 from serve.process.config import Config, ConfigError, load_config
 from serve.model.scheduler import ModelClosed
 from serve.http.metrics import Metrics
