@@ -286,7 +286,7 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
             built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
             runner = compiled.load_runner(built, height, width)
             try:
-                # The runner answers one row per image, the probabilities first (serve/model/runtime/outputs.py's output_rows).
+                # The runner answers one row per image, the probabilities first (runtime/outputs.py's output_rows).
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
                 report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,

@@ -66,8 +66,8 @@ class Handler:
         self.preprocessor = preprocessor
         classes = artifact.manifest.classes
         self.makes = Makes.of(classes) if classes else None
-        self.scheduled = ScheduledModel(self.inference, self.preprocess, artifact.input_size, threads, observer=observer,
-                           warm_up_rounds=warm_up_rounds, ran=self.ran)
+        self.scheduled = ScheduledModel(self.inference, self.preprocess, artifact.input_size, threads,
+                                        observer=observer, warm_up_rounds=warm_up_rounds, ran=self.ran)
 
     # ------------------------------------------------------------------ the stages
 

@@ -112,10 +112,12 @@ def test_the_server_serves_the_package_with_no_compiler_on_path(cross_dir, tmp_p
 def load_in_subprocess(folder: Path, environ: dict) -> tuple[dict, str]:
     """load_handler, as the server calls it, in a fresh process with `environ` (ATEN_CPU_CAPABILITY is
     read when torch starts); returns the runtime it chose and what it logged."""
-    script = ("import json, logging, sys; from pathlib import Path; from serve.model.settings import InferenceSettings; "
+    script = ("import json, logging, sys; from pathlib import Path; "
+              "from serve.model.settings import InferenceSettings; "
               "from serve.model.handler import load_handler; logging.basicConfig(level=logging.INFO); "
               f"folder = Path({str(folder)!r}); "
-              "s = load_handler(folder, '1', InferenceSettings(model_dir=folder, inference_workers=1), require_checks=True); "
+              "s = load_handler(folder, '1', InferenceSettings(model_dir=folder, inference_workers=1), "
+              "require_checks=True); "
               "print(json.dumps(s.artifact.runtime.as_dict())); s.close()")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **environ},
                           capture_output=True, text=True, timeout=300)

@@ -146,7 +146,7 @@ def test_sighup_and_make_reload_load_the_current_version(model_dir, tmp_path):
 
 
 def test_make_reload_without_a_server_says_so(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "serve.process.control", "reload", "--pid-file", str(tmp_path / "none.pid")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "serve.process.control", "reload", "--pid-file", str(tmp_path / "none.pid")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "is `make serve` running" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
