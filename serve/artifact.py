@@ -101,6 +101,8 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     manifest.verified_file(folder, "model")
     labels = read_labels(manifest.verified_file(folder, "labels"))
     manifest.verified_packages(folder)  # whichever runtime serves
+    if manifest.has_weights_file:
+        manifest.verified_file(folder, "weights")
     extra_outputs, acceptance = manifest.extra_outputs, manifest.acceptance
     if len(labels) != manifest.num_classes:
         raise ArtifactError(f"labels file has {len(labels)} classes but the manifest says {manifest.num_classes}")

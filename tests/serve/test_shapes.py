@@ -11,7 +11,7 @@ import torch
 from serve.artifact import ArtifactError
 from serve.manifest import CompiledPackage, Manifest
 from serve.onednn import cap_isa, effective_isa, packed_isa
-from serve.runtime.choice import Host, package_problem
+from serve.runtime.choice import PACKED_AT_LOAD, Host, package_problem
 from serve.runtime.loading import check_shapes, compiled_choice, warm_up_rounds
 from serve.runtime.shapes import ShapedRunner, choose_shape, describe_passes
 from serve.scheduler import PassPlan
@@ -80,6 +80,7 @@ def test_the_cap_is_set_unless_the_operator_chose_one():
 def test_packages_built_for_the_cpus_own_kernels_leave_onednn_uncapped():
     environ = {}
     assert not cap_isa(environ, packed_for="AVX512") and environ == {}
+    assert not cap_isa(environ, packed_for=PACKED_AT_LOAD) and environ == {}
     assert cap_isa(environ, packed_for="AVX2") and environ == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
