@@ -105,7 +105,7 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify-ray IN=<folder> OUT=<results.csv|results.jsonl> RAY_ADDRESS=<head:6379>"; exit 2; }
 	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
 
-# The committed model's recipe is two runs (README, "Training recipe"): the first from ImageNet
+# The committed model's recipe is two runs (docs/training.md): the first from ImageNet
 # weights, every epoch at 224 px, writes $(BASE_LEARNER); the second goes on from it for 4 epochs at
 # 256 px, the size served, at a lower learning rate. TRAIN_ARGS go to the first run, FINISH_ARGS
 # to the second; with FINISH_ARGS= the first run alone writes $(LEARNER).
@@ -201,7 +201,7 @@ fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECOND
 soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 10000) mixed good and bad uploads
 	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(MODEL_DIR)
 
-# Releases side by side in PREFIX: see README.md, "Deploying to a server". Run as the user that owns
+# Releases side by side in PREFIX: see docs/operations.md, "Deploying to a server". Run as the user that owns
 # PREFIX (root for /opt/whatcar); the service itself runs as its own user.
 deploy: ## build and check a release of this commit in PREFIX, then switch PREFIX/current to it
 	@[ -n "$(PREFIX)" ] || { echo "make deploy needs PREFIX=<folder>, for instance: make deploy PREFIX=/opt/whatcar"; exit 2; }

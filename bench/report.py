@@ -11,8 +11,9 @@ import statistics
 from .load import percentile
 
 MB = 1_000_000
-# The limits the targets are held to (README, "Speed"). Earlier runs were judged against 1.8x
-# TorchServe, 5x learn.predict, 1 s beyond `import torch` and 300 MB; these are the current ones.
+# The limits the targets are held to (docs/benchmark.md, "The targets, one by one"). Earlier runs
+# were judged against 1.8x TorchServe, 5x learn.predict, 1 s beyond `import torch` and 300 MB;
+# these are the current ones.
 # HTTP throughput at c=8 against TorchServe serving the same model.pt.
 TORCHSERVE_LIMIT = 2.0
 # learn.predict's p50 per image against the server's p50 at c=1.

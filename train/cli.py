@@ -17,14 +17,10 @@ from export import learner as learner_io
 
 from . import backbones, checkpoint, datafolder, progress
 
-# The recipe of the committed 164-class model (README, "Training recipe"): 2 head epochs, then 28
-# unfrozen ones in one one-cycle schedule, every one at 224 px, the size served. Ending the same
-# schedule with 3 epochs at 352 px (--size 352) scored 84.8 % against 86.1 % here: the photos'
-# longest side is at most 400 px, so a 352 px square upscales most of them, and both runs that
-# ended at 352 px had scored higher at 224 px just before. On the 30-class set, progressive
-# resizing (16 epochs at 224 px, then 8 at 352 px) had reached 88.3 % against 85.6 % for every
-# epoch at 352 px. Averaging the weights of the 352 px epochs (EMA, decay 0.99) gave 87.8 % on 30
-# classes: off.
+# The first run of the committed 164-class model: 2 head epochs, then 28 unfrozen ones in one
+# one-cycle schedule, every one at 224 px; `make train` then goes on from it for 4 epochs at
+# 256 px, the size served. Ending at 352 px instead, and averaging the weights (EMA), both scored
+# lower: docs/training.md has the runs and their figures.
 DEFAULTS = dict(size=224, epochs=28, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
                 early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0,
                 make_loss=0.0)
