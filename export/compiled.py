@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if quantized:
         # Its operators must be registered before the program that names them loads (an import of
         # 8 s under load, so only when needed).
-        import torchao.quantization.pt2e  # noqa: F401
+        import torchao.quantization.pt2e  # noqa: F401 - imported for its side effect, above
     program = torch.export.load(argv[0])
     configs = dict(HOST_INDUCTOR_CONFIGS if host else INDUCTOR_CONFIGS)
     if threads is None:

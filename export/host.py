@@ -34,17 +34,17 @@ from pathlib import Path
 # be the only line on stderr.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the NumPy warning filter
 
-from serve.artifact import ArtifactError, first_line  # noqa: E402
-from serve.manifest import MANIFEST, Manifest  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.runtime.loading import cpu_model  # noqa: E402
-from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
-from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+from serve.artifact import ArtifactError, first_line  # noqa: E402 - after the NumPy warning filter
+from serve.manifest import MANIFEST, Manifest  # noqa: E402 - after the NumPy warning filter
+from serve.preprocess import Preprocessor  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.loading import cpu_model  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402 - after the NumPy warning filter
+from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402 - after the NumPy warning filter
 
-from . import compiled, parity  # noqa: E402
-from .cli import add_version  # noqa: E402
+from . import compiled, parity  # noqa: E402 - after the NumPy warning filter
+from .cli import add_version  # noqa: E402 - after the NumPy warning filter
 
 
 class HostCompileError(Exception):
@@ -75,7 +75,7 @@ def torchscript_program(module: torch.jit.ScriptModule, height: int, width: int,
             def run_node(self, node):
                 out = super().run_node(node)
                 if node.op == "call_function" and node.target is read_back:
-                    values[node] = int(out)
+                    values[node] = int(out)  # noqa: B023 - the class runs within this iteration
                 return out
 
         with torch.no_grad():

@@ -8,8 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.support.paths import ROOT
 
 UNITS = ROOT / "deploy"

@@ -19,10 +19,10 @@ from export import classnames, cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
-from serve.runtime.compiled import extract_library
 from serve.manifest import Manifest
-from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
+from serve.runtime.compiled import extract_library
+from serve.versions import ModelFolder
 from tests.support.paths import CARS, car_photos
 from tests.support.training import SIZE, train_tiny
 
@@ -214,6 +214,8 @@ def test_missing_learner_says_how_to_make_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# compile_package's default: the package for any batch on any thread count.
+ANY_SHAPE = compiled_mod.Shape(None, None)
 SHAPES = {"b1t1": ("model-b1t1.pt2", 1, 1, 1, "AVX2"), "b1t2": ("model-b1t2.pt2", 1, 1, 2, "AVX2"),
           "b1-64": ("model.pt2", 1, 64, None, None)}
 
@@ -277,7 +279,7 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
     """Each way a package can fail leaves it out, and the output says why; with none left the
     version serves TorchScript. The packages the module's export compiled stand in for new
     compiles, so these take seconds."""
-    def reuse(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def reuse(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64):
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact / shape.file, out_dir / shape.file)
         low, high = (shape.batch, shape.batch) if shape.batch else (1, max_batch)
@@ -293,10 +295,10 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
             report.max_abs_diff = 0.5
         return report
 
-    def broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64):
         raise compiled_mod.CompileError(f"AOTInductor failed on {shape.name}: g++ exited 1")
 
-    def b1t2_broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def b1t2_broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64):
         if shape.name == "b1t2":
             return broken(program, out_dir, shape)
         return reuse(program, out_dir, shape, quantized, max_batch)
@@ -308,8 +310,8 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
         expected = ["its parity check failed"]
     elif failure == "compile":
         monkeypatch.setattr(cli.compiled, "compile_package", broken)
-        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: AOTInductor failed on "
-                    f"{name}: g++ exited 1" for name in SHAPES]
+        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: "
+                    f"AOTInductor failed on {name}: g++ exited 1" for name in SHAPES]
     elif failure == "one shape":
         monkeypatch.setattr(cli.compiled, "compile_package", b1t2_broken)
         expected = ["export: no compiled b1t2 package, its passes will run on the next runtime: AOTInductor failed on "
