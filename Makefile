@@ -33,7 +33,7 @@ CLIENT_PY := $(VENV)/client/bin/python
 BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve reload rollback classify classify-ray test test-serve test-export test-cross test-client test-ray \
+.PHONY: help serve reload rollback classify classify-ray test lint test-serve test-export test-cross test-client test-ray \
         test-deploy train export compile triton bench clean serve-env train-env torchserve-env openvino-env client-env fuzz soak \
         chromium deploy deploy-rollback deploy-status systemd-analyze cxx
 
@@ -133,7 +133,11 @@ cxx:
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
 
-test: test-serve test-export test-cross test-client test-ray test-deploy ## run every test (serve, export, cross-version, clients, Ray, deploy)
+test: lint test-serve test-export test-cross test-client test-ray test-deploy ## run the lint and every test (serve, export, cross-version, clients, Ray, deploy)
+
+# ruff comes with requirements/test.txt; its rules are in pyproject.toml.
+lint: $(VENV)/serve/.stamp-test ## check the code with ruff
+	$(VENV)/serve/bin/ruff check .
 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
