@@ -220,4 +220,4 @@ deploy-status: ## list the releases in PREFIX: current, previous, disk use
 	$(PYTHON) -m deploy status --prefix "$(PREFIX)"
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
-	rm -rf $(VENV) $(BUILD) .pytest_cache
+	rm -rf $(VENV) $(BUILD) .pytest_cache .ruff_cache
