@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 from serve.artifact import ArtifactError, first_line, load_artifact
-from serve.runtime.torchscript import TorchScriptRunner
-from serve.runtime.weights import WEIGHTS_FILE
 from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.preprocess import Preprocessor
+from serve.runtime.torchscript import TorchScriptRunner
+from serve.runtime.weights import WEIGHTS_FILE
 from serve.scheduler import PassPlan
 from serve.versions import KEEP, ModelFolder
 
@@ -52,7 +52,8 @@ FAMILIARITY_OUTPUT = {"name": "familiarity", "dtype": "float32", "shape": ["N"],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("learner", type=Path, help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
+    p.add_argument("learner", type=Path,
+                   help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
     p.add_argument("--out", type=Path, default=Path("artifacts"),
                    help="model folder: the export becomes its next numbered version and its current one "
                         "(default: artifacts)")
@@ -235,7 +236,7 @@ def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_p
             "skipped_training_only": pipe.skipped,
             "identity_at_validation": pipe.identity,
         },
-        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         architecture=architecture,
         versions=learner_io.installed_versions(),
         source=source,
@@ -294,8 +295,8 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
                 # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
-                report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,
-                                      served.temperature, also)
+                report = parity.check(learn, lambda images, one=one, classes=classes: one(images)[:, :classes],
+                                      pipe.steps, files, served.temperature, also)
                 quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
             finally:
                 runner.close()

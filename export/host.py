@@ -34,18 +34,18 @@ from pathlib import Path
 # be the only line on stderr.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the NumPy warning filter
 
-from serve.artifact import ArtifactError  # noqa: E402
-from serve.manifest import FORMAT_VERSION, MANIFEST, Manifest  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.runtime.loading import cpu_model  # noqa: E402
-from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
-from serve.runtime.weights import WEIGHTS_FILE  # noqa: E402
-from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+from serve.artifact import ArtifactError  # noqa: E402 - after the NumPy warning filter
+from serve.manifest import FORMAT_VERSION, MANIFEST, Manifest  # noqa: E402 - after the NumPy warning filter
+from serve.preprocess import Preprocessor  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.loading import cpu_model  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.weights import WEIGHTS_FILE  # noqa: E402 - after the NumPy warning filter
+from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402 - after the NumPy warning filter
 
-from . import compiled, parity  # noqa: E402
-from .cli import add_version  # noqa: E402
+from . import compiled, parity  # noqa: E402 - after the NumPy warning filter
+from .cli import add_version  # noqa: E402 - after the NumPy warning filter
 
 
 class HostCompileError(Exception):

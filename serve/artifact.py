@@ -8,9 +8,9 @@ library in a zip, and everything else is JSON or text.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -85,7 +85,7 @@ class Artifact:
         self.runner = self.module = None
 
 
-def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", plan: PassPlan = PassPlan(),
+def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", plan: PassPlan = PassPlan(),  # noqa: B008 - frozen
                   version: str = "1") -> Artifact:
     """Verify and load an artifact folder, or raise ArtifactError saying what is wrong.
 

@@ -109,7 +109,7 @@ class CompiledPackage:
                 "onednn_isa": self.onednn_isa, "built_for": self.built_for, "weights": self.weights}
 
     @classmethod
-    def parse(cls, entry: dict, source: str) -> "CompiledPackage":
+    def parse(cls, entry: dict, source: str) -> CompiledPackage:
         where = f"{source}: files.compiled"
         try:
             batch = entry["batch"]

@@ -22,7 +22,7 @@ from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fal
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
-from .weights import WeightSource, WeightsMismatch
+from .weights import WeightsMismatch, WeightSource
 
 log = logging.getLogger("whatcar")
 

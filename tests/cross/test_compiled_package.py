@@ -19,15 +19,21 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
+from serve.config import Config
+from serve.handler import load_handler
+from serve.manifest import Manifest, sha256_file
+from serve.preprocess import Preprocessor
 from serve.runtime.compiled import CompiledModel
 from serve.runtime.shapes import ShapedRunner
-from serve.config import Config
-from serve.manifest import Manifest, sha256_file
-from serve.runtime.weights import (CONSTANTS, WEIGHTS_FILE, Constant, WeightsMismatch, read_constants_list,
-                                   write_constants_list)
+from serve.runtime.weights import (
+    CONSTANTS,
+    WEIGHTS_FILE,
+    Constant,
+    WeightsMismatch,
+    read_constants_list,
+    write_constants_list,
+)
 from serve.scheduler import PassPlan
-from serve.preprocess import Preprocessor
-from serve.handler import load_handler
 from tests.support.paths import CARS, ROOT
 from tests.support.server import request, start_server
 
@@ -74,7 +80,8 @@ def test_every_package_built_by_the_train_torch_runs_here_like_torchscript(cross
                     else runner(pixels)
                 there = torch.tensor([expected["compiled_probabilities"][package.shape][name] for name in names])
                 assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1)), package.shape
-                assert float((ours - theirs).abs().max()) < 1e-4, f"{package.shape} vs TorchScript, both under this torch"
+                assert float((ours - theirs).abs().max()) < 1e-4, \
+                    f"{package.shape} vs TorchScript, both under this torch"
                 assert float((ours - there).abs().max()) < 1e-4, f"{package.shape} under the exporting torch"
     finally:
         torch.set_num_threads(before)

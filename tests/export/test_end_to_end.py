@@ -19,12 +19,12 @@ from export import classnames, cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
+from serve.manifest import Manifest
+from serve.preprocess import Preprocessor
 from serve.runtime.choice import PACKED_AT_LOAD
 from serve.runtime.compiled import extract_library
 from serve.runtime.weights import WEIGHTS_FILE
-from serve.manifest import Manifest
 from serve.versions import ModelFolder
-from serve.preprocess import Preprocessor
 from tests.support.paths import CARS, car_photos
 from tests.support.training import SIZE, train_tiny
 
@@ -216,6 +216,8 @@ def test_missing_learner_says_how_to_make_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# compile_package's default: the package for any batch on any thread count.
+ANY_SHAPE = compiled_mod.Shape(None, None)
 SHAPES = {"b1t1": ("model-b1t1.pt2", 1, 1, 1, PACKED_AT_LOAD), "b1t2": ("model-b1t2.pt2", 1, 1, 2, PACKED_AT_LOAD),
           "b1-64": ("model.pt2", 1, 64, None, None)}
 
@@ -281,7 +283,7 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
     """Each way a package can fail leaves it out, and the output says why; with none left the
     version serves TorchScript. The packages the module's export compiled stand in for new
     compiles, so these take seconds."""
-    def reuse(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64, host=False,
+    def reuse(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64, host=False,
               torchscript=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact / shape.file, out_dir / shape.file)
@@ -298,11 +300,11 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
             report.max_abs_diff = 0.5
         return report
 
-    def broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64, host=False,
+    def broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64, host=False,
                torchscript=None):
         raise compiled_mod.CompileError(f"AOTInductor failed on {shape.name}: g++ exited 1")
 
-    def b1t2_broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64,
+    def b1t2_broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64,
                     host=False, torchscript=None):
         if shape.name == "b1t2":
             return broken(program, out_dir, shape)
@@ -315,8 +317,8 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
         expected = ["its parity check failed"]
     elif failure == "compile":
         monkeypatch.setattr(cli.compiled, "compile_package", broken)
-        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: AOTInductor failed on "
-                    f"{name}: g++ exited 1" for name in SHAPES]
+        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: "
+                    f"AOTInductor failed on {name}: g++ exited 1" for name in SHAPES]
     elif failure == "one shape":
         monkeypatch.setattr(cli.compiled, "compile_package", b1t2_broken)
         expected = ["export: no compiled b1t2 package, its passes will run on the next runtime: AOTInductor failed on "

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.runtime.compiled import CompiledRunner
 from serve.config import ConfigError, load_config
-from serve.runtime.rows import output_rows
 from serve.manifest import Manifest
-from serve.runtime.choice import (PACKED_AT_LOAD, Host, RuntimeChoiceError, capability_ok, choose_runtime,
-                                  package_problem, torch_ok)
+from serve.runtime.choice import (
+    PACKED_AT_LOAD,
+    Host,
+    RuntimeChoiceError,
+    capability_ok,
+    choose_runtime,
+    package_problem,
+    torch_ok,
+)
+from serve.runtime.compiled import CompiledRunner
+from serve.runtime.rows import output_rows
 from tests.support.paths import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}
@@ -176,9 +183,9 @@ def test_a_malformed_compiled_entry_is_refused(change):
     entry = json.loads(json.dumps(ENTRY))
     change(entry)
     with pytest.raises(ArtifactError, match="files.compiled"):
-        manifest_with(entry).compiled
+        _ = manifest_with(entry).compiled
     with pytest.raises(ArtifactError, match="files.compiled"):
-        manifest_with([entry]).compiled
+        _ = manifest_with([entry]).compiled
 
 
 def test_manifest_lists_a_package_with_its_checksum(tmp_path):
@@ -211,7 +218,8 @@ def test_an_artifact_without_a_package_serves_torchscript(copy):
     artifact = load_artifact(copy, optimize=False)
     assert artifact.runtime.name == "torchscript" and artifact.module is not None
     assert artifact.runtime.reason == "compiled package not used: the artifact has no compiled package"
-    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: the artifact has no compiled package"):
+    with pytest.raises(ArtifactError,
+                       match="--runtime compiled cannot be served: the artifact has no compiled package"):
         load_artifact(copy, runtime="compiled")
 
 

@@ -154,11 +154,11 @@ def entry(shape: CompiledPackage) -> dict:
 def test_the_manifest_lists_one_package_per_shape():
     assert manifest_with([entry(p) for p in SHIPPED]).compiled == SHIPPED
     with pytest.raises(ArtifactError, match="lists a shape or a file twice"):
-        manifest_with([entry(B1T1), {**entry(B1T1), "file": "other.pt2"}]).compiled
+        _ = manifest_with([entry(B1T1), {**entry(B1T1), "file": "other.pt2"}]).compiled
     assert manifest_with([{**entry(B1T1), "built_for": "AMD EPYC"}]).compiled[0].built_for == "AMD EPYC"
     for bad in ({"threads": 0}, {"threads": "two"}, {"onednn_isa": ""}, {"built_for": ""}, {"built_for": 3}):
         with pytest.raises(ArtifactError, match="files.compiled"):
-            manifest_with([{**entry(B1T1), **bad}]).compiled
+            _ = manifest_with([{**entry(B1T1), **bad}]).compiled
 
 
 def test_adding_a_package_appends_and_replaces_one_of_the_same_file(tmp_path):

@@ -10,9 +10,18 @@ import zipfile
 import pytest
 import torch
 
-from serve.runtime.weights import (CONSTANTS, Constant, WeightSource, WeightsMismatch, read_constants_list,
-                                   read_weights, tensor_sha256, torchscript_constants, write_constants_list,
-                                   write_weights)
+from serve.runtime.weights import (
+    CONSTANTS,
+    Constant,
+    WeightsMismatch,
+    WeightSource,
+    read_constants_list,
+    read_weights,
+    tensor_sha256,
+    torchscript_constants,
+    write_constants_list,
+    write_weights,
+)
 
 
 def test_the_weights_file_reads_back_what_was_written_and_files_each_tensor_by_its_sha256(tmp_path):
