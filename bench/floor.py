@@ -51,16 +51,16 @@ passive_waits()  # as the server does, before torch loads
 cap_isa(packed_for=packed_isa(parse_args().model_dir if __name__ == "__main__" else None))
 keep_freed_memory()
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - torch loads only once the settings above are in place
 
 from serve.model.artifact import ArtifactError, load_artifact  # noqa: E402
-from serve.model.settings import InferenceSettings  # noqa: E402
 from serve.model.cpus import available_cpus  # noqa: E402
 from serve.model.preprocess import Preprocessor  # noqa: E402
 from serve.model.runtime.plan import PassPlan  # noqa: E402
+from serve.model.settings import InferenceSettings  # noqa: E402
 from serve.model.versions import current_folder  # noqa: E402
 
-from .report import floor_layouts  # noqa: E402
+from .report import floor_layouts  # noqa: E402 - torch loads only once the settings above are in place
 
 
 def in_fresh_thread(fn):

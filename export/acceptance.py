@@ -209,7 +209,8 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
                 "not_named": share(got.turned_away | right_make)})
     if noncar:
         noncar_logits, noncar_features = logits_and_features(served, preprocessor, noncar)
-        figures["non_car"] = {"photos": len(noncar), "rejected": share(levels(noncar_logits, noncar_features).turned_away),
+        figures["non_car"] = {"photos": len(noncar),
+                              "rejected": share(levels(noncar_logits, noncar_features).turned_away),
                               "roc_auc_familiarity": round(calibration.roc_auc(
                                   familiarity, calibration.familiarity(noncar_features, directions)), 4)}
     return Fitted(temperature, directions, min_probability, min_familiarity,

@@ -27,8 +27,7 @@ from pathlib import Path
 from ops import atomic
 from serve.model.errors import ArtifactError
 from serve.model.manifest import Manifest, sha256_file
-from serve.model.versions import VersionFolder, VersionError
-
+from serve.model.versions import VersionError, VersionFolder
 
 REPOSITORY = "triton"
 # The PyTorch backend binds tensors by position: TorchScript keeps no output names, so the

@@ -20,9 +20,9 @@ with atheris.instrument_imports():
     from PIL import Image
 
     Image.init()  # import every format plugin now, so that their Python code is instrumented too
-    from fuzz.target import check, seed_inputs
-    import serve.model.decode  # noqa: F401
+    import serve.model.decode
     import serve.model.preprocess  # noqa: F401
+    from fuzz.target import check, seed_inputs
 
 
 def one_input(data: bytes) -> None:

@@ -5,10 +5,10 @@ import warnings
 # start-up refusal must be the only line on stderr. The filter has to be in place before torch loads.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from .process.config import ConfigError, load_config  # noqa: E402
 from .model.malloc import keep_freed_memory  # noqa: E402
 from .model.onednn import cap_isa, packed_isa  # noqa: E402
 from .model.openmp import passive_waits  # noqa: E402
+from .process.config import ConfigError, load_config  # noqa: E402
 
 try:
     model_dir = load_config(sys.argv[1:]).model_dir

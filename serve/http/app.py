@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 import falcon
 from prometheus_client import CollectorRegistry
 
-from . import repository, v2
 from ..model.decode import ACCEPTED_MEDIA_TYPES
 from ..model.errors import ImageRejected, UnsupportedImageType
-from .metrics import Metrics, MetricsResource, RequestMetrics
-from .openapi import OpenApiResource
 from ..model.handler import Options
+from ..model.live_version import LiveVersion, NotServing
 from ..model.postprocess import Answer, clamp_k
 from ..model.scheduler import Timings
-from ..model.live_version import NotServing, LiveVersion
+from . import repository, v2
+from .metrics import Metrics, MetricsResource, RequestMetrics
+from .openapi import OpenApiResource
 from .upload import read_upload
 
 if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 import falcon
 
 from ..model.errors import ArtifactError
-from ..model.manifest import Manifest
 from ..model.live_version import LiveVersion
+from ..model.manifest import Manifest
+from ..model.versions import VersionError
 from .upload import read_body
 from .v2 import V2Error, bad
-from ..model.versions import VersionError
 
 if TYPE_CHECKING:  # the configuration is the process layer's; this layer only reads it
     from ..process.config import Config

@@ -21,12 +21,12 @@ import torch
 
 from .artifact import Artifact, load_artifact
 from .errors import ArtifactError, ImageRejected, first_line
-from .postprocess import Answer, Makes, answer
+from .postprocess import Makes, answer
 from .preprocess import Preprocessor
 from .runtime.loading import SHAPE_CHECKS, warm_up_rounds
-from .scheduler import InferenceThreads, Item, ScheduledModel, PassObserver, Timings
+from .scheduler import InferenceThreads, Item, PassObserver, ScheduledModel, Timings
 from .settings import InferenceSettings
-from .versions import VersionFolder, VersionError
+from .versions import VersionError, VersionFolder
 
 log = logging.getLogger("whatcar")
 
@@ -169,7 +169,7 @@ def load_handler(folder: Path, version: str, settings: InferenceSettings, observ
         try:
             try:
                 model.wait_ready()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure while warming up is a bad model
                 raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
             warmed = time.perf_counter()
             checked = verify_checks(handler, require_checks, settings.runtime)

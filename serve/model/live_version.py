@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .errors import ArtifactError
-from .scheduler import PassObserver
+from .handler import Handler, load_handler
 from .malloc import release_free_memory
 from .manifest import Manifest
-from .handler import Handler, load_handler
+from .scheduler import PassObserver
 from .settings import InferenceSettings
-from .versions import VersionFolder, VersionError
+from .versions import VersionError, VersionFolder
 
 log = logging.getLogger("whatcar")
 
@@ -125,7 +125,7 @@ class LiveVersion:
                 handler = self._loads.submit(self.loader, folder, version, self.settings, self.observer,
                                              require_checks=True, threads=self.threads).result()
                 self.threads = handler.scheduled.threads
-            except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
+            except Exception as exc:
                 if not isinstance(exc, (ArtifactError, VersionError)):
                     log.exception("unexpected error while loading version %s", version)
                 log.error("reload of version %s failed, %s: %s", version or "current",
@@ -208,4 +208,4 @@ def check_identity(artifact, name: str | None, version: str | None) -> None:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..model.versions import VersionFolder, VersionError
+from ..model.versions import VersionError, VersionFolder
 
 PID_FILE = Path("build/serve.pid")
 URL = "http://127.0.0.1:8080"

@@ -22,11 +22,11 @@ from waitress.server import create_server
 from ops import atomic
 
 from ..http.app import create_app
-from .config import ConfigError, configure_logging, load_config, repository_exposure
-from .startup import start_serving
+from ..http.metrics import Metrics
 from ..model.errors import ArtifactError
 from ..model.malloc import limit_arenas
-from ..http.metrics import Metrics
+from .config import ConfigError, configure_logging, load_config, repository_exposure
+from .startup import start_serving
 
 log = logging.getLogger("whatcar")
 

@@ -2,10 +2,10 @@ import falcon.testing
 import pytest
 
 from serve.http.app import create_app
-from serve.process.config import Config
 from serve.model.handler import build_handler
 from serve.model.live_version import LiveVersion
 from serve.model.onednn import cap_isa
+from serve.process.config import Config
 from tests.support.paths import ARTIFACTS, car_photos
 
 # Compiled packages run here as the server runs them: oneDNN capped at the ISA their weights are

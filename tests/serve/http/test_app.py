@@ -170,8 +170,8 @@ def test_get_app_builds_the_app_from_whatcar_variables_for_another_wsgi_server(t
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    from serve.process.startup import get_app
     from serve.process.config import ConfigError
+    from serve.process.startup import get_app
     from tests.support.tiny_artifact import write_tiny_artifact
 
     folder = write_tiny_artifact(tmp_path / "tiny")

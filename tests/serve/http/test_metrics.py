@@ -9,11 +9,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serve.http.app import create_app
-from serve.model.errors import ImageRejected
-from serve.model.scheduler import InferenceThreads
 from serve.http.metrics import Metrics, rejection_reasons
+from serve.model.errors import ImageRejected
 from serve.model.handler import Handler
 from serve.model.live_version import LiveVersion
+from serve.model.scheduler import InferenceThreads
 from tests.support.metrics import scrape, value
 from tests.support.paths import car_photos
 

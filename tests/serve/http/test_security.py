@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from serve.http.app import STATIC, create_app
-from serve.process.config import Config, load_config
 from serve.model.handler import build_handler
 from serve.model.live_version import LiveVersion
+from serve.process.config import Config, load_config
 from tests.support.paths import ARTIFACT
 from tests.support.tiny_artifact import write_tiny_artifact
 

@@ -16,13 +16,13 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from serve.http.app import create_app
-from serve.process.startup import start_serving
+from serve.http.metrics import Metrics
 from serve.model.artifact import load_artifact
-from serve.process.config import Config
 from serve.model.errors import ArtifactError
 from serve.model.manifest import Acceptance, CarClass
-from serve.http.metrics import Metrics
 from serve.model.postprocess import MAKE, MODEL, Makes, Output, judge, named_classes, with_article
+from serve.process.config import Config
+from serve.process.startup import start_serving
 from tests.support.tiny_artifact import write_tiny_artifact
 
 LABELS = ["Alpha Coupe 2001", "Beta Van 2002", "Gamma Sedan 2003"]
@@ -344,7 +344,8 @@ def test_metadata_lists_the_classes_with_their_fields_and_the_makes(with_makes):
 def test_v2_returns_the_make_and_the_level_as_extra_outputs(with_makes):
     images = [base64.b64encode(png(c)).decode() for c in (SURE, UNSURE, UNFAMILIAR)]
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": images}]}
-    outputs = {o["name"]: o for o in with_makes.simulate_post("/v2/models/tiny-test/infer", json=request).json["outputs"]}
+    answer = with_makes.simulate_post("/v2/models/tiny-test/infer", json=request).json
+    outputs = {o["name"]: o for o in answer["outputs"]}
     assert outputs["accepted_level"]["data"] == ["model", "make", ""]
     assert outputs["make"]["data"] == ["Alpha", "Alpha", "Alpha"]
     assert outputs["make_probability"]["datatype"] == "FP32" and outputs["make_probability"]["shape"] == [3]

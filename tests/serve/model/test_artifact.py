@@ -33,8 +33,8 @@ def test_the_committed_default_ships_a_compiled_shape_for_each_default_pass_and_
     """Batch 1 on 1 thread (the shared workers, make classify, the Ray actors) and on 2 (a request
     alone), the dynamic package for every other pass; no file over 25 MB, the version under 90 MB."""
     from serve.model.manifest import Manifest
-    from serve.model.runtime.shapes import choose_shape
     from serve.model.runtime.plan import PassPlan
+    from serve.model.runtime.shapes import choose_shape
 
     packages = Manifest.read(ARTIFACT).compiled
     assert {p.shape for p in packages} == {"b1t1", "b1t2", "b1-64"}

@@ -15,13 +15,13 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from serve.http.app import create_app
-from serve.process.startup import start_serving
-from serve.process.config import Config, ConfigError, load_config
-from serve.model.scheduler import ModelClosed
 from serve.http.metrics import Metrics
 from serve.model.handler import build_handler, load_handler
-from serve.model.live_version import NotServing, NotThisModel, LiveVersion
+from serve.model.live_version import LiveVersion, NotServing, NotThisModel
+from serve.model.scheduler import ModelClosed
 from serve.model.versions import VersionFolder
+from serve.process.config import Config, ConfigError, load_config
+from serve.process.startup import start_serving
 from tests.support.metrics import scrape, value
 from tests.support.tiny_artifact import add_tiny_version, write_manifest
 
@@ -271,7 +271,8 @@ def test_unload_then_load_through_the_repository_api(model_dir):
         assert index.status_code == 200
         assert index.json == [{"name": "tiny-test", "version": "1", "state": "READY", "reason": ""}]
         assert client.simulate_post("/v2/repository/models/tiny-test/unload", headers=admin()).status_code == 200
-        assert client.simulate_post("/predict", body=red_png(), headers={"Content-Type": "image/png"}).status_code == 503
+        png = {"Content-Type": "image/png"}
+        assert client.simulate_post("/predict", body=red_png(), headers=png).status_code == 503
         assert client.simulate_get("/readyz").status_code == 503
         assert client.simulate_get("/metadata").json["reload"]["outcome"] == "unloaded"
         assert client.simulate_post("/v2/repository/models/tiny-test/load", headers=admin()).status_code == 200

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from serve.model.versions import VersionFolder, VersionError
+from serve.model.versions import VersionError, VersionFolder
 from tests.support.paths import ARTIFACTS
 from tests.support.syncs import record_syncs, synced
 
