@@ -76,7 +76,7 @@ def test_the_manifest_keeps_the_run_a_resumed_learner_went_on_from(tmp_path):
 
 def test_manifest_describes_the_artifact(artifact, learner):
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     assert manifest["num_classes"] == 3
     assert manifest["name"] == "whatcar-cars3"  # from the training data's folder and class count
     assert manifest["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
