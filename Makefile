@@ -122,9 +122,10 @@ export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a che
 # needs none), under the serve virtualenv's torch, the one that runs them: installed here when
 # missing (as root). Without one, the export writes TorchScript only and says so.
 # The committed packages are portable AVX2 builds; this builds the same shapes for this machine's CPU
-# from the current version's model.pt (docs/runtime.md, "make compile").
+# from the current version's model.pt (docs/runtime.md, "make compile"); PORTABLE=1 builds the portable
+# AVX2 ones instead, which stores a version exported with weights inside its packages with its weights once.
 compile: $(VENV)/serve/.stamp cxx ## build the current version's compiled packages again for this CPU: a new version, made current
-	$(SERVE_PY) -m export.host --model-dir $(MODEL_DIR)
+	$(SERVE_PY) -m export.host --model-dir $(MODEL_DIR) $(if $(PORTABLE),--portable)
 
 cxx:
 	@$(call install-missing,$${CXX:-g++},g++,for the compiled package,\

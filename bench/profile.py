@@ -72,12 +72,13 @@ def summarise_onednn(lines: list[str]) -> dict[str, dict]:
 
 CHILD = """
 import json, sys, time, statistics, torch
+from pathlib import Path
 sys.path.insert(0, {root!r})
 from serve.model.malloc import keep_freed_memory
-from serve.model.runtime.compiled import CompiledLibrary
+from serve.model.runtime.compiled import open_package
 keep_freed_memory()  # as the server does
 torch.set_num_threads({threads})
-model = CompiledLibrary({path!r})
+model = open_package(Path({path!r}))
 images = torch.randint(0, 256, ({batch}, 3, {height}, {width}), dtype=torch.uint8)
 with torch.inference_mode():
     for _ in range({passes}):

@@ -22,7 +22,7 @@ from serve.model.artifact import ArtifactError, load_artifact
 from serve.model.handler import load_handler
 from serve.model.manifest import Manifest, sha256_file
 from serve.model.preprocess import Preprocessor
-from serve.model.runtime.compiled import CompiledLibrary
+from serve.model.runtime.compiled import CompiledLibrary, PackageError, open_package
 from serve.model.runtime.plan import PassPlan
 from serve.model.runtime.shapes import ShapedRunner
 from serve.model.runtime.weights import (
@@ -231,9 +231,11 @@ def test_loading_a_package_again_reuses_its_library(cross_dir):
                 if "whatcar-compiled-" in line}
 
     path = cross_dir / "artifact" / "model.pt2"
-    first = CompiledLibrary(path, runners=1)
+    with pytest.raises(PackageError, match="takes its weights at load and none were given"):
+        CompiledLibrary(path, runners=1)
+    first = open_package(path)
     before = mapped_libraries()
-    second = CompiledLibrary(path, runners=1)
+    second = open_package(path)
     assert before and mapped_libraries() == before and first._lib is second._lib
     images = torch.randint(0, 256, (1, 3, *Manifest.read(cross_dir / "artifact").input_size), dtype=torch.uint8)
     with torch.inference_mode():

@@ -32,7 +32,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest, sha256_file
 from .outputs import output_rows, probe
-from .weights import read_constants_list
+from .weights import WeightSource, read_constants_list
 
 MODEL_FOLDER = "/data/aotinductor/model/"
 
@@ -182,12 +182,15 @@ class CompiledLibrary:
         count = ctypes.c_size_t()
         self._lib.AOTInductorModelContainerGetNumOutputs(self._container, ctypes.byref(count))
         self.outputs = count.value
-        if constants is not None:
-            try:
+        try:
+            if constants is not None:
                 self._hand_over(package, constants)
-            except BaseException:
-                self.close()
-                raise
+            elif read_constants_list(package) is not None:
+                # Its code would read constants that were never set: a crash, not an exception.
+                raise PackageError(f"{package} takes its weights at load and none were given")
+        except BaseException:
+            self.close()
+            raise
 
     def constant_names(self) -> list[str]:
         """The constants the package's code reads and that must be handed over (those folded
@@ -274,6 +277,16 @@ class CompiledRunner:
 
     def close(self) -> None:
         self.model.close()
+
+
+def open_package(path: Path, runners: int = 1) -> CompiledLibrary:
+    """One package of a version folder, with its weights from that folder when it takes them at
+    load: for tools that run a single package (bench/profile.py)."""
+    wanted = read_constants_list(path)
+    if wanted is None:
+        return CompiledLibrary(path, runners)
+    source = WeightSource.of_version(path.parent)
+    return CompiledLibrary(path, runners, constants=lambda names: source.constants_for(path, wanted, names))
 
 
 def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, classes: int,

@@ -215,6 +215,16 @@ class WeightSource:
             names += f" and {weights_path.name}"
         return cls(tensors, names)
 
+    @classmethod
+    def of_version(cls, folder: Path) -> WeightSource:
+        """The tensors of the version in `folder`, the files its manifest names (unchecked: the
+        artifact loader checks them; this serves tools that open one package)."""
+        from ..manifest import Manifest
+
+        manifest = Manifest.read(folder)
+        extra = folder / manifest.entry("weights")[0] if manifest.has_weights_file else None
+        return cls.open(folder / manifest.entry("model")[0], extra)
+
     def constants_for(self, package: Path, wanted: list[Constant], names: list[str]) -> list[tuple[str, torch.Tensor]]:
         """The tensors for a package whose code reads constants `names`, built as its list says:
         taken as they are (no copy) when their strides match, laid out again when not, packed for
