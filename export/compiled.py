@@ -12,8 +12,10 @@ whatever CPU exports it, so the compiling process is told so three ways:
   * cpp.march=x86-64-v3: gcc gets that target instead of -march=native, which alone still
     emitted 91 AVX-512 instructions on an AVX-512 host;
   * ONEDNN_MAX_CPU_ISA=AVX2: the weights freezing prepacks for oneDNN come out in AVX2 layouts.
-    oneDNN reads it once, when it starts, so the compile runs in a child process of its own:
-    `python -m export.compiled PROGRAM OUT` (this module's main).
+    That matters only for a package that keeps its weights (int8); the others record what was
+    packed and how, and the server packs it again at load for its own kernels. oneDNN reads the
+    variable once, when it starts, so the compile runs in a child process of its own:
+    `python -m export.compiled SOURCE OUT` (this module's main).
 Freezing (BatchNorm folded into the convolutions, oneDNN fusions) happens only when grad mode
 is off while compiling, silently otherwise: hence torch.no_grad().
 
@@ -23,8 +25,9 @@ and the kernels' thread count matches the caller's. Measured against OpenVINO fp
 run (serve/model/runtime/shapes.py): 1.15x on 1 thread and 1.12x on 2 with the static batch-1
 packages, 1.23x and 1.43x with the dynamic one. The dynamic-batch package, whose kernels follow
 the caller's thread count (cpp.dynamic_threads), takes every other pass: larger batches, and
-thread counts of bigger machines. Each package holds its own copy of the weights (about 21 MB
-for the default model), so the set is what fits the 90 MB a version may take.
+thread counts of bigger machines. A float package holds no weights: it is compiled from model.pt
+and takes that file's tensors at load (export/constant_capture.py, serve/model/runtime/weights.py),
+so a shape costs about 2 MB of code, not another copy of the weights.
 
 The child compiles with the torch that serves (the serve virtualenv's, WHATCAR_COMPILE_PYTHON,
 which `make export` sets): torch.export's program, saved by the training torch, loads there,

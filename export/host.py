@@ -1,9 +1,10 @@
 """make compile: the current version's compiled packages built again for this machine's own CPU.
 
-    python -m export.host [--model-dir artifacts] [--keep 5]
+    python -m export.host [--model-dir artifacts] [--keep 5] [--portable]
 
-`make export` compiles portable packages: AVX2 code, weights packed for oneDNN's AVX2 kernels,
-so that one committed build runs on every x86-64 server. On a CPU with more (AVX-512), that
+`make export` compiles portable packages: AVX2 code, so that one committed build runs on every
+x86-64 server. With --portable this builds those again (how a version exported with its weights
+inside each package is stored with its weights once). On a CPU with more (AVX-512), that
 leaves speed unused: on a 2-core AMD EPYC with AVX-512, one image on one thread took 21-22 ms
 with the portable package and 14-15 ms with one built here, against OpenVINO fp32's 12 ms in
 the same run.
