@@ -30,6 +30,9 @@ FORMAT = 1
 HEAD, BODY = "head", "body"
 # Arguments that do not change what is trained: where it goes, how it is shown, when to pause.
 NOT_RECIPE = ("out", "quiet", "stop_after", "fresh")
+# What a checkpoint written before an argument existed was made with (it trained in fp32). Without
+# these, every new argument would refuse every older checkpoint.
+BEFORE_ARGUMENT = {"precision": "fp32"}
 
 
 class CheckpointMismatch(Exception):
@@ -71,6 +74,16 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def stored_recipe(folder: Path) -> dict | None:
+    """The recipe the checkpoint in `folder` was made with (arguments it predates at their old
+    values), or None when there is no readable one; Checkpoints.read says why it cannot go on."""
+    try:
+        state = torch.load(folder / FILE, map_location="cpu", weights_only=True)
+        return {**BEFORE_ARGUMENT, **state["recipe"]}
+    except Exception:  # noqa: BLE001 - missing, torn or foreign: read() reports it
+        return None
 
 
 @dataclass
@@ -170,8 +183,9 @@ class Checkpoints:
         if state.get("format") != FORMAT:
             raise CheckpointMismatch(f"{self.path} has format {state.get('format')}, this code writes {FORMAT}; "
                                      "pass --fresh to start the run over")
-        differs = [f"--{k.replace('_', '-')} {state['recipe'].get(k)!r} (now {v!r})"
-                   for k, v in self.recipe.items() if state["recipe"].get(k) != v]
+        made = {**BEFORE_ARGUMENT, **state["recipe"]}
+        differs = [f"--{k.replace('_', '-')} {made.get(k)!r} (now {v!r})"
+                   for k, v in self.recipe.items() if made.get(k) != v]
         differs += [f"--{k.replace('_', '-')} {v!r} (now unset)" for k, v in state["recipe"].items()
                     if k not in self.recipe]
         if state["data"] != self.data:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from export import learner as learner_io
 
-from . import backbones, checkpoint, datafolder, progress
+from . import backbones, checkpoint, datafolder, precision, progress
 
 # The recipe of the committed 164-class model (README, "Training recipe"): 2 head epochs, then 28
 # unfrozen ones in one one-cycle schedule, every one at 224 px, the size served. Ending the same
@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--make-loss", type=float, default=DEFAULTS["make_loss"], metavar="WEIGHT",
                    help="add WEIGHT times a loss on the make's probability (the sum of its models'), so that a "
                         "wrong model of the right make costs less than a wrong make; 0 turns it off "
+                        "(default: %(default)s)")
+    p.add_argument("--precision", choices=precision.REQUESTS, default=precision.AUTO,
+                   help="auto: bf16 autocast where the CPU computes bf16 natively (avx512_bf16 or amx_bf16), "
+                        "fp32 elsewhere, or what the checkpoint being continued used; the weights stay fp32 "
                         "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines with the time left stay)")
     p.add_argument("--fresh", action="store_true",
@@ -225,6 +229,14 @@ def training_callbacks(args: argparse.Namespace) -> list:
     return []
 
 
+def choose_precision(args: argparse.Namespace) -> precision.Choice:
+    """--precision resolved for this CPU; `auto` keeps the precision of the checkpoint in --out, if
+    one will be continued."""
+    stored = None if args.fresh or args.precision != precision.AUTO else checkpoint.stored_recipe(args.out)
+    return precision.choose_precision(precision.read_cpu_flags(), args.precision,
+                                      stored.get("precision") if stored else None)
+
+
 def run_plan(args: argparse.Namespace, train_batches: int, valid_batches: int) -> progress.Plan:
     """Every epoch of the run in order: the head-only ones (unless continuing an exported learner),
     then the unfrozen ones, each with the size it trains at."""
@@ -261,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.size} px {args.resize}" + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
+    choice = choose_precision(args)
+    # The recipe stores what was chosen, not what was asked: `auto` is bf16 on one host and fp32 on
+    # another, and a checkpoint must be continued in the precision it was made in.
+    args.precision = choice.precision
+    print(choice.describe(), file=sys.stderr)
     checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
                                          checkpoint.data_fingerprint(items, args.data),
                                          checkpoint.weights_digest(learn.model) if args.resume else None)
@@ -284,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"going on from the checkpoint after epoch {done} of {len(plan.epochs)} ({checkpoints.path})",
               file=sys.stderr)
     if done < len(plan.epochs):
-        plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size)
+        bf16 = args.precision == precision.BF16
+        plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size, bf16=bf16)
                                   for size in plan.unmeasured_sizes(done)})
         print(f"training: {plan.describe(done)}", file=sys.stderr, flush=True)
     clock = progress.Clock(plan)
-    mixing = training_callbacks(args)
+    per_batch = [*training_callbacks(args), precision.ChannelsLastAutocast(args.precision)]
     n_early = early_epochs(args)
     average = WeightAverage(args.ema, start_epoch=n_early) if args.ema else None
     started = time.perf_counter()
@@ -312,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             learn.freeze()
             continue_from_checkpoint(checkpoint.HEAD)
             learn.fit_one_cycle(head_epochs, args.lr, start_epoch=start,
-                                cbs=[*mixing, SwitchSize(early, dls, head_epochs), *saving(checkpoint.HEAD, start, 0)])
+                                cbs=[*per_batch, SwitchSize(early, dls, head_epochs), *saving(checkpoint.HEAD, start, 0)])
         if saved is not None and saved.position.phase == checkpoint.HEAD and start is None:
             learn.freeze()  # the head phase is over: its state goes back, and freeze_to below clears the optimiser
             saved.load_into(learn, loaders)
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs and start is not None:
             continue_from_checkpoint(checkpoint.BODY)
             learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2), start_epoch=start,
-                                cbs=[*mixing, SwitchSize(early, dls, n_early), *([average] if average else []),
+                                cbs=[*per_batch, SwitchSize(early, dls, n_early), *([average] if average else []),
                                      *saving(checkpoint.BODY, start, head_epochs)])
         elif saved is not None and saved.position.phase == checkpoint.BODY:
             saved.load_into(learn, loaders, average)  # every epoch had run: only the saving was left
@@ -333,12 +351,14 @@ def main(argv: list[str] | None = None) -> int:
               "run the same command without --stop-after to go on", file=sys.stderr)
         return 0
     learn.dls = dls
+    # The final figures are the served model's: fp32, whatever the epochs trained in.
+    served = [precision.ChannelsLastAutocast(precision.FP32)]
     if average is not None:
-        loss, acc = learn.validate()
+        loss, acc = learn.validate(cbs=served)
         print(f"validation accuracy of the last weights: {acc:.4f} (loss {loss:.4f})", file=sys.stderr)
         if average.apply(learn.model):
             print(f"averaged the weights over {average.steps} steps (decay {args.ema})", file=sys.stderr)
-    loss, acc = learn.validate()
+    loss, acc = learn.validate(cbs=served)
     # The closure-based splitter is only needed for training; the exported learner keeps fastai's
     # own. The optimizer goes too: its state is shaped by the old splitter and is not exported.
     # The make loss goes as well, so that unpickling the learner needs fastai alone.
