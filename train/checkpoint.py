@@ -33,6 +33,7 @@ NOT_RECIPE = ("out", "quiet", "stop_after", "fresh")
 # What a checkpoint written before an argument existed was made with (it trained in fp32). Without
 # these, every new argument would refuse every older checkpoint.
 BEFORE_ARGUMENT = {"precision": "fp32"}
+DISTILLATION = ("teacher", "distill", "temperature")
 
 
 class CheckpointMismatch(Exception):
@@ -49,8 +50,19 @@ class StopRun(Exception):
 
 
 def recipe(args) -> dict:
-    """The arguments that decide the weights, as plain values."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    """The arguments that decide the weights, as plain values. Without a teacher, the
+    distillation settings decide nothing and are left out, so that the recipe of such a run is
+    the one it had before they existed."""
+    leave_out = NOT_RECIPE if getattr(args, "teacher", None) else NOT_RECIPE + DISTILLATION
+    return {k: _plain_value(v) for k, v in sorted(vars(args).items()) if k not in leave_out}
+
+
+def _plain_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return value
 
 
 def data_fingerprint(items: list[Path], root: Path) -> str:
@@ -164,10 +176,12 @@ class Saved:
 class Checkpoints:
     """The checkpoint file of one run folder."""
 
-    def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None):
+    def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None,
+                 teachers: list[str] | None = None):
         self.path = folder / FILE
         # start: weights_digest of the learner the run goes on from, None for a run from scratch.
-        self.recipe, self.data, self.start = recipe, data, start
+        # teachers: weights_digest of each --teacher: the same paths may hold retrained weights.
+        self.recipe, self.data, self.start, self.teachers = recipe, data, start, list(teachers or [])
 
     def read(self) -> Saved | None:
         """The run's last checkpoint; None if there is none. Raises CheckpointMismatch when it
@@ -192,6 +206,8 @@ class Checkpoints:
             differs.append("the photos in the data folder (files added, removed or changed)")
         if state.get("start") != self.start:
             differs.append("other weights in the learner --resume names (it was trained again since)")
+        if state.get("teachers", []) != self.teachers:
+            differs.append("other teacher weights (a --teacher was trained again since)")
         if differs:
             raise CheckpointMismatch(f"{self.path} is from another run: it was made with " + ", ".join(differs)
                                      + "; run with the same arguments and data to go on, or pass --fresh to "
@@ -202,6 +218,7 @@ class Checkpoints:
     def write(self, learn, position: Position, loaders: list, average=None, seconds: dict | None = None) -> None:
         state = {
             "format": FORMAT, "recipe": self.recipe, "data": self.data, "start": self.start,
+            "teachers": self.teachers,
             "phase": position.phase, "epoch": position.epoch,
             "model": learn.model.state_dict(), "optimizer": _plain(learn.opt.state_dict()),
             "rng": rng_state(loaders),
