@@ -27,7 +27,9 @@ from . import backbones, checkpoint, datafolder, distill, precision, progress
 # classes: off.
 DEFAULTS = dict(size=224, epochs=28, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
                 early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0,
-                make_loss=0.0, distill=0.5, temperature=2.0)
+                make_loss=0.0)
+# Only with --teacher, so not in DEFAULTS, whose options are the recipe's and off when unset.
+DISTILL_DEFAULTS = dict(distill=0.5, temperature=2.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 
@@ -88,10 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(model.pt, labels.txt, manifest.json), trained on the same classes; repeat it for an "
                         "ensemble, whose softened probabilities are averaged. Their outputs are computed once "
                         "into OUT/teacher-cache.pt")
-    p.add_argument("--distill", type=float, default=DEFAULTS["distill"], metavar="WEIGHT",
+    p.add_argument("--distill", type=float, default=DISTILL_DEFAULTS["distill"], metavar="WEIGHT",
                    help="with --teacher: the share of the distillation loss, the label loss getting the rest "
                         "(default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], metavar="T",
+    p.add_argument("--temperature", type=float, default=DISTILL_DEFAULTS["temperature"], metavar="T",
                    help="with --teacher: the softmax temperature of both the teachers' and the student's "
                         "probabilities in the distillation loss (default: %(default)s)")
     p.add_argument("--precision", choices=precision.REQUESTS, default=precision.AUTO,
