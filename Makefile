@@ -33,7 +33,7 @@ CLIENT_PY := $(VENV)/client/bin/python
 BUILD    ?= build
 
 .DEFAULT_GOAL := help
-.PHONY: help serve reload rollback classify classify-ray test test-serve test-export test-cross test-client test-ray \
+.PHONY: help serve reload rollback classify classify-ray test lint test-serve test-export test-cross test-client test-ray \
         test-deploy train export compile triton bench clean serve-env train-env torchserve-env openvino-env client-env fuzz soak \
         chromium deploy deploy-rollback deploy-status systemd-analyze cxx
 
@@ -105,7 +105,7 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify-ray IN=<folder> OUT=<results.csv|results.jsonl> RAY_ADDRESS=<head:6379>"; exit 2; }
 	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
 
-# The committed model's recipe is two runs (README, "Training recipe"): the first from ImageNet
+# The committed model's recipe is two runs (docs/training.md): the first from ImageNet
 # weights, every epoch at 224 px, writes $(BASE_LEARNER); the second goes on from it for 4 epochs at
 # 256 px, the size served, at a lower learning rate. TRAIN_ARGS go to the first run, FINISH_ARGS
 # to the second; with FINISH_ARGS= the first run alone writes $(LEARNER).
@@ -133,7 +133,11 @@ cxx:
 triton: $(VENV)/train/.stamp ## add a Triton model repository (MODEL_DIR/current/triton) to the current version
 	$(TRAIN_PY) -m export.triton $(MODEL_DIR)
 
-test: test-serve test-export test-cross test-client test-ray test-deploy ## run every test (serve, export, cross-version, clients, Ray, deploy)
+test: lint test-serve test-export test-cross test-client test-ray test-deploy ## run the lint and every test (serve, export, cross-version, clients, Ray, deploy)
+
+# ruff comes with requirements/test.txt; its rules are in pyproject.toml.
+lint: $(VENV)/serve/.stamp-test ## check the code with ruff
+	$(VENV)/serve/bin/ruff check .
 
 test-serve: $(VENV)/serve/.stamp-test
 	$(SERVE_PY) -m pytest tests/serve
@@ -201,7 +205,7 @@ fuzz: $(VENV)/fuzz/.stamp ## fuzz image decoding + preprocessing for FUZZ_SECOND
 soak: $(VENV)/serve/.stamp ## soak a real server with SOAK_REQUESTS (default 10000) mixed good and bad uploads
 	$(SERVE_PY) -m bench.soak --requests $(SOAK_REQUESTS) --model-dir $(MODEL_DIR)
 
-# Releases side by side in PREFIX: see README.md, "Deploying to a server". Run as the user that owns
+# Releases side by side in PREFIX: see docs/operations.md, "Deploying to a server". Run as the user that owns
 # PREFIX (root for /opt/whatcar); the service itself runs as its own user.
 deploy: ## build and check a release of this commit in PREFIX, then switch PREFIX/current to it
 	@[ -n "$(PREFIX)" ] || { echo "make deploy needs PREFIX=<folder>, for instance: make deploy PREFIX=/opt/whatcar"; exit 2; }
@@ -216,4 +220,4 @@ deploy-status: ## list the releases in PREFIX: current, previous, disk use
 	$(PYTHON) -m deploy status --prefix "$(PREFIX)"
 
 clean: ## remove virtualenvs and build output (keeps artifacts/ and models/)
-	rm -rf $(VENV) $(BUILD) .pytest_cache
+	rm -rf $(VENV) $(BUILD) .pytest_cache .ruff_cache

@@ -61,7 +61,7 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cpus_available": available_cpus(), "cpus_online": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "date": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
             "loadavg_before": list(os.getloadavg())}
 
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the NumPy warning filter
 
-from serve.artifact import load_artifact  # noqa: E402
-from serve.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402
-from serve.versions import current_folder  # noqa: E402
+from serve.artifact import load_artifact  # noqa: E402 - after the NumPy warning filter
+from serve.preprocess import DRAFT_MARGIN, Preprocessor  # noqa: E402 - after the NumPy warning filter
+from serve.versions import current_folder  # noqa: E402 - after the NumPy warning filter
 
-from .inputs import car_photos, phone_jpeg  # noqa: E402
+from .inputs import car_photos, phone_jpeg  # noqa: E402 - after the NumPy warning filter
 
 MAX_PIXELS = 200_000_000
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-from serve.malloc import keep_freed_memory  # noqa: E402
-from serve.onednn import cap_isa, packed_isa  # noqa: E402
-from serve.openmp import passive_waits  # noqa: E402
+from serve.malloc import keep_freed_memory  # noqa: E402 - after the NumPy warning filter, before torch loads
+from serve.onednn import cap_isa, packed_isa  # noqa: E402 - after the NumPy warning filter, before torch loads
+from serve.openmp import passive_waits  # noqa: E402 - after the NumPy warning filter, before torch loads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,16 +51,16 @@ passive_waits()  # as the server does, before torch loads
 cap_isa(packed_for=packed_isa(parse_args().model_dir if __name__ == "__main__" else None))
 keep_freed_memory()
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - torch loads only once the settings above are in place
 
-from serve.artifact import ArtifactError, load_artifact  # noqa: E402
-from serve.config import Config  # noqa: E402
-from serve.cpus import available_cpus  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.scheduler import PassPlan  # noqa: E402
-from serve.versions import current_folder  # noqa: E402
+from serve.artifact import ArtifactError, load_artifact  # noqa: E402 - torch loads only once the settings above are in place
+from serve.config import Config  # noqa: E402 - torch loads only once the settings above are in place
+from serve.cpus import available_cpus  # noqa: E402 - torch loads only once the settings above are in place
+from serve.preprocess import Preprocessor  # noqa: E402 - torch loads only once the settings above are in place
+from serve.scheduler import PassPlan  # noqa: E402 - torch loads only once the settings above are in place
+from serve.versions import current_folder  # noqa: E402 - torch loads only once the settings above are in place
 
-from .report import floor_layouts  # noqa: E402
+from .report import floor_layouts  # noqa: E402 - torch loads only once the settings above are in place
 
 
 def in_fresh_thread(fn):

@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profiled {package.shape}: {compiled[package.shape]['wall_ms']:.1f} ms a pass", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="whatcar-profile-") as scratch:
         openvino = profile_openvino(folder, args.threads, args.runs, Path(scratch))
-    print(f"{manifest.name}, batch 1, {args.threads} thread(s), ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(f"{manifest.name}, batch 1, {args.threads} thread(s), "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}, {time.strftime('%Y-%m-%d')}")
     if isinstance(openvino, str):
         print(f"OpenVINO skipped: {openvino}")
     print("\n".join(table(compiled, openvino)))

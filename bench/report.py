@@ -11,8 +11,9 @@ import statistics
 from .load import percentile
 
 MB = 1_000_000
-# The limits the targets are held to (README, "Speed"). Earlier runs were judged against 1.8x
-# TorchServe, 5x learn.predict, 1 s beyond `import torch` and 300 MB; these are the current ones.
+# The limits the targets are held to (docs/benchmark.md, "The targets, one by one"). Earlier runs
+# were judged against 1.8x TorchServe, 5x learn.predict, 1 s beyond `import torch` and 300 MB;
+# these are the current ones.
 # HTTP throughput at c=8 against TorchServe serving the same model.pt.
 TORCHSERVE_LIMIT = 2.0
 # learn.predict's p50 per image against the server's p50 at c=1.
@@ -136,7 +137,8 @@ def evaluate(results: dict) -> list[dict]:
     if "classify_jpeg400" in series:
         out.append(target("make classify throughput / best floor throughput on all cores",
                           [a["throughput"] / b for a, b in zip(rounds("classify_jpeg400"), best_tp)], 0.9, True,
-                          f"{series['classify_jpeg400']['throughput']:.1f} vs {statistics.median(best_tp):.1f} images/s"))
+                          f"{series['classify_jpeg400']['throughput']:.1f} vs "
+                          f"{statistics.median(best_tp):.1f} images/s"))
     if "fastai_jpeg400" in series:
         out.append(target("learn.predict p50 per image / HTTP p50 at c=1",
                           per_round(lambda f, w: f["p50_ms"] / w["p50_ms"], "fastai_jpeg400", "whatcar_jpeg400_c1"),
@@ -198,7 +200,8 @@ def floor_rows(cpus: int) -> list[tuple[str, str]]:
             for threads in single_thread_counts(cpus) for runtime, label in FORWARD_RUNTIMES]
     for name, size in (("", "400 px JPEG"), ("jpeg12mp_", "12 MP JPEG")):
         for threads in single_thread_counts(cpus):
-            rows.append((f"floor_single_{name}t{threads}", f"floor, {size}, single stream, {plural(threads, 'thread')}"))
+            rows.append((f"floor_single_{name}t{threads}",
+                         f"floor, {size}, single stream, {plural(threads, 'thread')}"))
     for streams, threads, batch in floor_layouts(cpus):
         rows.append((f"floor_streams_{streams}x{threads}_b{batch}",
                      f"floor, 400 px JPEG, {plural(streams, 'stream')} x {plural(threads, 'thread')}, batch {batch}"))

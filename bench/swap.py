@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def watch():
                     nonlocal peak
-                    while not watching.is_set():
+                    while not watching.is_set():  # noqa: B023 - the thread ends within this iteration
                         peak = max(peak, rss_mib(server.pid) or 0)
                         time.sleep(0.05)
 
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{results['requests']} requests at c={args.concurrency}, {results['failed']} failed")
     print(f"steady:        p50 {results['steady']['p50_ms']:.1f} ms, p99 {results['steady']['p99_ms']:.1f} ms "
           f"({results['steady']['n']} requests)")
-    print(f"during swaps:  p50 {results['during_swaps']['p50_ms']:.1f} ms, p99 {results['during_swaps']['p99_ms']:.1f} ms "
+    print(f"during swaps:  p50 {results['during_swaps']['p50_ms']:.1f} ms, "
+          f"p99 {results['during_swaps']['p99_ms']:.1f} ms "
           f"({results['during_swaps']['n']} requests overlapping {args.swaps} loads; p99 ratio "
           f"{results['during_swaps']['p99_ms'] / results['steady']['p99_ms']:.2f})")
     print(f"load call:     median {results['load_seconds']['median']:.2f} s "

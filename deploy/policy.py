@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from ops.store import prunable
 
@@ -17,7 +17,7 @@ MIN_KEEP = 2  # current and the release a rollback returns to
 
 
 def new_release_id(now: datetime, commit: str, taken: set[str]) -> str:
-    base = f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{commit[:7]}"
+    base = f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{commit[:7]}"
     name, n = base, 1
     while name in taken:
         n += 1

@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import build
@@ -25,7 +25,7 @@ from .check import CheckFailed, check_release, photo_checks
 from .envfile import EnvFileError, read_env_file
 from .errors import StepFailed, describe_os_error
 from .layout import BUILD_PREFIX, RELEASE_FILE, Prefix
-from .policy import (new_release_id, previous_release, releases_to_remove, rollback_stack, venv_key)
+from .policy import new_release_id, previous_release, releases_to_remove, rollback_stack, venv_key
 
 LOGS_KEPT = 20
 RESTART_HINT = "restart the service to run it: systemctl restart whatcar.service"
@@ -207,7 +207,7 @@ def deploy(opts: Options) -> int:
             with run.stage("code"):
                 commit, subject, changed = build.commit_of(opts.source)
                 complete = prefix.complete_releases()
-                release_id = new_release_id(datetime.now(timezone.utc), commit, set(complete))
+                release_id = new_release_id(datetime.now(UTC), commit, set(complete))
                 log_path = prefix.logs / f"{release_id}.log"
                 run.open_log(log_path)
                 run.say(f"{commit[:12]} {subject!r} from {opts.source.absolute()} -> release {release_id}")
@@ -273,7 +273,7 @@ def deploy(opts: Options) -> int:
                 total, own = tree_bytes(building)
                 info = {
                     "id": release_id, "commit": commit, "subject": subject, "source": str(opts.source.absolute()),
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "python": {"executable": python, "version": platform.python_version()},
                     "venv": {"key": key, "pip_args": opts.pip_args, "linked_from": donor},
                     "check": {"model_dir": str(model_dir), "results": results},

@@ -6,6 +6,6 @@ from serve.onednn import cap_isa
 # server's load check run them as the server will (serve/onednn.py). Before torch loads.
 cap_isa()
 
-from .cli import main  # noqa: E402
+from .cli import main  # noqa: E402 - torch loads only after cap_isa()
 
 sys.exit(main())

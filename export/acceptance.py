@@ -220,7 +220,8 @@ def fit(served, steps: list[dict], vocab: list[str], valid: Labelled, train: Lab
                 "not_named_interval": calibration.class_bootstrap(got.turned_away | right_make, models).as_dict()})
     if noncar:
         noncar_logits, noncar_features = logits_and_features(served, preprocessor, noncar)
-        figures["non_car"] = {"photos": len(noncar), "rejected": share(levels(noncar_logits, noncar_features).turned_away),
+        figures["non_car"] = {"photos": len(noncar),
+                              "rejected": share(levels(noncar_logits, noncar_features).turned_away),
                               "roc_auc_familiarity": round(calibration.roc_auc(
                                   familiarity, calibration.familiarity(noncar_features, directions)), 4)}
     return Fitted(temperature, directions, min_probability, min_familiarity,

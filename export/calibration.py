@@ -85,7 +85,8 @@ def class_directions(features: torch.Tensor, labels: torch.Tensor, classes: int)
     counts = torch.bincount(labels, minlength=classes)
     if len(counts) != classes or (counts == 0).any():
         raise ValueError("every class needs at least one photo and labels must be below `classes`")
-    sums = torch.zeros(classes, features.shape[1], dtype=torch.float64).index_add_(0, labels, features.detach().double())
+    sums = torch.zeros(classes, features.shape[1], dtype=torch.float64).index_add_(0, labels,
+                                                                            features.detach().double())
     return torch.nn.functional.normalize(sums / counts[:, None], dim=1).float()
 
 

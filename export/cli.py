@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from serve.artifact import ArtifactError, first_line, load_artifact
-from serve.runtime.torchscript import TorchScriptRunner
 from serve.manifest import MANIFEST, Manifest, sha256_file
 from serve.preprocess import Preprocessor
+from serve.runtime.torchscript import TorchScriptRunner
+from serve.runtime.weights import WEIGHTS_FILE
 from serve.scheduler import PassPlan
 from serve.versions import KEEP, ModelFolder
 
@@ -51,7 +52,8 @@ FAMILIARITY_OUTPUT = {"name": "familiarity", "dtype": "float32", "shape": ["N"],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("learner", type=Path, help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
+    p.add_argument("learner", type=Path,
+                   help="fastai Learner saved with learn.export() (a pickle: trusted sources only)")
     p.add_argument("--out", type=Path, default=Path("artifacts"),
                    help="model folder: the export becomes its next numbered version and its current one "
                         "(default: artifacts)")
@@ -234,7 +236,7 @@ def build_manifest(args, learn, pipe, info, parity_report, folder: Path, check_p
             "skipped_training_only": pipe.skipped,
             "identity_at_validation": pipe.identity,
         },
-        created=dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         architecture=architecture,
         versions=learner_io.installed_versions(),
         source=source,
@@ -255,18 +257,22 @@ class Package:
         built = self.built
         return {"torch": built.torch, "cpu_capability": built.cpu_capability, "arch": built.arch,
                 "min_batch": built.min_batch, "max_batch": built.max_batch, "threads": built.threads,
-                "onednn_isa": built.onednn_isa,
+                "onednn_isa": built.onednn_isa, "weights": built.weights_at_load,
                 "quantization": "int8" if self.quantization else None, "parity": self.parity.as_dict(),
                 "compile_seconds": built.compile_seconds, "isa_check": built.isa_check,
                 **({"int8": self.quantization} if self.quantization else {})}
 
 
 def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], module, scratch: Path,
-                      also: list) -> list[Package]:
+                      also: list, model_path: Path) -> list[Package]:
     """A compiled package of `served` for each shape in compiled.SHAPES (the dynamic one alone
     with --quantize int8), each checked like model.pt was; a shape that cannot be made or fails
     its check is left out, saying why, and its passes go to the next runtime when served. With
-    --quantize int8 a failed check is an error: the int8 model was asked for."""
+    --quantize int8 a failed check is an error: the int8 model was asked for.
+
+    The float packages are compiled from `model_path` (model.pt as it will be written) and carry
+    code only: they take their weights from model.pt at load (serve/runtime/weights.py), so a
+    version stores its weights once. An int8 package holds its own (int8) weights."""
     height, width = pipe.steps[-1]["height"], pipe.steps[-1]["width"]
     packages = []
     for shape in compiled.SHAPES if not args.quantize else [compiled.Shape(None, None)]:
@@ -280,16 +286,17 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
                       + (f", {' and '.join(keep_float)} left in float32" if keep_float else "")
                       + f" ({time.perf_counter() - started:.0f} s)")
             else:
-                program = compiled.export_program(served, height, width, batch=shape.batch)
+                program = None
             exported = time.perf_counter()
-            built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
-            runner = compiled.load_runner(built, height, width)
+            built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize),
+                                             torchscript=None if program is not None else (model_path, height, width))
+            runner = compiled.load_runner(built, height, width, model_path)
             try:
                 # The runner answers one row per image, the probabilities first (serve/runtime/rows.py's output_rows).
                 classes = len(learn.dls.vocab)
                 one = compiled.one_at_a_time(runner)
-                report = parity.check(learn, lambda images: one(images)[:, :classes], pipe.steps, files,
-                                      served.temperature, also)
+                report = parity.check(learn, lambda images, one=one, classes=classes: one(images)[:, :classes],
+                                      pipe.steps, files, served.temperature, also)
                 quantization = judge_int8(args, runner, module, pipe, info, learn, files) if args.quantize else None
             finally:
                 runner.close()
@@ -427,20 +434,26 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     scratch = tempfile.TemporaryDirectory(prefix="whatcar-export-")
+    model_path = Path(scratch.name) / "model.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(module, str(model_path))
     packages = []
     if args.compiled:
-        packages = compiled_packages(args, learn, served, pipe, info, files, module, Path(scratch.name), also)
+        packages = compiled_packages(args, learn, served, pipe, info, files, module, Path(scratch.name), also,
+                                     model_path)
 
     def fill(folder: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(module, str(folder / "model.pt"))
+        # The very file the packages were compiled from: their constants are its tensors.
+        shutil.copyfile(model_path, folder / "model.pt")
         (folder / "labels.txt").write_text("".join(f"{label}\n" for label in vocab), encoding="utf-8")
         found = checks.write_checks(folder, module, pipe.steps, vocab, files, args.checks)
         manifest = build_manifest(args, learn, pipe, info, report, folder, found, fitted, classes, also)
         for package in packages:
             shutil.copyfile(package.built.path, folder / package.built.path.name)
             manifest.add_compiled(folder, package.built.path.name, **package.entry())
+        if compiled.version_weights(model_path, [p.built for p in packages], folder / WEIGHTS_FILE):
+            manifest.add_file(folder, "weights", WEIGHTS_FILE)
         manifest.write(folder)
         if args.triton:
             triton.write_model_repository(folder, manifest)
@@ -451,8 +464,10 @@ def run(args: argparse.Namespace) -> int:
         scratch.cleanup()
     folder = args.out / version
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    weights = f"{WEIGHTS_FILE}, " if (folder / WEIGHTS_FILE).is_file() else ""
     print(f"wrote {folder}/ ({size / 1e6:.1f} MB): model.pt, "
-          + "".join(f"{package.built.path.name}, " for package in packages) + f"labels.txt, {MANIFEST}, {checks.FOLDER}/"
+          + "".join(f"{package.built.path.name}, " for package in packages) + weights
+          + f"labels.txt, {MANIFEST}, {checks.FOLDER}/"
           + (f", {triton.REPOSITORY}/" if args.triton else "")
           + f"; {args.out}/current is now version {version} (`make reload` to serve it)")
     return 0

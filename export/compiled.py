@@ -60,7 +60,16 @@ import torch
 from serve.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
 from serve.onednn import VARIABLE as ONEDNN_VARIABLE
 from serve.onednn import effective_isa
+from serve.runtime.choice import AT_LOAD, PACKED_AT_LOAD
 from serve.runtime.compiled import CompiledModel, CompiledRunner, extract_library
+from serve.runtime.weights import (
+    WeightSource,
+    read_constants_list,
+    read_weights,
+    torchscript_constants,
+    write_constants_list,
+    write_weights,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "model.pt2"
@@ -124,10 +133,18 @@ class Compiled:
     isa_check: str
     threads: int | None = None
     onednn_isa: str | None = None
+    # The dense tensors the package takes its constants from at load (a weights file, by sha256);
+    # None for a package that holds its weights.
+    weights: Path | None = None
 
     @property
     def static(self) -> bool:
         return self.min_batch == self.max_batch and self.threads is not None
+
+    @property
+    def weights_at_load(self) -> str | None:
+        """The manifest's `weights` for this package."""
+        return AT_LOAD if self.weights is not None else None
 
 
 def export_program(module: torch.nn.Module, height: int, width: int, max_batch: int = MAX_BATCH,
@@ -144,29 +161,85 @@ def export_program(module: torch.nn.Module, height: int, width: int, max_batch: 
         return torch.export.export(module, (example,), dynamic_shapes=dynamic)
 
 
+def torchscript_program(module: torch.jit.ScriptModule, height: int, width: int, batch: int | None):
+    """A torch.export program of the traced `module`, for `batch` images (None: any from 1 to
+    compiled.MAX_BATCH).
+
+    The trace computes the "same" padding of each strided convolution from the input's size, and
+    the converter turns those sizes into values read back from tensors, which AOTInductor cannot
+    reason about. With the height and width fixed they are constants: one run records each, and
+    the program is exported again with them in place. A value that changes with the batch size
+    (none does in whatcar's modules) is refused rather than fixed."""
+    from torch._export.converter import TS2EPConverter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # A sample batch of 1 would fix the batch size at 1 (torch.export treats 0 and 1 as constants).
+        graph = TS2EPConverter(module, (torch.zeros((2, 3, height, width), dtype=torch.uint8),)).convert().module()
+    read_back = torch.ops.aten._local_scalar_dense.default
+    runs = []
+    for size in (2, 3):
+        values = {}
+
+        class Record(torch.fx.Interpreter):
+            def run_node(self, node):
+                out = super().run_node(node)
+                if node.op == "call_function" and node.target is read_back:
+                    values[node] = int(out)  # noqa: B023 - the class runs within this iteration
+                return out
+
+        with torch.no_grad():
+            Record(graph).run(torch.zeros((size, 3, height, width), dtype=torch.uint8))
+        runs.append(values)
+    if runs[0] != runs[1]:
+        raise ValueError("the traced module reads a size that depends on the batch")
+    for node, value in runs[0].items():
+        node.replace_all_uses_with(value)
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return export_program(graph, height, width, batch=batch)
+
+
 def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), quantized: bool = False,
-                    max_batch: int = MAX_BATCH, host: bool = False) -> Compiled:
+                    max_batch: int = MAX_BATCH, host: bool = False,
+                    torchscript: tuple[Path, int, int] | None = None) -> Compiled:
     """Compile an exported program into `out_dir`/`shape.file` in a child process set up for AVX2
     (for this machine's own CPU with `host`), then check the library; raises CompileError.
     `quantized`: the program holds torchao's quantisation operators (PT2E int8), which only the
     training virtualenv has, so its torch compiles it and the child must register them before
-    loading it."""
+    loading it.
+
+    With `torchscript` (model.pt's path, the input height and width) and no program, the child
+    converts model.pt itself and writes a package without weights: its constants are listed in
+    it and taken at load from model.pt, the rest of them from the dense tensors the child saves
+    beside it (Compiled.weights; serve/runtime/weights.py)."""
     if not cxx_compiler():
         raise CompileError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
                            "serving it needs none")
+    if (program is None) == (torchscript is None):
+        raise ValueError("compile a program or a TorchScript file, one of the two")
     out_dir.mkdir(parents=True, exist_ok=True)
     program_path, package = out_dir / f"program-{shape.name}.pt2", out_dir / shape.file
-    with warnings.catch_warnings():
-        # "No complete tensor found in the group": channels-last weights are saved as they are.
-        warnings.simplefilter("ignore", UserWarning)
-        torch.export.save(program, str(program_path))
+    weights = out_dir / f"{shape.file}.weights" if torchscript else None
+    if program is not None:
+        with warnings.catch_warnings():
+            # "No complete tensor found in the group": channels-last weights are saved as they are.
+            warnings.simplefilter("ignore", UserWarning)
+            torch.export.save(program, str(program_path))
     python = sys.executable if quantized or host else os.environ.get(COMPILE_PYTHON) or sys.executable
     env = dict(os.environ) if host else {**os.environ, **COMPILE_ENV}
     started = time.perf_counter()
     try:
-        command = [python, "-m", "export.compiled", str(program_path), str(package)]
+        source = str(torchscript[0].resolve()) if torchscript else str(program_path)
+        command = [python, "-m", "export.compiled", source, str(package)]
         command += ["--threads", str(shape.threads)] if shape.threads else []
         command += ["--quantized"] if quantized else []
+        if torchscript:
+            command += ["--torchscript", str(torchscript[1]), str(torchscript[2]), "--weights", str(weights)]
+            command += ["--batch", str(shape.batch)] if shape.batch else []
         done = subprocess.run(command + (["--host"] if host else []), cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=COMPILE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -185,9 +258,12 @@ def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), qu
         isa_check = check_library(package, allow_avx512=True) + f"; built for this host's {capability} CPU"
     else:
         capability, packed, isa_check = CPU_CAPABILITY, ONEDNN_PACKED_FOR, check_library(package)
+    if torchscript:
+        packed = PACKED_AT_LOAD  # by the serving process's oneDNN, for its own kernels
     return Compiled(path=package, torch=facts["torch"], cpu_capability=capability, arch=platform.machine(),
                     min_batch=low, max_batch=high, compile_seconds=round(seconds, 1),
-                    isa_check=isa_check, threads=shape.threads, onednn_isa=packed if shape.batch else None)
+                    isa_check=isa_check, threads=shape.threads, onednn_isa=packed if shape.batch else None,
+                    weights=weights)
 
 
 def cxx_compiler() -> str | None:
@@ -236,10 +312,37 @@ def evex_instructions(library: Path) -> int | None:
     return count
 
 
-def load_runner(compiled: Compiled, height: int, width: int) -> CompiledRunner:
-    """The package loaded exactly as the server loads it (serve/runtime/compiled.py)."""
-    model = CompiledModel(compiled.path, runners=1)
+def load_runner(compiled: Compiled, height: int, width: int, model_path: Path | None = None) -> CompiledRunner:
+    """The package loaded exactly as the server loads it (serve/runtime/compiled.py); one that
+    takes its weights at load takes them from `model_path` (model.pt) and compiled.weights."""
+    wanted = read_constants_list(compiled.path)
+    constants = None
+    if wanted is not None:
+        if model_path is None:
+            raise CompileError(f"{compiled.path.name} takes its weights from model.pt, which was not given")
+        extra = compiled.weights if compiled.weights is not None and compiled.weights.is_file() else None
+        source = WeightSource.open(model_path, extra)
+
+        def constants(names):
+            return source.constants_for(compiled.path, wanted, names)
+    model = CompiledModel(compiled.path, runners=1, constants=constants)
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
+
+
+def version_weights(model_path: Path, packages: list[Compiled], out: Path) -> int:
+    """Write to `out` the dense tensors the packages take at load that model.pt does not hold
+    (each once, whichever packages share it); returns how many, 0 when none is needed (nothing
+    is written then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        held = set(torchscript_constants(torch.jit.load(str(model_path), map_location="cpu")))
+    extra = {}
+    for package in packages:
+        if package.weights is not None:
+            extra.update({key: t for key, t in read_weights(package.weights).items() if key not in held})
+    if extra:
+        write_weights(out, extra)
+    return len(extra)
 
 
 def one_at_a_time(runner: CompiledRunner):
@@ -253,38 +356,55 @@ def one_at_a_time(runner: CompiledRunner):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process: compile PROGRAM (torch.export.save's file) into OUT (.pt2)."""
-    argv = sys.argv[1:] if argv is None else argv
-    quantized, host = "--quantized" in argv, "--host" in argv
-    argv = [arg for arg in argv if arg not in ("--quantized", "--host")]
-    threads = None
-    if "--threads" in argv:
-        at = argv.index("--threads")
-        threads = int(argv[at + 1])
-        del argv[at:at + 2]
-    if len(argv) != 2:
-        print("usage: python -m export.compiled PROGRAM.pt2 OUT.pt2 [--threads N] [--quantized] [--host]",
-              file=sys.stderr)
-        return 2
-    if not host and os.environ.get(ONEDNN_VARIABLE) != COMPILE_ENV[ONEDNN_VARIABLE]:
+    """The child process: compile SOURCE (torch.export.save's file, or model.pt with --torchscript)
+    into OUT (.pt2)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m export.compiled")
+    p.add_argument("source", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantized", action="store_true")
+    p.add_argument("--host", action="store_true")
+    p.add_argument("--torchscript", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+                   help="SOURCE is model.pt: convert it, and write the package without its weights")
+    p.add_argument("--batch", type=int, default=None, help="with --torchscript: a static batch (default: any)")
+    p.add_argument("--weights", type=Path, default=None, help="with --torchscript: where the dense tensors go")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.host and os.environ.get(ONEDNN_VARIABLE) != COMPILE_ENV[ONEDNN_VARIABLE]:
         print("export.compiled: run through compile_package(), which sets ONEDNN_MAX_CPU_ISA", file=sys.stderr)
         return 2
-    if quantized:
+    if args.quantized:
         # Its operators must be registered before the program that names them loads (an import of
         # 8 s under load, so only when needed).
-        import torchao.quantization.pt2e  # noqa: F401
-    program = torch.export.load(argv[0])
-    configs = dict(HOST_INDUCTOR_CONFIGS if host else INDUCTOR_CONFIGS)
-    if threads is None:
+        import torchao.quantization.pt2e  # noqa: F401 - registers the operators the program names
+    if args.torchscript:
+        from . import constant_capture
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(args.source), map_location="cpu").eval()
+        program = torchscript_program(module, *args.torchscript, args.batch)
+        constant_capture.install()
+    else:
+        program = torch.export.load(str(args.source))
+    configs = dict(HOST_INDUCTOR_CONFIGS if args.host else INDUCTOR_CONFIGS)
+    if args.torchscript:
+        configs["aot_inductor.package_constants_in_so"] = False
+    if args.threads is None:
         configs["cpp.dynamic_threads"] = True  # the kernels follow the calling thread's count
     else:
         # Kernels built for `threads`, and weights packed by a oneDNN running that many.
-        configs["cpp.threads"] = threads
-        torch.set_num_threads(threads)
+        configs["cpp.threads"] = args.threads
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch._inductor.aoti_compile_and_package(program, package_path=argv[1], inductor_configs=configs)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(args.out), inductor_configs=configs)
+    if args.torchscript:
+        listed, tensors = constant_capture.constants_list()
+        write_constants_list(args.out, listed)
+        write_weights(args.weights, tensors)
     capability = torch.backends.cpu.get_cpu_capability()
     print(json.dumps({"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
                       "cpu_capability": capability, "onednn_isa": effective_isa(capability)}))

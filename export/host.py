@@ -10,7 +10,7 @@ the same run.
 
 This builds the same shapes from the version's own model.pt, in the serve virtualenv, with the
 torch that serves them: the traced module is converted back to a program torch.export can
-compile (export_program below), each shape is compiled for this CPU (export/compiled.py,
+compile (compiled.torchscript_program), each shape is compiled for this CPU (export/compiled.py,
 host=True) and must agree with model.pt on the version's check photos, as `make export`'s
 packages agree with learn.predict. The result is a new version, a copy of the current one
 whose packages are the host's, checked as the server loads it and made current; `make reload`
@@ -34,63 +34,22 @@ from pathlib import Path
 # be the only line on stderr.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the NumPy warning filter
 
-from serve.artifact import ArtifactError, first_line  # noqa: E402
-from serve.manifest import MANIFEST, Manifest  # noqa: E402
-from serve.preprocess import Preprocessor  # noqa: E402
-from serve.runtime.loading import cpu_model  # noqa: E402
-from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402
-from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402
+from serve.artifact import ArtifactError  # noqa: E402 - after the NumPy warning filter
+from serve.manifest import FORMAT_VERSION, MANIFEST, Manifest  # noqa: E402 - after the NumPy warning filter
+from serve.preprocess import Preprocessor  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.loading import cpu_model  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.torchscript import TorchScriptRunner  # noqa: E402 - after the NumPy warning filter
+from serve.runtime.weights import WEIGHTS_FILE  # noqa: E402 - after the NumPy warning filter
+from serve.versions import KEEP, ModelFolder, VersionError  # noqa: E402 - after the NumPy warning filter
 
-from . import compiled, parity  # noqa: E402
-from .cli import add_version  # noqa: E402
+from . import compiled, parity  # noqa: E402 - after the NumPy warning filter
+from .cli import add_version  # noqa: E402 - after the NumPy warning filter
 
 
 class HostCompileError(Exception):
     """The host's packages cannot be made; the message says why in one line."""
-
-
-def torchscript_program(module: torch.jit.ScriptModule, height: int, width: int, batch: int | None):
-    """A torch.export program of the traced `module`, for `batch` images (None: any from 1 to
-    compiled.MAX_BATCH).
-
-    The trace computes the "same" padding of each strided convolution from the input's size, and
-    the converter turns those sizes into values read back from tensors, which AOTInductor cannot
-    reason about. With the height and width fixed they are constants: one run records each, and
-    the program is exported again with them in place. A value that changes with the batch size
-    (none does in whatcar's modules) is refused rather than fixed."""
-    from torch._export.converter import TS2EPConverter
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # A sample batch of 1 would fix the batch size at 1 (torch.export treats 0 and 1 as constants).
-        graph = TS2EPConverter(module, (torch.zeros((2, 3, height, width), dtype=torch.uint8),)).convert().module()
-    read_back = torch.ops.aten._local_scalar_dense.default
-    runs = []
-    for size in (2, 3):
-        values = {}
-
-        class Record(torch.fx.Interpreter):
-            def run_node(self, node):
-                out = super().run_node(node)
-                if node.op == "call_function" and node.target is read_back:
-                    values[node] = int(out)
-                return out
-
-        with torch.no_grad():
-            Record(graph).run(torch.zeros((size, 3, height, width), dtype=torch.uint8))
-        runs.append(values)
-    if runs[0] != runs[1]:
-        raise ValueError("the traced module reads a size that depends on the batch")
-    for node, value in runs[0].items():
-        node.replace_all_uses_with(value)
-    for node in list(graph.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
-            graph.graph.erase_node(node)
-    graph.graph.eliminate_dead_code()
-    graph.recompile()
-    return compiled.export_program(graph, height, width, batch=batch)
 
 
 def check_against_torchscript(runner, module: torch.jit.ScriptModule, preprocessor: Preprocessor,
@@ -110,8 +69,12 @@ def check_against_torchscript(runner, module: torch.jit.ScriptModule, preprocess
             "tolerance": parity.TOLERANCE, "passed": passed}
 
 
-def build(model_dir: Path, keep: int = KEEP, log=print) -> str:
-    """The new version's name, made current; raises HostCompileError or ArtifactError."""
+def build(model_dir: Path, keep: int = KEEP, log=print, portable: bool = False) -> str:
+    """The new version's name, made current; raises HostCompileError or ArtifactError.
+
+    `portable`: the packages `make export` builds (AVX2 code, for any x86-64 server) instead
+    of ones for this CPU: how a version exported before packages took their weights at load
+    is stored again with its weights once."""
     models = ModelFolder(model_dir)
     try:
         source = models.folder(models.current())
@@ -124,31 +87,34 @@ def build(model_dir: Path, keep: int = KEEP, log=print) -> str:
     if any(p.quantization for p in packages):
         raise HostCompileError(f"version {source.name} holds int8 packages, which only `make export` can build")
     height, width = manifest.input_size
-    module = torch.jit.load(str(manifest.verified_file(source, "model")), map_location="cpu").eval()
+    model_path = manifest.verified_file(source, "model")
+    module = torch.jit.load(str(model_path), map_location="cpu").eval()
     photos = [source / check.file for check in manifest.checks]
     preprocessor = Preprocessor(manifest.steps, parity.MAX_PIXELS)
-    built_for = cpu_model() or None
+    built_for = None if portable else cpu_model() or None
+    weights_file = manifest.entry("weights")[0] if manifest.has_weights_file else None
 
     def fill(staging: Path) -> None:
         for item in source.iterdir():
-            if item.name != MANIFEST and item.name not in {p.file for p in packages}:
+            if item.name != MANIFEST and item.name not in {p.file for p in packages} | {weights_file}:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         data = dict(manifest.data, files=dict(manifest.data["files"]))
         data["files"].pop("compiled")
+        data["files"].pop("weights", None)
+        data["format_version"] = FORMAT_VERSION
         new = Manifest(data, str(staging / MANIFEST))
+        scratch = staging / ".compiling"
+        made = []
         for package in packages:
             shape = compiled.Shape(package.min_batch if package.static else None, package.threads)
             started = time.perf_counter()
             try:
-                program = torchscript_program(module, height, width, shape.batch)
-            except Exception as exc:  # noqa: BLE001 - conversion and export fail in many ways
-                raise HostCompileError(f"{shape.name}: model.pt cannot be exported for compiling: "
-                                       f"{first_line(exc)}") from None
-            try:
-                done = compiled.compile_package(program, staging, shape, host=True)
+                # model.pt is converted in the compiling process, and the package keeps no weights.
+                done = compiled.compile_package(None, scratch, shape, host=not portable,
+                                                torchscript=(staging / model_path.name, height, width))
             except compiled.CompileError as exc:
                 raise HostCompileError(f"{shape.name}: {exc}") from None
-            runner = compiled.load_runner(done, height, width)
+            runner = compiled.load_runner(done, height, width, staging / model_path.name)
             try:
                 report = check_against_torchscript(runner, module, preprocessor, photos)
             finally:
@@ -157,13 +123,22 @@ def build(model_dir: Path, keep: int = KEEP, log=print) -> str:
                 raise HostCompileError(f"{shape.name} disagrees with model.pt on the check photos: "
                                        f"{report['top1_agree']}/{report['images']} top-1 agree, max |p - p_model.pt| "
                                        f"= {report['max_abs_diff']:.2e} (tolerance {report['tolerance']:g})")
+            shutil.move(done.path, staging / done.path.name)
+            done.path = staging / done.path.name
+            made.append(done)
             new.add_compiled(staging, done.path.name, torch=done.torch, cpu_capability=done.cpu_capability,
                              arch=done.arch, min_batch=done.min_batch, max_batch=done.max_batch,
                              threads=done.threads, onednn_isa=done.onednn_isa, built_for=built_for,
+                             weights=done.weights_at_load,
                              parity=report, compile_seconds=done.compile_seconds, isa_check=done.isa_check)
-            log(f"compiled {shape.name} for this {built_for or 'unknown'} CPU ({done.cpu_capability}) in "
+            target = f"x86-64 CPUs with {done.cpu_capability}" if portable else \
+                f"this {built_for or 'unknown'} CPU ({done.cpu_capability})"
+            log(f"compiled {shape.name} for {target} in "
                 f"{time.perf_counter() - started:.0f} s; {report['top1_agree']}/{report['images']} check photos "
                 f"agree with model.pt, max |p - p_model.pt| = {report['max_abs_diff']:.2e}")
+        if compiled.version_weights(staging / model_path.name, made, staging / WEIGHTS_FILE):
+            new.add_file(staging, "weights", WEIGHTS_FILE)
+        shutil.rmtree(scratch, ignore_errors=True)
         new.data["host_compile"] = {"from_version": source.name, "built_for": built_for,
                                     "torch": torch.__version__}
         new.write(staging)
@@ -177,13 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, default=Path("artifacts"),
                    help="model folder whose current version is built again (default: %(default)s)")
     p.add_argument("--keep", type=int, default=KEEP, help="versions to keep (default: %(default)s)")
+    p.add_argument("--portable", action="store_true",
+                   help="build the portable AVX2 packages `make export` makes, not ones for this CPU: stores a "
+                        "version exported before weights were kept once in today's form")
     args = p.parse_args(argv)
     try:
-        version = build(args.model_dir, args.keep)
+        version = build(args.model_dir, args.keep, portable=args.portable)
     except (HostCompileError, ArtifactError) as exc:
         print(f"make compile: {exc}; {args.model_dir} is unchanged", file=sys.stderr)
         return 1
-    print(f"version {version} of {args.model_dir} is current, with packages built for this CPU; "
+    print(f"version {version} of {args.model_dir} is current, with packages built for "
+          f"{'any x86-64 CPU with AVX2' if args.portable else 'this CPU'}; "
           "`make reload` serves it, `make rollback` goes back")
     return 0
 

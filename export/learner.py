@@ -68,7 +68,7 @@ def load(learner_path: Path):
             # fastai's load_learner hides some import errors; loading directly keeps the real one.
             learn = torch.load(learner_path, map_location="cpu", weights_only=False)
         learn.dls.cpu()
-    except Exception as exc:  # unpickling fails in many ways when the code it names has changed
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways when the code it names has changed
         made_with = recorded.get("fastai", "an unknown version (no " + sidecar_path(learner_path).name + ")")
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise LearnerError(

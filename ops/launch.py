@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 START_SECONDS = 120.0  # loading and warming the model on a busy two-core machine
 STOP_SECONDS = 20.0  # the server drains for at most 10 s after SIGTERM

@@ -16,11 +16,11 @@ from . import repository, v2
 from .config import Config, configure_logging, load_config
 from .decode import ACCEPTED_MEDIA_TYPES
 from .errors import ImageRejected, UnsupportedImageType
+from .handler import Options, build_handler
+from .live_model import LiveModel, NotServing
 from .metrics import Metrics, MetricsResource, RequestMetrics
 from .openapi import OpenApiResource
-from .handler import Options, build_handler
 from .postprocess import clamp_k
-from .live_model import NotServing, LiveModel
 from .upload import read_upload
 
 log = logging.getLogger("whatcar")

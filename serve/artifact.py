@@ -8,9 +8,9 @@ library in a zip, and everything else is JSON or text.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -85,7 +85,7 @@ class Artifact:
         self.runner = self.module = None
 
 
-def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", plan: PassPlan = PassPlan(),
+def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "auto", plan: PassPlan = PassPlan(),  # noqa: B008 - frozen
                   version: str = "1") -> Artifact:
     """Verify and load an artifact folder, or raise ArtifactError saying what is wrong.
 
@@ -101,6 +101,8 @@ def load_artifact(folder: str | Path, optimize: bool = True, runtime: str = "aut
     manifest.verified_file(folder, "model")
     labels = read_labels(manifest.verified_file(folder, "labels"))
     manifest.verified_packages(folder)  # whichever runtime serves
+    if manifest.has_weights_file:
+        manifest.verified_file(folder, "weights")
     extra_outputs, acceptance = manifest.extra_outputs, manifest.acceptance
     if len(labels) != manifest.num_classes:
         raise ArtifactError(f"labels file has {len(labels)} classes but the manifest says {manifest.num_classes}")

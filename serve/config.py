@@ -74,7 +74,8 @@ OPTIONS = [
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a short batch waits for more images (0: not at all)"),
     ("--solo-threads", "solo_threads", int, "intra-op threads for a request that finds the server idle (1: none)"),
     ("--malloc-arenas", "malloc_arenas", int, "cap on glibc malloc arenas: less memory, less throughput (0: glibc's)"),
-    ("--channel-timeout", "channel_timeout", int, "seconds a connection may idle, and a request may take to arrive whole"),
+    ("--channel-timeout", "channel_timeout", int,
+     "seconds a connection may idle, and a request may take to arrive whole"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("--model-control", "model_control", str,
      "none, or explicit: serve the model repository API (/v2/repository/...: index, load, unload); "
@@ -114,10 +115,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         description="Serve a whatcar artifact over HTTP: POST an image to /predict, get makes and models back.",
         epilog="Every option can also be set with the environment variable shown; a flag wins over it.",
     )
-    for flag, field, kind, text in OPTIONS:
+    for flag, dest, _, text in OPTIONS:
         # metavar: the usage line shows --max-batch MAX_BATCH, whatever the field is called.
-        parser.add_argument(flag, dest=field, metavar=setting_name(flag).upper(), type=str, default=None,
-                            help=f"{text} [{env_name(flag)}, default: {defaults[field]}]")
+        parser.add_argument(flag, dest=dest, metavar=setting_name(flag).upper(), type=str, default=None,
+                            help=f"{text} [{env_name(flag)}, default: {defaults[dest]}]")
     return parser
 
 
@@ -127,15 +128,15 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
     defaults = {**Config().__dict__, **_defaults()}
     args = build_parser(defaults).parse_args(argv)
     values = {}
-    for flag, field, kind, _ in OPTIONS:
-        raw, source = getattr(args, field), flag
+    for flag, dest, kind, _ in OPTIONS:
+        raw, source = getattr(args, dest), flag
         if raw is None and env_name(flag) in environ:
             raw, source = environ[env_name(flag)], env_name(flag)
         if raw is None:
-            values[field] = defaults[field]
+            values[dest] = defaults[dest]
             continue
         try:
-            values[field] = kind(raw)
+            values[dest] = kind(raw)
         except ValueError:
             raise ConfigError(f"{source}={raw!r} is not a valid {kind.__name__}") from None
     token = environ.get(ADMIN_TOKEN) or None
@@ -147,10 +148,10 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
 def validate(config: Config) -> None:
     positive = ("threads", "torch_threads", "inference_workers", "max_upload_bytes", "max_image_pixels", "top_k",
                 "max_request_images", "micro_batch", "solo_threads", "channel_timeout")
-    for field in positive:
-        if getattr(config, field) < 1:
-            flag = FLAGS[field]
-            raise ConfigError(f"{setting_name(flag)} must be at least 1 (got {getattr(config, field)}); "
+    for name in positive:
+        if getattr(config, name) < 1:
+            flag = FLAGS[name]
+            raise ConfigError(f"{setting_name(flag)} must be at least 1 (got {getattr(config, name)}); "
                               f"set {flag} or {env_name(flag)}")
     if config.malloc_arenas < 0:
         raise ConfigError(f"malloc_arenas must be 0 or more (got {config.malloc_arenas}); "

@@ -20,10 +20,10 @@ import torch
 from .artifact import Artifact, load_artifact
 from .config import Config
 from .errors import ArtifactError, ImageRejected, first_line
-from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .postprocess import Makes, answer
 from .preprocess import Preprocessor
 from .runtime.loading import SHAPE_CHECKS, check_shapes, compiled_choice, warm_up_rounds
+from .scheduler import InferenceThreads, Item, Model, PassObserver
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -139,7 +139,7 @@ def load_handler(folder: Path, version: str, config: Config, observer: PassObser
         try:
             try:
                 model.wait_ready()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure while warming up is a bad model
                 raise ArtifactError(f"the model in {folder} fails while warming up: {first_line(exc)}") from None
             warmed = time.perf_counter()
             checked = verify_checks(handler, require_checks, config.runtime)

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 
 from .config import Config
 from .errors import ArtifactError
-from .scheduler import PassObserver
+from .handler import Handler, load_handler
 from .malloc import release_free_memory
 from .manifest import Manifest
-from .handler import Handler, load_handler
+from .scheduler import PassObserver
 from .versions import ModelFolder, VersionError
 
 log = logging.getLogger("whatcar")
@@ -123,7 +123,7 @@ class LiveModel:
                 handler = self._loads.submit(self.loader, folder, version, self.config, self.observer,
                                              require_checks=True, threads=self.threads).result()
                 self.threads = handler.model.threads
-            except Exception as exc:  # noqa: BLE001 - a reload never takes the server down
+            except Exception as exc:  # a reload never takes the server down
                 if not isinstance(exc, (ArtifactError, VersionError)):
                     log.exception("unexpected error while loading version %s", version)
                 log.error("reload of version %s failed, %s: %s", version or "current",
@@ -206,4 +206,4 @@ def check_identity(artifact, name: str | None, version: str | None) -> None:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()

@@ -20,7 +20,8 @@ from .errors import ArtifactError
 # 2: the module may return extra outputs after the probabilities ("extra_outputs"), and the
 # manifest may carry "calibration" and "acceptance". A server that knows only 1 refuses 2.
 # 3: files.compiled may be a list of packages, one per compiled shape (batch, threads).
-FORMAT_VERSION = 3
+# 4: compiled packages may take their weights at load (files.weights, a package's `weights`).
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 REQUIRED = ("files", "input", "preprocessing", "num_classes")
 
@@ -87,6 +88,9 @@ class CompiledPackage:
     # The CPU model `make compile` built it on (its code may use any instruction that CPU has);
     # None for the portable packages `make export` builds.
     built_for: str | None = None
+    # "at load": the package carries code only and takes its weights from the version's one copy
+    # (serve/runtime/weights.py); None: they are inside it (format 3 and int8 packages).
+    weights: str | None = None
 
     @property
     def static(self) -> bool:
@@ -102,10 +106,10 @@ class CompiledPackage:
     def requirements(self) -> dict:
         """What serve/runtime/choice.py compares with the host."""
         return {"torch": self.torch, "cpu_capability": self.cpu_capability, "arch": self.arch,
-                "onednn_isa": self.onednn_isa, "built_for": self.built_for}
+                "onednn_isa": self.onednn_isa, "built_for": self.built_for, "weights": self.weights}
 
     @classmethod
-    def parse(cls, entry: dict, source: str) -> "CompiledPackage":
+    def parse(cls, entry: dict, source: str) -> CompiledPackage:
         where = f"{source}: files.compiled"
         try:
             batch = entry["batch"]
@@ -113,7 +117,7 @@ class CompiledPackage:
                           cpu_capability=entry["cpu_capability"], arch=entry["arch"], min_batch=batch["min"],
                           max_batch=batch["max"], quantization=entry.get("quantization"),
                           threads=entry.get("threads"), onednn_isa=entry.get("onednn_isa"),
-                          built_for=entry.get("built_for"))
+                          built_for=entry.get("built_for"), weights=entry.get("weights"))
         except (KeyError, TypeError):
             raise ArtifactError(f"{where} needs file, sha256, bytes, torch, cpu_capability, arch and "
                                 "batch.min/batch.max for each package") from None
@@ -130,6 +134,8 @@ class CompiledPackage:
             raise ArtifactError(f"{where}: onednn_isa must be a name such as AVX2, or absent")
         if package.built_for is not None and not (isinstance(package.built_for, str) and package.built_for):
             raise ArtifactError(f"{where}: built_for must be a CPU model name, or absent")
+        if package.weights not in (None, "at load"):
+            raise ArtifactError(f"{where}: weights must be 'at load', or absent")
         return package
 
 
@@ -329,18 +335,32 @@ class Manifest:
 
     def add_compiled(self, folder: Path, file: str, *, torch: str, cpu_capability: str, arch: str, min_batch: int,
                      max_batch: int, quantization: str | None = None, threads: int | None = None,
-                     onednn_isa: str | None = None, built_for: str | None = None, **facts) -> CompiledPackage:
+                     onednn_isa: str | None = None, built_for: str | None = None, weights: str | None = None,
+                     **facts) -> CompiledPackage:
         """List one more compiled package, already written in `folder`, its checksum taken now;
         `facts` (parity, compile time, ...) are kept as given."""
         path = Path(folder) / file
         entry = {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch,
                  "cpu_capability": cpu_capability, "arch": arch, "batch": {"min": min_batch, "max": max_batch},
                  "threads": threads, "onednn_isa": onednn_isa, "quantization": quantization,
-                 **({"built_for": built_for} if built_for else {}), **facts}
+                 **({"built_for": built_for} if built_for else {}), **({"weights": weights} if weights else {}),
+                 **facts}
         entries = self.data["files"].get("compiled")
         entries = [] if entries is None else entries if isinstance(entries, list) else [entries]
         self.data["files"]["compiled"] = [e for e in entries if e.get("file") != file] + [entry]
         return CompiledPackage.parse(entry, self.source)
+
+    @property
+    def has_weights_file(self) -> bool:
+        """Whether the version keeps the constants its packages take at load that model.pt does
+        not hold (files.weights, serve/runtime/weights.py); versions before that have none."""
+        files = self.data["files"]
+        return isinstance(files, dict) and files.get("weights") is not None
+
+    def add_file(self, folder: Path, role: str, file: str) -> None:
+        """List a file already written in `folder` under `role`, its checksum taken now."""
+        path = Path(folder) / file
+        self.data["files"][role] = {"file": file, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
     def verified_packages(self, folder: Path) -> list[tuple[CompiledPackage, Path]]:
         """Every compiled package with its path, each checked like verified_file."""

@@ -27,14 +27,17 @@ from .manifest import Manifest
 from .versions import VersionError, current_folder
 
 VARIABLE = "ONEDNN_MAX_CPU_ISA"
-# The ISA `make export` packs weights for (export/compiled.py), whatever CPU compiles.
+# The ISA `make export` packed weights for (export/compiled.py), whatever CPU compiled, before
+# packages took their weights at load.
 PACKED_FOR = "AVX2"
 
 
 def cap_isa(environ: dict | None = None, packed_for: str | None = PACKED_FOR) -> bool:
     """Cap oneDNN at PACKED_FOR when the packages to run are packed for it, unless the operator
     chose a cap; True if set. Call before torch loads. Packages `make compile` built for this
-    CPU (`packed_for` its own capability) want oneDNN's own choice, so no cap is set for them."""
+    CPU (`packed_for` its own capability), and those whose weights are packed at load
+    (runtime.choice.PACKED_AT_LOAD, in whatever layout this process's oneDNN picks), want oneDNN's own choice,
+    so no cap is set for them."""
     environ = os.environ if environ is None else environ
     if VARIABLE in environ or packed_for != PACKED_FOR:
         return False

@@ -127,7 +127,8 @@ def build_spec(config: Config, serving: LiveModel) -> dict:
         "/readyz": {"get": {"summary": "Readiness", "tags": ["health"],
                             "responses": {"200": json_response("ready to score", {"type": "object"}),
                                           "503": json_response("starting or draining", {"type": "object"})}}},
-        "/metadata": {"get": {"summary": "The served artifact: name, checksum, classes, preprocessing, the runtime running it",
+        "/metadata": {"get": {"summary": "The served artifact: name, checksum, classes, preprocessing, "
+                                         "the runtime running it",
                               "tags": ["model"], "responses": {"200": json_response("model metadata", {
                                   "type": "object", "properties": {"name": {"type": "string"},
                                                                    "sha256": {"type": "string"},

@@ -80,7 +80,7 @@ class Makes:
         self.index = torch.tensor([position[make] for make in makes], dtype=torch.long)
 
     @classmethod
-    def of(cls, classes: list[CarClass]) -> "Makes":
+    def of(cls, classes: list[CarClass]) -> Makes:
         return cls([c.make for c in classes])
 
     def probabilities(self, probabilities: torch.Tensor) -> torch.Tensor:

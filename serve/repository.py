@@ -25,8 +25,8 @@ import falcon
 
 from .config import Config
 from .errors import ArtifactError
-from .manifest import Manifest
 from .live_model import LiveModel
+from .manifest import Manifest
 from .upload import read_body
 from .v2 import V2Error, bad
 from .versions import VersionError

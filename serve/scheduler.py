@@ -42,15 +42,15 @@ import collections
 import itertools
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
 
 import torch
 
 from .errors import ImageRejected
 
 # An encoded image file, or uint8 [3, H, W] pixels at the model's input size.
-Item = Union[bytes, torch.Tensor]
+Item = bytes | torch.Tensor
 # Told the seconds, the number of images and what ran it (a compiled shape such as "b1t1", or
 # "torchscript") of every forward pass, from the thread that ran it.
 PassObserver = Callable[[float, int, str], None]
@@ -151,7 +151,7 @@ class Scored:
 
 @dataclass
 class _Request:
-    model: "Model"
+    model: Model
     items: list
     all_or_nothing: bool
     handed_over: float = field(default_factory=time.perf_counter)
@@ -244,7 +244,7 @@ class InferenceThreads:
         with self._changed:
             return len(self._queue)
 
-    def attach(self, model: "Model") -> None:
+    def attach(self, model: Model) -> None:
         """Run `model` too: every thread warms it up before taking more requests. Starts the
         threads if none run."""
         with self._lifecycle, self._changed:
@@ -255,7 +255,7 @@ class InferenceThreads:
                 pending.append(model)
             self._changed.notify_all()
 
-    def wait_ready(self, model: "Model", timeout: float | None = None) -> None:
+    def wait_ready(self, model: Model, timeout: float | None = None) -> None:
         """Block until every thread has warmed `model` up; raise what a warm-up raised."""
         with self._changed:
             record = self._records.get(model)
@@ -266,7 +266,7 @@ class InferenceThreads:
         if record.errors:
             raise record.errors[0]
 
-    def detach(self, model: "Model", timeout: float = 5.0) -> None:
+    def detach(self, model: Model, timeout: float = 5.0) -> None:
         """Take no more requests for `model`, and stop running it once the requests it was handed
         are done; stop the threads once no model is left."""
         with self._changed:
@@ -343,7 +343,7 @@ class InferenceThreads:
                 for request in requests:
                     request.done.set()
 
-    def _warm_up(self, model: "Model", sizes: list[int]) -> None:
+    def _warm_up(self, model: Model, sizes: list[int]) -> None:
         """The model's first passes on this thread, at each batch size it will see: TorchScript
         profiles and optimises during the first runs of each shape, and oneDNN builds kernels
         per thread."""
@@ -374,7 +374,7 @@ class InferenceThreads:
                 # A pass holds one model's requests: those at the front of the queue.
                 front = self._queue[0].model if self._queue else None
                 waiting = [len(request.items) for request in
-                           itertools.takewhile(lambda request: request.model is front, self._queue)]
+                           itertools.takewhile(lambda request, front=front: request.model is front, self._queue)]
                 take = plan_pass(waiting, solo=solo, solo_enabled=bool(self.solo_threads), running=self._running,
                                  solo_running=self._solo_running, idle_shared=self._idle_shared,
                                  micro_batch=self.micro_batch)
@@ -401,7 +401,7 @@ class InferenceThreads:
             self._changed.notify_all()
             return front, requests
 
-    def _run_pass(self, model: "Model", requests: list[_Request]) -> None:
+    def _run_pass(self, model: Model, requests: list[_Request]) -> None:
         started = time.perf_counter()
         pixels, owners = [], []
         for request in requests:

@@ -48,10 +48,10 @@ import torch
 
 from .config import Config
 from .errors import ImageRejected
-from .metrics import Metrics
 from .handler import Handler, Options
+from .live_model import LiveModel, NotServing, NotThisModel, check_identity
+from .metrics import Metrics
 from .postprocess import Answer, clamp_k, rank
-from .live_model import NotServing, NotThisModel, LiveModel, check_identity
 from .upload import read_body
 
 SERVER_NAME = "whatcar"
@@ -277,7 +277,8 @@ class InferRequest:
 
     def threshold(self) -> float | None:
         value = self.params.get("min_probability")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1):
             raise bad(f"parameters.min_probability must be a number from 0 to 1 (got {value!r})")
         return value
 
@@ -342,7 +343,7 @@ class InferRequest:
 def classifications(answers: list[Answer], labels: list[str], k: int) -> list[bytes]:
     """Triton's classification strings, "<probability>:<index>:<label>", k per image, row after row;
     each image's named model first, as /predict ranks them."""
-    return [f"{r.probability:.6f}:{r.index}:{r.label}".encode("utf-8") for a in answers
+    return [f"{r.probability:.6f}:{r.index}:{r.label}".encode() for a in answers
             for r in rank(a.probabilities, labels, k, first=a.ranked[0].index)]
 
 

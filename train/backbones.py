@@ -57,7 +57,7 @@ def load_lite0_weights(model: torch.nn.Module) -> int:
 CAR_LIKE_IMAGENET = (817, 511, 656, 436, 468, 627, 609, 751, 717, 581, 479, 675, 734, 661, 407, 573, 864)
 
 
-def imagenet_car_mass(arch: str, images: "torch.Tensor", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[float, float]:
+def imagenet_car_mass(arch: str, images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[float, float]:
     """Load the packaged weights, with their ImageNet classifier, into timm `arch` and score images.
 
     `images` is float [N, 3, H, W] in 0..1. Returns (share of images whose top-1 is car-like,

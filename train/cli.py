@@ -17,14 +17,10 @@ from export import learner as learner_io
 
 from . import backbones, checkpoint, datafolder, distill, precision, progress
 
-# The recipe of the committed 164-class model (README, "Training recipe"): 2 head epochs, then 28
-# unfrozen ones in one one-cycle schedule, every one at 224 px, the size served. Ending the same
-# schedule with 3 epochs at 352 px (--size 352) scored 84.8 % against 86.1 % here: the photos'
-# longest side is at most 400 px, so a 352 px square upscales most of them, and both runs that
-# ended at 352 px had scored higher at 224 px just before. On the 30-class set, progressive
-# resizing (16 epochs at 224 px, then 8 at 352 px) had reached 88.3 % against 85.6 % for every
-# epoch at 352 px. Averaging the weights of the 352 px epochs (EMA, decay 0.99) gave 87.8 % on 30
-# classes: off.
+# The first run of the committed 164-class model: 2 head epochs, then 28 unfrozen ones in one
+# one-cycle schedule, every one at 224 px; `make train` then goes on from it for 4 epochs at
+# 256 px, the size served. Ending at 352 px instead, and averaging the weights (EMA), both scored
+# lower: docs/training.md has the runs and their figures.
 DEFAULTS = dict(size=224, epochs=28, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
                 early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0,
                 make_loss=0.0)
@@ -41,8 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", choices=ARCHS, default="lite0",
                    help="lite0: EfficientNet-Lite0 with packaged ImageNet weights (offline); "
                         "resnet*: torchvision, whose pretrained weights are downloaded (default: lite0)")
-    p.add_argument("--no-pretrained", action="store_true", help="start from random weights (works offline for any arch)")
-    p.add_argument("--size", type=int, default=DEFAULTS["size"], help="square input size in pixels (default: %(default)s)")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="start from random weights (works offline for any arch)")
+    p.add_argument("--size", type=int, default=DEFAULTS["size"],
+                   help="square input size in pixels (default: %(default)s)")
     p.add_argument("--resize", choices=("squish", "crop", "pad"), default="squish",
                    help="how images are brought to --size (default: %(default)s; squish keeps the whole car in view)")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"],
@@ -62,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: %(default)s)")
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="default: %(default)s")
-    p.add_argument("--valid-pct", type=float, default=DEFAULTS["valid_pct"], help="validation share (default: %(default)s)")
+    p.add_argument("--valid-pct", type=float, default=DEFAULTS["valid_pct"],
+                   help="validation share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split and training seed (default: %(default)s)")
     p.add_argument("--resume", type=Path, default=None,
                    help="continue training this exported learner (from an earlier run on the same DATA, "
@@ -139,8 +138,19 @@ def progressive(args: argparse.Namespace) -> bool:
 
 
 def build_dataloaders(args: argparse.Namespace, size: int | None = None):
-    from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, Normalize, RandomSplitter, Resize,
-                                   ResizeMethod, aug_transforms, get_image_files, imagenet_stats, parent_label)
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        Normalize,
+        RandomSplitter,
+        Resize,
+        ResizeMethod,
+        aug_transforms,
+        get_image_files,
+        imagenet_stats,
+        parent_label,
+    )
 
     method = {"squish": ResizeMethod.Squish, "crop": ResizeMethod.Crop, "pad": ResizeMethod.Pad}[args.resize]
     # Augmentations run without `size=`: with a size, aug_transforms also resizes by grid_sample at
@@ -325,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     # Each dataloader shuffles with a generator of its own, which a resumed run must restore too.
     loaders = [early.train, early.valid] + ([dls.train, dls.valid] if early is not dls else [])
     print(f"{len(dls.vocab)} classes, {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, "
-          f"{args.size} px {args.resize}" + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
+          f"{args.size} px {args.resize}"
+          + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
     teachers = load_teachers(args, list(dls.vocab))
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ray", metavar="ADDRESS", default=None,
                    help="run on this Ray cluster (e.g. ray://head:10001, or auto) instead of this machine; "
                         "needs the Ray virtualenv (make classify-ray)")
-    p.add_argument("--actors", type=int, default=None, help="with --ray: scoring actors (default: one per CPU of the cluster)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="with --ray: scoring actors (default: one per CPU of the cluster)")
     p.add_argument("--batch-size", type=int, default=16, help="with --ray: files per actor call (default: %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="with --ray: seconds to wait for the cluster to answer (default: %(default)s)")

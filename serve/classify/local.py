@@ -4,8 +4,8 @@ per CPU this process may use."""
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..cpus import available_cpus
 from ..postprocess import clamp_k

@@ -24,8 +24,8 @@ import socket
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .. import onednn
 from ..postprocess import clamp_k
@@ -52,7 +52,8 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except socket.gaierror as exc:
-        raise ClassifyError(f"cannot reach the Ray cluster at {address}: cannot resolve {host} ({exc.strerror})") from None
+        raise ClassifyError(f"cannot reach the Ray cluster at {address}: "
+                            f"cannot resolve {host} ({exc.strerror})") from None
     except TimeoutError:
         raise ClassifyError(f"cannot reach the Ray cluster at {address}: no answer within {timeout:g} s") from None
     except OSError as exc:

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RUNTIMES = ("auto", "compiled", "torchscript")
+# A package's `weights` when it takes them at load, and its onednn_isa when they are packed
+# then, by the oneDNN that runs it (serve/runtime/weights.py): a layout that fits every host.
+AT_LOAD = PACKED_AT_LOAD = "at load"
 
 # torch.backends.cpu.get_cpu_capability() on x86-64, weakest first. Each level includes the one
 # before (an AVX512 CPU runs AVX2 code). ATEN_CPU_CAPABILITY can lower what a host reports.
@@ -62,7 +65,7 @@ def release(version: str) -> tuple[int, int] | None:
         return None
 
 
-def torch_ok(compiled_with: str, serving_with: str) -> bool:
+def torch_ok(compiled_with: str, serving_with: str, packed_at_load: bool = False) -> bool:
     """Whether a package compiled under one torch may run under another.
 
     The compiled library calls torch only through its C shim (aoti_torch_* functions, plus the
@@ -75,11 +78,17 @@ def torch_ok(compiled_with: str, serving_with: str) -> bool:
     photos every time: `make export` compiles with the serving 2.13 and checks every package's
     parity under the exporting 2.14, and `make test` loads packages that 2.14 compiled under
     2.13 (tests/cross). Anything else serves TorchScript until the model is re-exported.
+
+    A package whose weights are packed at load (`packed_at_load`, serve/runtime/weights.py)
+    carries no oneDNN blob: all it asks of the serving torch is the C shim, which PyTorch keeps
+    for newer releases and which the load checks whole. Such packages are also accepted two
+    releases on (docs/runtime.md, "Newer torch", has the measurement).
     """
     built, here = release(compiled_with), release(serving_with)
-    if built is None or here is None:
+    if built is None or here is None or here[0] != built[0]:
         return False
-    return here[0] == built[0] and abs(here[1] - built[1]) <= 1
+    ahead = 2 if packed_at_load else 1
+    return -1 <= here[1] - built[1] <= ahead
 
 
 def choose_runtime(requested: str, package: dict | None, host: Host) -> RuntimeChoice:
@@ -111,16 +120,16 @@ def package_problem(package: dict | None, host: Host) -> str | None:
     if not capability_ok(package["cpu_capability"], host.cpu_capability):
         return (f"the compiled package needs a CPU with {package['cpu_capability']} and this one offers "
                 f"{host.cpu_capability}")
-    if not torch_ok(package["torch"], host.torch):
+    if not torch_ok(package["torch"], host.torch, package.get("weights") == AT_LOAD):
         return (f"the compiled package was built by torch {package['torch']}, and this server's torch "
-                f"{host.torch} is neither that release nor one next to it")
+                f"{host.torch} is not a release it is known to run on")
     built_for = package.get("built_for")
     if built_for and built_for != host.cpu_model:
         return (f"the compiled package was built by make compile for a {built_for} CPU and may use instructions "
                 f"this {host.cpu_model or 'unknown'} CPU lacks")
     packed = package.get("onednn_isa")
     running = host.onednn_isa or host.cpu_capability
-    if packed and packed != running:
+    if packed and packed != PACKED_AT_LOAD and packed != running:
         return (f"its weights are packed for oneDNN's {packed} kernels and oneDNN runs {running} ones here "
                 f"(ONEDNN_MAX_CPU_ISA), which would repack them on every pass")
     return None

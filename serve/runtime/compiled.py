@@ -1,6 +1,8 @@
 """Running a compiled package (AOTInductor .pt2) with torch alone: no compiler, no torch._inductor.
 
-The package is a zip holding one shared library with the model's code and weights. It is run
+The package is a zip holding one shared library with the model's code, and either its weights
+too (versions exported before weights were stored once, and int8 packages) or a list of the
+constants it takes at load from the version's one copy of the weights (weights.py). It is run
 through that library's own C entry points (AOTInductorModelContainerCreateWithDevice, ...Run,
 ...Delete: torch/csrc/inductor/aoti_runtime/interface.h) called with ctypes, which releases
 the GIL for the whole pass. torch's own loaders do not suit a server: the pybind
@@ -30,6 +32,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest, sha256_file
 from .rows import output_rows, probe
+from .weights import read_constants_list
 
 MODEL_FOLDER = "/data/aotinductor/model/"
 
@@ -55,6 +58,36 @@ _ENTRY_POINTS = {
     "AOTInductorModelContainerGetNumOutputs": [_handle, ctypes.POINTER(ctypes.c_size_t)],
     "AOTInductorModelContainerDelete": [_handle],
 }
+
+
+class _ConstantEntry(ctypes.Structure):
+    """AOTInductorConstantMapEntry (interface.h): a constant's name and its tensor handle."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("handle", _handle)]
+
+
+# Needed only by a package that takes its constants at load.
+_CONSTANT_ENTRY_POINTS = {
+    "AOTInductorModelContainerGetNumConstants": [_handle, ctypes.POINTER(ctypes.c_size_t)],
+    "AOTInductorModelContainerGetConstantName": [_handle, ctypes.c_size_t, ctypes.POINTER(ctypes.c_char_p)],
+    "AOTInductorModelContainerGetConstantFromFolded": [_handle, ctypes.c_size_t, ctypes.POINTER(ctypes.c_bool)],
+    # (container, entries, count, use_inactive, validate_full_update)
+    "AOTInductorModelContainerUpdateUserManagedConstantBufferPairs": [_handle, ctypes.POINTER(_ConstantEntry),
+                                                                      ctypes.c_size_t, ctypes.c_bool, ctypes.c_bool],
+}
+_torch_shim = None
+
+
+def _delete_tensor_handle(handle: int) -> None:
+    """Free a tensor handle made by torch._C._aoti (the tensor itself lives on while Python holds it)."""
+    global _torch_shim
+    if _torch_shim is None:
+        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        shim = ctypes.CDLL(str(library), mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+        shim.aoti_torch_delete_tensor_object.argtypes, shim.aoti_torch_delete_tensor_object.restype = \
+            [_handle], ctypes.c_int32
+        _torch_shim = shim
+    _torch_shim.aoti_torch_delete_tensor_object(handle)
 
 
 def extract_library(package: Path, folder: Path) -> Path:
@@ -113,9 +146,11 @@ def load_library(package: Path) -> ctypes.CDLL:
     finally:
         # The mapping outlives the file, so nothing is left on disk.
         shutil.rmtree(scratch, ignore_errors=True)
-    for name, argtypes in _ENTRY_POINTS.items():
+    for name, argtypes in {**_ENTRY_POINTS, **_CONSTANT_ENTRY_POINTS}.items():
         function = getattr(lib, name, None)
         if function is None:
+            if name in _CONSTANT_ENTRY_POINTS:
+                continue  # asked for only when the package takes its constants at load
             raise PackageError(f"{package}: its compiled model has no {name}")
         function.argtypes, function.restype = argtypes, ctypes.c_int32  # 0 = success
     return lib
@@ -126,20 +161,63 @@ class CompiledModel:
 
     A pass takes a free instance (and waits for one if none is free), so make `runners` the
     number of threads that run passes at once. Calls return the module's outputs as a list.
+
+    `constants` is None for a package that holds its weights, and otherwise a callable that
+    is given the names of the constants the package's code reads and returns (name, tensor)
+    pairs for them (weights.WeightSource.constants_for). The container reads those tensors in
+    place, so they are kept here for as long as it lives.
     """
 
-    def __init__(self, package: str | Path, runners: int = 1, sha256: str | None = None):
+    def __init__(self, package: str | Path, runners: int = 1, sha256: str | None = None, constants=None):
         package = Path(package)
         self._lib, self._container = None, _handle()
+        self._constants: list[torch.Tensor] = []
+        self._handles: list[int] = []
         self._lib = open_library(package, sha256)
-        # The weights are inside the library: no folder to pass. Failures are printed by the
-        # library to stderr; the return code is all that comes back.
+        # No folder to pass: the weights are inside the library or handed over below. Failures
+        # are printed by the library to stderr; the return code is all that comes back.
         if self._lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self._container), max(1, runners), b"cpu",
                                                                None):
             raise PackageError(f"{package}: the compiled model failed to start (its reason is on stderr)")
         count = ctypes.c_size_t()
         self._lib.AOTInductorModelContainerGetNumOutputs(self._container, ctypes.byref(count))
         self.outputs = count.value
+        if constants is not None:
+            try:
+                self._hand_over(package, constants)
+            except BaseException:
+                self.close()
+                raise
+
+    def constant_names(self) -> list[str]:
+        """The constants the package's code reads and that must be handed over (those folded
+        from others at load are not)."""
+        count = ctypes.c_size_t()
+        if self._lib.AOTInductorModelContainerGetNumConstants(self._container, ctypes.byref(count)):
+            raise PackageError("the compiled model does not list its constants")
+        names = []
+        for index in range(count.value):
+            name, folded = ctypes.c_char_p(), ctypes.c_bool()
+            self._lib.AOTInductorModelContainerGetConstantFromFolded(self._container, index, ctypes.byref(folded))
+            if not folded.value:
+                self._lib.AOTInductorModelContainerGetConstantName(self._container, index, ctypes.byref(name))
+                names.append(name.value.decode())
+        return names
+
+    def _hand_over(self, package: Path, constants) -> None:
+        if not all(hasattr(self._lib, name) for name in _CONSTANT_ENTRY_POINTS):
+            raise PackageError(f"{package}: its compiled model cannot take its constants at load")
+        pairs = constants(self.constant_names())
+        self._constants = [tensor for _, tensor in pairs]
+        self._handles = [_capsule_pointer(h, None) for h in
+                         torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(self._constants)]
+        entries = (_ConstantEntry * len(pairs))(*[_ConstantEntry(name.encode(), handle)
+                                                  for (name, _), handle in zip(pairs, self._handles)])
+        # User-managed: the container reads these tensors where they are instead of copying them;
+        # validate_full_update: a constant left out is an error here, not garbage in a pass.
+        if self._lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(self._container, entries,
+                                                                                 len(pairs), False, True):
+            raise PackageError(f"{package}: the compiled model refused its constants (its reason is on stderr)")
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         # The container takes over the input handles (new references to the same tensor) and hands
@@ -155,6 +233,9 @@ class CompiledModel:
         if self._lib is not None and self._container:
             self._lib.AOTInductorModelContainerDelete(self._container)
             self._container = _handle()
+        for handle in self._handles:
+            _delete_tensor_handle(handle)
+        self._handles, self._constants = [], []
 
     def __del__(self):
         self.close()
@@ -196,11 +277,17 @@ class CompiledRunner:
 
 
 def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, classes: int,
-                  runners: int) -> CompiledRunner:
+                  runners: int, weights=None) -> CompiledRunner:
+    """`weights`: a callable giving the version's WeightSource, opened on first need, for a
+    package that takes its constants at load."""
     height, width = manifest.input_size
+    wanted = read_constants_list(path)
+    if wanted is not None and weights is None:
+        raise ArtifactError(f"{path} takes its weights at load and none were given")
+    constants = None if wanted is None else (lambda names: weights().constants_for(path, wanted, names))
     try:
         # load_artifact has checked the file against this sha256.
-        model = CompiledModel(path, runners, sha256=package.sha256)
+        model = CompiledModel(path, runners, sha256=package.sha256, constants=constants)
     except PackageError as exc:
         raise ArtifactError(str(exc)) from None
     runner = CompiledRunner(model, height, width, package.min_batch, package.max_batch)

@@ -22,6 +22,7 @@ from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fal
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
+from .weights import WeightsMismatch, WeightSource
 
 log = logging.getLogger("whatcar")
 
@@ -95,9 +96,19 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
     host, passes = this_host(), plan.passes()
     loaded: dict[CompiledPackage, object] = {}
     problems: dict[CompiledPackage, str] = {}
+    opened: list[WeightSource] = []
+
+    def weights() -> WeightSource:
+        """The version's one copy of the weights, read once for all its packages, when the first
+        package that takes its constants at load needs it."""
+        if not opened:
+            extra = folder / manifest.entry("weights")[0] if manifest.has_weights_file else None
+            opened.append(WeightSource.open(folder / manifest.entry("model")[0], extra))
+        return opened[0]
 
     def loader(package: CompiledPackage):
-        return lambda: load_compiled(folder / package.file, package, manifest, classes, plan.callers(package.threads))
+        return lambda: load_compiled(folder / package.file, package, manifest, classes, plan.callers(package.threads),
+                                     weights)
 
     # Why each package cannot run on this host (None: it can), decided before any loads.
     unfit = {p: package_problem(p.requirements(), host) for p in packages}
@@ -113,6 +124,8 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             if problem is None:
                 try:
                     loaded[package] = loader(package)()
+                except WeightsMismatch:
+                    raise  # the version's files disagree: nothing of it is served
                 except ArtifactError as exc:
                     problem = f"it failed to load: {exc}"
             if problem is not None:
@@ -124,6 +137,8 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             for package, load in later.items():
                 try:
                     loaded[package] = load()
+                except WeightsMismatch:
+                    raise
                 except ArtifactError as exc:
                     problems[package] = f"it failed to load: {exc}"
             later = {}

@@ -31,7 +31,7 @@ def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimiz
             # torch 2.14 flags jit.load as deprecated; it remains the loader for frozen archives.
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(model_path), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError or ValueError depending on the damage
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or ValueError depending on the damage
         raise ArtifactError(f"{model_path} is not a loadable TorchScript module: {first_line(exc)}") from None
     module.eval()
     if optimize:
@@ -41,7 +41,7 @@ def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimiz
             warnings.simplefilter("ignore", FutureWarning)
             try:
                 module = torch.jit.optimize_for_inference(module)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure here is a module the server cannot run
                 raise ArtifactError(f"{model_path} cannot be optimised for inference: {first_line(exc)}") from None
     probe(TorchScriptRunner(module), model_path, manifest, classes)
     return module

@@ -52,7 +52,8 @@ def test_health_and_metadata(triton, model, metadata):
     assert described["name"] == model
     inputs = {t["name"]: t for t in described["inputs"]}
     assert inputs["image"]["datatype"] == "BYTES"
-    assert inputs[metadata["input"]["name"]]["shape"] == [-1, 3, metadata["input"]["height"], metadata["input"]["width"]]
+    wanted = metadata["input"]
+    assert inputs[wanted["name"]]["shape"] == [-1, 3, wanted["height"], wanted["width"]]
     assert {t["name"]: t["shape"] for t in described["outputs"]}["probabilities"] == [-1, metadata["num_classes"]]
 
 

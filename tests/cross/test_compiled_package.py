@@ -12,18 +12,28 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
+from serve.config import Config
+from serve.handler import load_handler
+from serve.manifest import Manifest, sha256_file
+from serve.preprocess import Preprocessor
 from serve.runtime.compiled import CompiledModel
 from serve.runtime.shapes import ShapedRunner
-from serve.config import Config
-from serve.manifest import Manifest
-from serve.preprocess import Preprocessor
-from serve.handler import load_handler
+from serve.runtime.weights import (
+    CONSTANTS,
+    WEIGHTS_FILE,
+    Constant,
+    WeightsMismatch,
+    read_constants_list,
+    write_constants_list,
+)
+from serve.scheduler import PassPlan
 from tests.support.paths import CARS, ROOT
 from tests.support.server import request, start_server
 
@@ -70,7 +80,8 @@ def test_every_package_built_by_the_train_torch_runs_here_like_torchscript(cross
                     else runner(pixels)
                 there = torch.tensor([expected["compiled_probabilities"][package.shape][name] for name in names])
                 assert torch.equal(ours.argmax(dim=1), theirs.argmax(dim=1)), package.shape
-                assert float((ours - theirs).abs().max()) < 1e-4, f"{package.shape} vs TorchScript, both under this torch"
+                assert float((ours - theirs).abs().max()) < 1e-4, \
+                    f"{package.shape} vs TorchScript, both under this torch"
                 assert float((ours - there).abs().max()) < 1e-4, f"{package.shape} under the exporting torch"
     finally:
         torch.set_num_threads(before)
@@ -225,3 +236,81 @@ def test_loading_a_package_again_reuses_its_library(cross_dir):
         first.close()  # the other model, from the same library, keeps working
         assert torch.equal(second(images)[0], expected)
     second.close()
+
+
+def test_packages_take_their_weights_from_model_pt_and_the_one_weights_file(cross_dir):
+    """A version stores its weights once: each package is code, and its constants are model.pt's
+    tensors (and the weights file's few others), in this process's memory, not the package's."""
+    folder = cross_dir / "artifact"
+    model_bytes = (folder / "model.pt").stat().st_size
+    extra = (folder / WEIGHTS_FILE).stat().st_size if (folder / WEIGHTS_FILE).is_file() else 0
+    assert extra < model_bytes / 4
+    for package in Manifest.read(folder).compiled:
+        assert package.weights == "at load" and package.bytes < model_bytes / 2
+        assert read_constants_list(folder / package.file)
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    # model.pt, a few code-only packages and the small weights file: well under two copies of the weights.
+    assert total < 2 * model_bytes
+
+
+def test_a_weights_file_that_is_not_the_versions_stops_the_load_naming_it(copy):
+    weights = copy / WEIGHTS_FILE
+    if not weights.is_file():
+        pytest.skip("this export needed no weights beyond model.pt's")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{WEIGHTS_FILE} sha256 is .*the manifest says"):
+        load_artifact(copy, runtime="auto")
+    # The manifest brought into line with the damaged file: the tensor no longer has its name.
+    manifest = Manifest.read(copy)
+    manifest.add_file(copy, "weights", WEIGHTS_FILE)
+    manifest.write(copy)
+    for runtime in ("auto", "compiled"):
+        with pytest.raises(WeightsMismatch, match=f"{WEIGHTS_FILE}: the tensor filed under"):
+            load_artifact(copy, runtime=runtime)
+
+
+def test_a_package_whose_constants_do_not_fit_the_version_stops_the_load_naming_it(copy):
+    package = copy / "model-b1t1.pt2"
+    listed = read_constants_list(package)
+    first = listed[0]
+    wrong = [Constant(**{**first.__dict__, "shape": (*first.shape, 1), "stride": (*first.stride, 1)}), *listed[1:]]
+    rewritten = copy / "rewritten.pt2"
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(rewritten, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith(CONSTANTS):
+                target.writestr(item, source.read(item.filename))
+    write_constants_list(rewritten, wrong)
+    rewritten.replace(package)
+    edit_package_entry(copy, "model-b1t1.pt2", sha256=sha256_file(package), bytes=package.stat().st_size)
+    with pytest.raises(WeightsMismatch, match=f"model-b1t1.pt2: constant {first.name} is torch.float32 .* but "
+                                              "model.pt"):
+        load_artifact(copy, runtime="auto", plan=PassPlan())
+
+
+def test_a_version_exported_with_weights_inside_its_packages_still_serves(cross_dir, tmp_path):
+    """Format 3: the package holds its weights, packed for oneDNN's AVX2 kernels, and no weights
+    file exists. It serves as before, and a rollback to it works: see tests/serve/test_reload.py
+    for the swap itself."""
+    old = cross_dir / "format3"
+    manifest = Manifest.read(old)
+    assert manifest.data["format_version"] == 3 and not manifest.has_weights_file
+    [package] = manifest.compiled
+    assert package.weights is None and read_constants_list(old / package.file) is None
+    expected = json.loads((cross_dir / "expected.json").read_text())
+    served = load_artifact(old, runtime="compiled", plan=PassPlan())
+    preprocessor = Preprocessor(served.steps, 10**8)
+    name = sorted(expected["probabilities"])[0]
+    with torch.inference_mode():
+        row = served.runner.runner_for(package)(preprocessor((CARS / name).read_bytes()).unsqueeze(0))[0]
+    served.close()
+    assert float((row - torch.tensor(expected["probabilities"][name])).abs().max()) < 1e-4
+    # Both kinds side by side in one model folder, as after an export following an older one.
+    models = tmp_path / "models"
+    shutil.copytree(old, models / "1")
+    shutil.copytree(cross_dir / "artifact", models / "2")
+    for version in ("1", "2"):
+        loaded = load_artifact(models / version, runtime="compiled", plan=PassPlan())
+        assert loaded.runtime.name == "compiled"
+        loaded.close()

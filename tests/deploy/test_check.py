@@ -42,7 +42,8 @@ def test_a_server_that_exits_fails_with_its_reason(tmp_path):
     (model / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS[::-1]))
     manifest["files"]["labels"]["sha256"] = "0" * 64
     (model / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckFailed, match=r"exited with 1 before it was ready: whatcar: cannot serve .*labels.txt sha256"):
+    with pytest.raises(CheckFailed,
+                       match=r"exited with 1 before it was ready: whatcar: cannot serve .*labels.txt sha256"):
         run_check(model, tmp_path)
 
 

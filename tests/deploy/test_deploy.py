@@ -114,7 +114,7 @@ def source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory, source):
-    """The first deploy, exactly as the README has it: `make deploy PREFIX=...`, a full build."""
+    """The first deploy, exactly as docs/operations.md has it: `make deploy PREFIX=...`, a full build."""
     work = tmp_path_factory.mktemp("first")
     prefix, tmpdir, cache = work / "prefix", work / "tmp", work / "cache"
     tmpdir.mkdir()

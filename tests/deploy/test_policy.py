@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import os
 import threading
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 
 import pytest
 
 from deploy.envfile import EnvFileError, parse_env_file
 from deploy.layout import Prefix
-from deploy.policy import (new_release_id, previous_release, releases_to_remove, rollback_stack,
-                           venv_key)
+from deploy.policy import new_release_id, previous_release, releases_to_remove, rollback_stack, venv_key
 
 A, B, C, D = (f"2026112{n}T000000Z-abcdef{n}" for n in range(4))
 
 
 def test_release_ids_sort_by_time_and_never_collide():
-    now = datetime(2026, 11, 26, 9, 30, 15, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 26, 9, 30, 15, tzinfo=UTC)
     first = new_release_id(now, "0ef210e0123", set())
     assert first == "20261126T093015Z-0ef210e"
     assert new_release_id(now, "0ef210e0123", {first}) == first + "-2"
     assert new_release_id(now, "0ef210e0123", {first, first + "-2"}) == first + "-3"
-    later = new_release_id(datetime(2026, 11, 26, 9, 30, 16, tzinfo=timezone.utc), "00000001", set())
+    later = new_release_id(datetime(2026, 11, 26, 9, 30, 16, tzinfo=UTC), "00000001", set())
     assert sorted([later, first]) == [first, later]
 
 
@@ -181,5 +179,6 @@ def test_a_system_error_in_a_step_becomes_one_line_naming_the_step(capsys):
     with pytest.raises(StepFailed) as failed:
         with run.stage("venv", "building"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/prefix/releases/.build-x/.venv")
-    assert (failed.value.step, failed.value.reason) == ("venv", "no space left on device (/prefix/releases/.build-x/.venv)")
+    assert (failed.value.step, failed.value.reason) == \
+        ("venv", "no space left on device (/prefix/releases/.build-x/.venv)")
     assert capsys.readouterr().out == "deploy: venv: building\n"

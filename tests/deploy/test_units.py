@@ -1,5 +1,5 @@
 """The systemd units as shipped: systemd-analyze verify finds nothing to say about them, and they
-hold the settings the README promises."""
+hold the settings docs/operations.md promises."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from tests.support.paths import ROOT
 

@@ -79,7 +79,8 @@ def test_the_figures_are_of_the_model_an_answer_names(monkeypatch):
     assert v["make_accuracy"] == pytest.approx(19 / 20, abs=1e-4)
     assert v["most_likely_class"] == {"accuracy": pytest.approx(17 / 20, abs=1e-4),
                                       "make_accuracy": pytest.approx(18 / 20, abs=1e-4)}
-    assert "naming the most likely class instead: top-1 85.0%, make level 90.0%" in "\n".join(acceptance.describe(fitted))
+    described = "\n".join(acceptance.describe(fitted))
+    assert "naming the most likely class instead: top-1 85.0%, make level 90.0%" in described
 
 
 def test_other_models_and_non_car_photos(fitted):

@@ -3,8 +3,8 @@
 import torch
 from PIL import Image
 
-from train import backbones
 from tests.support.paths import car_photos
+from train import backbones
 
 
 def photos(size=224) -> torch.Tensor:

@@ -19,10 +19,12 @@ from export import classnames, cli, quantize
 from export import compiled as compiled_mod
 from export.learner import LearnerError, load, write_sidecar
 from serve.artifact import load_artifact, sha256_file
-from serve.runtime.compiled import extract_library
 from serve.manifest import Manifest
-from serve.versions import ModelFolder
 from serve.preprocess import Preprocessor
+from serve.runtime.choice import PACKED_AT_LOAD
+from serve.runtime.compiled import extract_library
+from serve.runtime.weights import WEIGHTS_FILE
+from serve.versions import ModelFolder
 from tests.support.paths import CARS, car_photos
 from tests.support.training import SIZE, train_tiny
 
@@ -214,7 +216,9 @@ def test_missing_learner_says_how_to_make_one(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-SHAPES = {"b1t1": ("model-b1t1.pt2", 1, 1, 1, "AVX2"), "b1t2": ("model-b1t2.pt2", 1, 1, 2, "AVX2"),
+# compile_package's default: the package for any batch on any thread count.
+ANY_SHAPE = compiled_mod.Shape(None, None)
+SHAPES = {"b1t1": ("model-b1t1.pt2", 1, 1, 1, PACKED_AT_LOAD), "b1t2": ("model-b1t2.pt2", 1, 1, 2, PACKED_AT_LOAD),
           "b1-64": ("model.pt2", 1, 64, None, None)}
 
 
@@ -236,10 +240,12 @@ def test_a_compiled_package_is_listed_for_each_shape_and_scores_like_torchscript
         entry = entries[file]
         assert entry["parity"]["passed"] and entry["parity"]["top1_agree"] == entry["parity"]["images"] == 24
         assert entry["quantization"] is None and entry["compile_seconds"] > 0
-        assert package.bytes == (artifact / file).stat().st_size < 25_000_000
+        # Code only: the weights are model.pt's, handed over at load.
+        assert package.weights == "at load"
+        assert package.bytes == (artifact / file).stat().st_size < (artifact / "model.pt").stat().st_size / 2
         runner = compiled_mod.load_runner(compiled_mod.Compiled(
-            artifact / file, package.torch, package.cpu_capability, package.arch, low, high, 1.0, "", threads, isa),
-            *scripted.input_size)
+            artifact / file, package.torch, package.cpu_capability, package.arch, low, high, 1.0, "", threads, isa,
+            weights=artifact / WEIGHTS_FILE), *scripted.input_size, artifact / "model.pt")
         one = compiled_mod.one_at_a_time(runner)
         with torch.inference_mode():
             one_by_one = torch.cat([one(pixels[i:i + 1]) for i in range(5)])
@@ -277,13 +283,14 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
     """Each way a package can fail leaves it out, and the output says why; with none left the
     version serves TorchScript. The packages the module's export compiled stand in for new
     compiles, so these take seconds."""
-    def reuse(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def reuse(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64, host=False,
+              torchscript=None):
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact / shape.file, out_dir / shape.file)
         low, high = (shape.batch, shape.batch) if shape.batch else (1, max_batch)
         return compiled_mod.Compiled(out_dir / shape.file, torch.__version__, "AVX2", "x86_64", low, high, 1.0,
                                      compiled_mod.check_library(out_dir / shape.file), shape.threads,
-                                     "AVX2" if shape.batch else None)
+                                     PACKED_AT_LOAD if shape.batch else None, weights=artifact / WEIGHTS_FILE)
 
     real_check = cli.parity.check
 
@@ -293,10 +300,12 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
             report.max_abs_diff = 0.5
         return report
 
-    def broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64, host=False,
+               torchscript=None):
         raise compiled_mod.CompileError(f"AOTInductor failed on {shape.name}: g++ exited 1")
 
-    def b1t2_broken(program, out_dir, shape=compiled_mod.Shape(None, None), quantized=False, max_batch=64):
+    def b1t2_broken(program, out_dir, shape=ANY_SHAPE, quantized=False, max_batch=64,
+                    host=False, torchscript=None):
         if shape.name == "b1t2":
             return broken(program, out_dir, shape)
         return reuse(program, out_dir, shape, quantized, max_batch)
@@ -308,8 +317,8 @@ def test_without_a_passing_compiled_package_the_export_keeps_torchscript_and_say
         expected = ["its parity check failed"]
     elif failure == "compile":
         monkeypatch.setattr(cli.compiled, "compile_package", broken)
-        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: AOTInductor failed on "
-                    f"{name}: g++ exited 1" for name in SHAPES]
+        expected = [f"export: no compiled {name} package, its passes will run on the next runtime: "
+                    f"AOTInductor failed on {name}: g++ exited 1" for name in SHAPES]
     elif failure == "one shape":
         monkeypatch.setattr(cli.compiled, "compile_package", b1t2_broken)
         expected = ["export: no compiled b1t2 package, its passes will run on the next runtime: AOTInductor failed on "
@@ -387,6 +396,26 @@ def test_leaves_artifact_for_the_cross_version_check(artifact):
     package.close()
     (target / "expected.json").write_text(json.dumps({"torch": torch.__version__, "probabilities": rows,
                                                       "compiled_probabilities": compiled_rows}))
+    weights_inside(target / "artifact", target / "format3")
+
+
+def weights_inside(artifact: Path, out: Path) -> None:
+    """The same model as a version exported before packages took their weights at load (manifest
+    format 3, the b1t1 package holding its own weights, packed for oneDNN's AVX2 kernels), for
+    tests/cross to serve: old versions must keep serving, and `make rollback` go back to them."""
+    shutil.copytree(artifact, out, ignore=shutil.ignore_patterns("*.pt2", WEIGHTS_FILE))
+    module = torch.jit.load(str(out / "model.pt")).eval()
+    manifest = Manifest.read(out)
+    program = compiled_mod.torchscript_program(module, *manifest.input_size, 1)
+    built = compiled_mod.compile_package(program, out, compiled_mod.Shape(1, 1))
+    data = dict(manifest.data, format_version=3, files=dict(manifest.data["files"]))
+    data["files"].pop("weights", None)
+    data["files"].pop("compiled")
+    old = Manifest(data, str(out / "manifest.json"))
+    old.add_compiled(out, built.path.name, torch=built.torch, cpu_capability=built.cpu_capability, arch=built.arch,
+                     min_batch=1, max_batch=1, threads=1, onednn_isa=built.onednn_isa)
+    old.write(out)
+    assert built.onednn_isa == "AVX2" and built.weights is None
 
 
 def test_triton_flag_adds_a_model_repository_to_the_export(learner, tmp_path):

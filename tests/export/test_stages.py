@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from export.learner import load
+from export.transforms import read_pipeline
 from serve.manifest import Manifest
+from tests.support.paths import ARTIFACT, CARS, ROOT
 from train.cli import DEFAULTS, parse_args
 from train.stages import WeightAverage
-from export.transforms import read_pipeline
-from tests.support.paths import ARTIFACT, CARS, ROOT
 
 
 def fake_learner(model: nn.Module, epoch: int) -> SimpleNamespace:

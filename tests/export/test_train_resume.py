@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train import checkpoint
 from export.learner import load
 from tests.support.paths import CARS, ROOT
+from train import checkpoint
 
 # Random weights and tiny sizes keep each run to seconds; one head epoch, then one unfrozen epoch at
 # the early size and one at the final size, so a stop can fall in each phase and across the switch.

@@ -1,10 +1,9 @@
 """serve.preprocess must give the same pixels as fastai's own validation transforms."""
 
 import pytest
-from PIL import Image
-
-from fastai.vision.all import (CropPad, PILImage, RandomResizedCrop, Resize, ResizeMethod, PadMode)
+from fastai.vision.all import CropPad, PadMode, PILImage, RandomResizedCrop, Resize, ResizeMethod
 from fastai.vision.augment import RandomResizedCropGPU, aug_transforms
+from PIL import Image
 
 from export.transforms import UnsupportedTransform, _item_steps, read_pipeline
 from serve.preprocess import apply_steps
@@ -47,6 +46,7 @@ def test_pillow_steps_match_fastai_pixels(tfm):
 
 def _dls(item_tfms, batch_tfms):
     from fastai.vision.all import CategoryBlock, DataBlock, ImageBlock, RandomSplitter, get_image_files, parent_label
+
     from tests.support.paths import CARS
     block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=get_image_files, get_y=parent_label,
                       splitter=RandomSplitter(0.25, seed=0), item_tfms=item_tfms, batch_tfms=batch_tfms)

@@ -336,7 +336,8 @@ def test_metadata_lists_the_classes_with_their_fields_and_the_makes(with_makes):
 def test_v2_returns_the_make_and_the_level_as_extra_outputs(with_makes):
     images = [base64.b64encode(png(c)).decode() for c in (SURE, UNSURE, UNFAMILIAR)]
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": images}]}
-    outputs = {o["name"]: o for o in with_makes.simulate_post("/v2/models/tiny-test/infer", json=request).json["outputs"]}
+    answer = with_makes.simulate_post("/v2/models/tiny-test/infer", json=request).json
+    outputs = {o["name"]: o for o in answer["outputs"]}
     assert outputs["accepted_level"]["data"] == ["model", "make", ""]
     assert outputs["make"]["data"] == ["Alpha", "Alpha", "Alpha"]
     assert outputs["make_probability"]["datatype"] == "FP32" and outputs["make_probability"]["shape"] == [3]

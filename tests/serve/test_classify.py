@@ -74,7 +74,8 @@ def test_json_lines_hold_the_same_answers(photos, tmp_path):
     assert run(str(photos), str(as_csv)) == 0 and run(str(photos), str(as_json)) == 0
     from_csv = {row["path"]: row["label_1"] for row in csv_rows(as_csv)}
     lines = [json.loads(line) for line in as_json.read_text().splitlines()]
-    assert {line["path"]: (line["predictions"][0]["label"] if line["predictions"] else "") for line in lines} == from_csv
+    from_json = {line["path"]: (line["predictions"][0]["label"] if line["predictions"] else "") for line in lines}
+    assert from_json == from_csv
     assert all(len(line["predictions"]) == 5 for line in lines if line["error"] is None)
 
 

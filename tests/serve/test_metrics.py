@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from serve.app import create_app
 from serve.errors import ImageRejected
-from serve.scheduler import Model
-from serve.metrics import Metrics, rejection_reasons
 from serve.handler import Handler
 from serve.live_model import LiveModel
+from serve.metrics import Metrics, rejection_reasons
+from serve.scheduler import Model
 from tests.support.metrics import scrape, value
 from tests.support.paths import car_photos
 
@@ -41,7 +41,8 @@ def observed(config, handler, state):
     model = Model(slow, handler.model.preprocess, handler.artifact.input_size, workers=1, micro_batch=2,
                   observer=metrics.observe_pass, warm_up_rounds=1)
     model.wait_ready(60)
-    yield falcon.testing.TestClient(create_app(config, LiveModel(config, Handler(handler.artifact, model)), state, metrics))
+    live = LiveModel(config, Handler(handler.artifact, model))
+    yield falcon.testing.TestClient(create_app(config, live, state, metrics))
     model.close()
 
 

@@ -213,7 +213,8 @@ def test_every_writer_of_a_shared_file_replaces_it_whole(tmp_path, monkeypatch, 
 def test_ops_needs_nothing_but_the_standard_library():
     # The deploy tool imports it from the system's Python, outside every virtualenv.
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import ops.atomic, ops.store; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'ops', '__main__'}))")
+            "print(sorted({m.split('.')[0] for m in sys.modules}"
+            " - set(sys.stdlib_module_names) - {'ops', '__main__'}))")
     done = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry
 
 from serve.app import State, create_app, start_serving
 from serve.config import Config, ConfigError, load_config
-from serve.scheduler import ModelClosed
-from serve.metrics import Metrics
 from serve.handler import build_handler, load_handler
-from serve.live_model import NotServing, NotThisModel, LiveModel
+from serve.live_model import LiveModel, NotServing, NotThisModel
+from serve.metrics import Metrics
+from serve.scheduler import ModelClosed
 from serve.versions import ModelFolder
 from tests.support.metrics import scrape, value
 from tests.support.tiny_artifact import add_tiny_version, write_manifest
@@ -270,7 +270,8 @@ def test_unload_then_load_through_the_repository_api(model_dir):
         assert index.status_code == 200
         assert index.json == [{"name": "tiny-test", "version": "1", "state": "READY", "reason": ""}]
         assert client.simulate_post("/v2/repository/models/tiny-test/unload", headers=admin()).status_code == 200
-        assert client.simulate_post("/predict", body=red_png(), headers={"Content-Type": "image/png"}).status_code == 503
+        png = {"Content-Type": "image/png"}
+        assert client.simulate_post("/predict", body=red_png(), headers=png).status_code == 503
         assert client.simulate_get("/readyz").status_code == 503
         assert client.simulate_get("/metadata").json["reload"]["outcome"] == "unloaded"
         assert client.simulate_post("/v2/repository/models/tiny-test/load", headers=admin()).status_code == 200

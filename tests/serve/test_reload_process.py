@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -76,7 +75,7 @@ def test_ten_swaps_under_eight_clients_drop_nothing_and_switch_cleanly(model_dir
         for i in range(SWAPS):
             version = "1" if i % 2 == 0 else "2"
             asked = time.monotonic()
-            status, _, body = request(server.port, "POST", f"/v2/repository/models/tiny-test/load",
+            status, _, body = request(server.port, "POST", "/v2/repository/models/tiny-test/load",
                                       json.dumps({"parameters": {"version": version}}).encode(),
                                       {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
                                       timeout=120)

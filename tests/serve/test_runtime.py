@@ -10,11 +10,19 @@ import pytest
 import torch
 
 from serve.artifact import ArtifactError, load_artifact
-from serve.runtime.compiled import CompiledRunner
 from serve.config import ConfigError, load_config
-from serve.runtime.rows import output_rows
 from serve.manifest import Manifest
-from serve.runtime.choice import Host, RuntimeChoiceError, capability_ok, choose_runtime, torch_ok
+from serve.runtime.choice import (
+    PACKED_AT_LOAD,
+    Host,
+    RuntimeChoiceError,
+    capability_ok,
+    choose_runtime,
+    package_problem,
+    torch_ok,
+)
+from serve.runtime.compiled import CompiledRunner
+from serve.runtime.rows import output_rows
 from tests.support.paths import ARTIFACT, ARTIFACTS
 
 PACKAGE = {"cpu_capability": "AVX2", "arch": "x86_64", "torch": "2.14.1+cu130"}
@@ -42,6 +50,24 @@ def test_a_package_runs_only_on_a_cpu_offering_at_least_its_capability(package, 
 ])
 def test_torch_rule_accepts_the_compiling_release_and_those_next_to_it(compiled, serving, ok):
     assert torch_ok(compiled, serving) is ok
+
+
+@pytest.mark.parametrize("compiled, serving, ok", [
+    ("2.13.0+cpu", "2.15.0+cu130", True),   # two releases on: no oneDNN blob to misread
+    ("2.13.0+cpu", "2.16.0", False),        # three: never run
+    ("2.14.1", "2.12.0", False),            # back stays one release
+    ("2.13.0", "3.0.0", False),
+])
+def test_packages_whose_weights_are_packed_at_load_are_accepted_two_releases_on(compiled, serving, ok):
+    assert torch_ok(compiled, serving, packed_at_load=True) is ok
+
+
+def test_a_package_packed_at_load_fits_whatever_kernels_onednn_runs_here():
+    at_load = {**PACKAGE, "onednn_isa": PACKED_AT_LOAD, "weights": "at load", "torch": "2.13.0+cpu"}
+    uncapped = Host(cpu_capability="AVX512", arch="x86_64", torch="2.15.0", onednn_isa="AVX512")
+    assert package_problem(at_load, uncapped) is None
+    assert "packed for oneDNN's AVX2 kernels" in package_problem({**at_load, "onednn_isa": "AVX2", "weights": None,
+                                                                  "torch": "2.14.1"}, uncapped)
 
 
 def test_auto_serves_the_package_when_this_host_can():
@@ -143,7 +169,7 @@ def test_manifest_reads_the_compiled_entry_format_2_wrote():
     [package] = manifest_with(ENTRY).compiled
     assert (package.file, package.torch, package.cpu_capability, package.min_batch, package.max_batch,
             package.threads, package.onednn_isa) == ("model.pt2", "2.14.1+cu130", "AVX2", 1, 64, None, None)
-    assert package.requirements() == {**PACKAGE, "onednn_isa": None, "built_for": None}
+    assert package.requirements() == {**PACKAGE, "onednn_isa": None, "built_for": None, "weights": None}
     without = json.loads((ARTIFACT / "manifest.json").read_text())
     without["files"].pop("compiled", None)
     assert Manifest(without).compiled == []
@@ -157,9 +183,9 @@ def test_a_malformed_compiled_entry_is_refused(change):
     entry = json.loads(json.dumps(ENTRY))
     change(entry)
     with pytest.raises(ArtifactError, match="files.compiled"):
-        manifest_with(entry).compiled
+        _ = manifest_with(entry).compiled
     with pytest.raises(ArtifactError, match="files.compiled"):
-        manifest_with([entry]).compiled
+        _ = manifest_with([entry]).compiled
 
 
 def test_manifest_lists_a_package_with_its_checksum(tmp_path):
@@ -192,7 +218,8 @@ def test_an_artifact_without_a_package_serves_torchscript(copy):
     artifact = load_artifact(copy, optimize=False)
     assert artifact.runtime.name == "torchscript" and artifact.module is not None
     assert artifact.runtime.reason == "compiled package not used: the artifact has no compiled package"
-    with pytest.raises(ArtifactError, match="--runtime compiled cannot be served: the artifact has no compiled package"):
+    with pytest.raises(ArtifactError,
+                       match="--runtime compiled cannot be served: the artifact has no compiled package"):
         load_artifact(copy, runtime="compiled")
 
 

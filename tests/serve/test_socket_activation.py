@@ -175,5 +175,5 @@ def test_requests_before_ready_and_across_a_restart_are_all_answered(tiny, tmp_p
     assert any(first_gone <= sent < second_ready for sent, _, _ in clients.results), \
         "no request was sent while no server was running"
     assert log.count("(inherited socket)") == 2, log
-    assert re.search(r"serving the socket inherited from the service manager \(http://127\.0\.0\.1:%d\); "
-                     r"--host/--port \(127\.0\.0\.1:1\) are not used" % port, log), log
+    assert re.search(rf"serving the socket inherited from the service manager \(http://127\.0\.0\.1:{port}\); "
+                     r"--host/--port \(127\.0\.0\.1:1\) are not used", log), log
