@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             learn.freeze()
             continue_from_checkpoint(checkpoint.HEAD)
             learn.fit_one_cycle(head_epochs, args.lr, start_epoch=start,
-                                cbs=[*per_batch, SwitchSize(early, dls, head_epochs), *saving(checkpoint.HEAD, start, 0)])
+                                cbs=[*per_batch, SwitchSize(early, dls, head_epochs),
+                                     *saving(checkpoint.HEAD, start, 0)])
         if saved is not None and saved.position.phase == checkpoint.HEAD and start is None:
             learn.freeze()  # the head phase is over: its state goes back, and freeze_to below clears the optimiser
             saved.load_into(learn, loaders)

@@ -16,9 +16,9 @@ from fastai.losses import LabelSmoothingCrossEntropyFlat
 from torch.utils.data import Dataset
 
 from export.learner import load
-from train import checkpoint, distill
 from tests.support.paths import CARS, ROOT
 from tests.support.tiny_artifact import write_tiny_artifact
+from train import checkpoint, distill
 
 CLASSES = sorted(p.name for p in CARS.iterdir() if p.is_dir())
 RECIPE = ["--size", "48", "--early-size", "32", "--final-epochs", "1", "--epochs", "2", "--freeze-epochs", "1",

@@ -16,7 +16,8 @@ AVX2_ONLY = {"fpu", "sse2", "avx", "avx2", "fma"}
 
 
 def test_cpuinfo_flags_are_read_from_the_flags_line():
-    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\nbugs\t\t: sysret_ss_attrs\n"
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n"
+            "bugs\t\t: sysret_ss_attrs\n")
     assert precision.cpu_flags(text) == {"fpu", "sse2", "avx2", "avx512_bf16"}
     assert precision.cpu_flags("processor\t: 0\n") == set()
 
