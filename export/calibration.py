@@ -15,11 +15,14 @@ writes what they return into the artifact.
   scores are serve.model.postprocess.Makes' sums over each make's classes, as the server sums them)
   are right often enough.
 - `written_threshold`: a threshold as the manifest stores it, never above the one measured.
+- `class_bootstrap`: how far a share measured on photos of a few classes (the unknown car models)
+  may move on other classes: a percentile interval over the classes resampled with replacement.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -220,3 +223,43 @@ def confused_pairs(predicted: torch.Tensor, labels: torch.Tensor, names: list[st
             counts[pair] = counts.get(pair, 0) + 1
     ranked = sorted(counts.items(), key=lambda item: -item[1])[:most]
     return [{"a": names[a], "b": names[b], "count": n} for (a, b), n in ranked]
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    level: float
+    draws: int
+    groups: int
+
+    def as_dict(self) -> dict:
+        return {"low": round(self.low, 4), "high": round(self.high, 4), "level": self.level, "draws": self.draws,
+                "classes": self.groups, "method": "bootstrap over the classes, resampled with replacement"}
+
+
+def class_bootstrap(hits: torch.Tensor, groups: torch.Tensor, draws: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> Interval:
+    """A percentile bootstrap interval of the share of `hits` (one flag per photo) when the
+    classes (`groups`, one id per photo) are drawn with replacement, each draw as many classes
+    as there are, every photo of a drawn class counted once per draw.
+
+    The photos of one model are alike, so the spread that matters for other, unseen models is
+    that between models, not between photos: resampling photos would understate it.
+    Deterministic for a given `seed`.
+    """
+    hits, groups = hits.detach().bool().flatten(), groups.detach().flatten()
+    if hits.shape != groups.shape or hits.numel() == 0:
+        raise ValueError("need one class id per photo, and at least one photo")
+    if draws < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need draws >= 1 and 0 < level < 1, not {draws} and {level}")
+    _, group_index = torch.unique(groups, return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    photos = torch.bincount(group_index, minlength=n_groups).double()
+    right = torch.bincount(group_index, weights=hits.double(), minlength=n_groups)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(0, n_groups, (draws, n_groups), generator=generator)
+    shares = right[drawn].sum(dim=1) / photos[drawn].sum(dim=1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(shares, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(low, high, level, draws, n_groups)

@@ -30,6 +30,10 @@ FORMAT = 1
 HEAD, BODY = "head", "body"
 # Arguments that do not change what is trained: where it goes, how it is shown, when to pause.
 NOT_RECIPE = ("out", "quiet", "stop_after", "fresh")
+# What a checkpoint written before an argument existed was made with (it trained in fp32). Without
+# these, every new argument would refuse every older checkpoint.
+BEFORE_ARGUMENT = {"precision": "fp32"}
+DISTILLATION = ("teacher", "distill", "temperature")
 
 
 class CheckpointMismatch(Exception):
@@ -46,8 +50,19 @@ class StopRun(Exception):
 
 
 def recipe(args) -> dict:
-    """The arguments that decide the weights, as plain values."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    """The arguments that decide the weights, as plain values. Without a teacher, the
+    distillation settings decide nothing and are left out, so that the recipe of such a run is
+    the one it had before they existed."""
+    leave_out = NOT_RECIPE if getattr(args, "teacher", None) else NOT_RECIPE + DISTILLATION
+    return {k: _plain_value(v) for k, v in sorted(vars(args).items()) if k not in leave_out}
+
+
+def _plain_value(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return value
 
 
 def data_fingerprint(items: list[Path], root: Path) -> str:
@@ -71,6 +86,16 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def stored_recipe(folder: Path) -> dict | None:
+    """The recipe the checkpoint in `folder` was made with (arguments it predates at their old
+    values), or None when there is no readable one; Checkpoints.read says why it cannot go on."""
+    try:
+        state = torch.load(folder / FILE, map_location="cpu", weights_only=True)
+        return {**BEFORE_ARGUMENT, **state["recipe"]}
+    except Exception:  # noqa: BLE001 - missing, torn or foreign: read() reports it
+        return None
 
 
 @dataclass
@@ -151,10 +176,12 @@ class Saved:
 class Checkpoints:
     """The checkpoint file of one run folder."""
 
-    def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None):
+    def __init__(self, folder: Path, recipe: dict, data: str, start: str | None = None,
+                 teachers: list[str] | None = None):
         self.path = folder / FILE
         # start: weights_digest of the learner the run goes on from, None for a run from scratch.
-        self.recipe, self.data, self.start = recipe, data, start
+        # teachers: weights_digest of each --teacher: the same paths may hold retrained weights.
+        self.recipe, self.data, self.start, self.teachers = recipe, data, start, list(teachers or [])
 
     def read(self) -> Saved | None:
         """The run's last checkpoint; None if there is none. Raises CheckpointMismatch when it
@@ -170,14 +197,17 @@ class Checkpoints:
         if state.get("format") != FORMAT:
             raise CheckpointMismatch(f"{self.path} has format {state.get('format')}, this code writes {FORMAT}; "
                                      "pass --fresh to start the run over")
-        differs = [f"--{k.replace('_', '-')} {state['recipe'].get(k)!r} (now {v!r})"
-                   for k, v in self.recipe.items() if state["recipe"].get(k) != v]
+        made = {**BEFORE_ARGUMENT, **state["recipe"]}
+        differs = [f"--{k.replace('_', '-')} {made.get(k)!r} (now {v!r})"
+                   for k, v in self.recipe.items() if made.get(k) != v]
         differs += [f"--{k.replace('_', '-')} {v!r} (now unset)" for k, v in state["recipe"].items()
                     if k not in self.recipe]
         if state["data"] != self.data:
             differs.append("the photos in the data folder (files added, removed or changed)")
         if state.get("start") != self.start:
             differs.append("other weights in the learner --resume names (it was trained again since)")
+        if state.get("teachers", []) != self.teachers:
+            differs.append("other teacher weights (a --teacher was trained again since)")
         if differs:
             raise CheckpointMismatch(f"{self.path} is from another run: it was made with " + ", ".join(differs)
                                      + "; run with the same arguments and data to go on, or pass --fresh to "
@@ -188,6 +218,7 @@ class Checkpoints:
     def write(self, learn, position: Position, loaders: list, average=None, seconds: dict | None = None) -> None:
         state = {
             "format": FORMAT, "recipe": self.recipe, "data": self.data, "start": self.start,
+            "teachers": self.teachers,
             "phase": position.phase, "epoch": position.epoch,
             "model": learn.model.state_dict(), "optimizer": _plain(learn.opt.state_dict()),
             "rng": rng_state(loaders),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from learners import learner as learner_io
 
-from . import backbones, checkpoint, datafolder, progress
+from . import backbones, checkpoint, datafolder, distill, precision, progress
 
 # The first run of the committed 164-class model: 2 head epochs, then 28 unfrozen ones in one
 # one-cycle schedule, every one at 224 px; `make train` then goes on from it for 4 epochs at
@@ -24,6 +24,8 @@ from . import backbones, checkpoint, datafolder, progress
 DEFAULTS = dict(size=224, epochs=28, freeze_epochs=2, lr=3e-3, batch_size=32, valid_pct=0.2, seed=42, frozen_blocks=3,
                 early_size=224, final_epochs=3, mixup=0.0, cutmix=0.0, drop_path=0.0, ema=0.0,
                 make_loss=0.0)
+# Only with --teacher, so not in DEFAULTS, whose options are the recipe's and off when unset.
+DISTILL_DEFAULTS = dict(distill=0.5, temperature=2.0)
 ARCHS = ("lite0", "resnet18", "resnet34", "resnet50")
 
 
@@ -82,6 +84,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add WEIGHT times a loss on the make's probability (the sum of its models'), so that a "
                         "wrong model of the right make costs less than a wrong make; 0 turns it off "
                         "(default: %(default)s)")
+    p.add_argument("--teacher", type=Path, action="append", default=None, metavar="PATH",
+                   help="distil from this teacher: an exported learner (export.pkl) or an artifact version folder "
+                        "(model.pt, labels.txt, manifest.json), trained on the same classes; repeat it for an "
+                        "ensemble, whose softened probabilities are averaged. Their outputs are computed once "
+                        "into OUT/teacher-cache.pt")
+    p.add_argument("--distill", type=float, default=DISTILL_DEFAULTS["distill"], metavar="WEIGHT",
+                   help="with --teacher: the share of the distillation loss, the label loss getting the rest "
+                        "(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=DISTILL_DEFAULTS["temperature"], metavar="T",
+                   help="with --teacher: the softmax temperature of both the teachers' and the student's "
+                        "probabilities in the distillation loss (default: %(default)s)")
+    p.add_argument("--precision", choices=precision.REQUESTS, default=precision.AUTO,
+                   help="auto: bf16 autocast where the CPU computes bf16 natively (avx512_bf16 or amx_bf16), "
+                        "fp32 elsewhere, or what the checkpoint being continued used; the weights stay fp32 "
+                        "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch lines with the time left stay)")
     p.add_argument("--fresh", action="store_true",
                    help="start over even if OUT holds a checkpoint of this or another run (it is replaced)")
@@ -99,6 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("need --stop-after >= 1")
     if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.drop_path < 1 or not 0 <= args.ema < 1:
         p.error("need --mixup >= 0, --cutmix >= 0, 0 <= --drop-path < 1 and 0 <= --ema < 1")
+    args.teacher = args.teacher or []
+    if args.teacher and (not 0 <= args.distill <= 1 or args.temperature <= 0 or args.mixup or args.cutmix):
+        p.error("with --teacher, need 0 <= --distill <= 1, --temperature > 0, and no --mixup or --cutmix (the "
+                "cached targets are for one photo, not a blend)")
     if args.make_loss < 0 or (args.make_loss and (args.mixup or args.cutmix)):
         p.error("need --make-loss >= 0, and no --mixup or --cutmix beside it (their blended labels have no one make)")
     return args
@@ -134,8 +155,11 @@ def build_dataloaders(args: argparse.Namespace, size: int | None = None):
     method = {"squish": ResizeMethod.Squish, "crop": ResizeMethod.Crop, "pad": ResizeMethod.Pad}[args.resize]
     # Augmentations run without `size=`: with a size, aug_transforms also resizes by grid_sample at
     # validation time, which the exporter cannot reproduce with Pillow and therefore refuses.
+    # With teachers, the distillation callback flips the images itself, to know which to give the
+    # mirrored view's cached targets.
     augment = [] if args.no_augment else aug_transforms(max_rotate=8.0, max_zoom=1.15, max_warp=0.1,
-                                                        max_lighting=0.3, p_lighting=0.75)
+                                                        max_lighting=0.3, p_lighting=0.75,
+                                                        do_flip=not args.teacher)
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
         get_items=get_image_files,
@@ -235,6 +259,49 @@ def training_callbacks(args: argparse.Namespace) -> list:
     return []
 
 
+def choose_precision(args: argparse.Namespace) -> precision.Choice:
+    """--precision resolved for this CPU; `auto` keeps the precision of the checkpoint in --out, if
+    one will be continued."""
+    stored = None if args.fresh or args.precision != precision.AUTO else checkpoint.stored_recipe(args.out)
+    return precision.choose_precision(precision.read_cpu_flags(), args.precision,
+                                      stored.get("precision") if stored else None)
+
+
+def load_teachers(args: argparse.Namespace, classes: list[str]) -> list:
+    """The --teacher models, each checked to be trained on the data's classes."""
+    try:
+        with distill.rng_untouched():
+            teachers = [distill.load_teacher(path) for path in args.teacher]
+        distill.check_classes(teachers, classes)
+    except distill.TeacherError as exc:
+        raise SystemExit(f"make train: {exc}") from None
+    for teacher in teachers:
+        print(f"teacher {teacher.name}: {len(teacher.labels)} classes at {teacher.size} px", file=sys.stderr)
+    return teachers
+
+
+def distillation(args: argparse.Namespace, learn, dls, train_loaders: list, teachers: list, fingerprint: str) -> list:
+    """The teachers' targets, from OUT's cache or computed into it, wired into the learner's loss;
+    the callback that hands each batch its rows."""
+    items = list(dls.train_ds.items)
+    classes = list(dls.vocab)
+    key = distill.cache_key(teachers, fingerprint, distill.relative(items, args.data), classes)
+    path = args.out / distill.CACHE
+    try:
+        logits = distill.read_cache(path, key)
+    except distill.TeacherError as exc:
+        raise SystemExit(f"make train: {exc}") from None
+    if logits is None:
+        logits = distill.teacher_logits(teachers, items, classes, args.precision, args.batch_size)
+        distill.write_cache(path, key, logits)
+    else:
+        print(f"teacher outputs from {path}", file=sys.stderr)
+    learn.loss_func = distill.DistillLoss(learn.loss_func, args.distill, args.temperature)
+    targets = distill.soft_targets(logits, args.temperature)
+    return [distill.Distill(learn.loss_func, targets, distill.item_labels(items, classes), not args.no_augment,
+                           train_loaders)]
+
+
 def run_plan(args: argparse.Namespace, train_batches: int, valid_batches: int) -> progress.Plan:
     """Every epoch of the run in order: the head-only ones (unless continuing an exported learner),
     then the unfrozen ones, each with the size it trains at."""
@@ -271,16 +338,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.size} px {args.resize}"
           + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
+    teachers = load_teachers(args, list(dls.vocab))
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
-    checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args),
-                                         checkpoint.data_fingerprint(items, args.data),
-                                         checkpoint.weights_digest(learn.model) if args.resume else None)
+    choice = choose_precision(args)
+    # The recipe stores what was chosen, not what was asked: `auto` is bf16 on one host and fp32 on
+    # another, and a checkpoint must be continued in the precision it was made in.
+    args.precision = choice.precision
+    print(choice.describe(), file=sys.stderr)
+    fingerprint = checkpoint.data_fingerprint(items, args.data)
+    checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args), fingerprint,
+                                         checkpoint.weights_digest(learn.model) if args.resume else None,
+                                         [t.digest for t in teachers])
     if args.fresh:
         checkpoints.remove()
+        (args.out / distill.CACHE).unlink(missing_ok=True)
     try:
         saved = checkpoints.read()
     except checkpoint.CheckpointMismatch as exc:
         raise SystemExit(f"make train: {exc}") from None
+    taught = distillation(args, learn, dls, [early.train, dls.train], teachers, fingerprint) if teachers else []
     if args.quiet:
         from fastai.callback.progress import ProgressCallback
         from fastcore.basics import noop
@@ -295,11 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"going on from the checkpoint after epoch {done} of {len(plan.epochs)} ({checkpoints.path})",
               file=sys.stderr)
     if done < len(plan.epochs):
-        plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size)
+        bf16 = args.precision == precision.BF16
+        plan.estimate_from_steps({size: progress.step_seconds(learn.model, args.batch_size, size, bf16=bf16)
                                   for size in plan.unmeasured_sizes(done)})
         print(f"training: {plan.describe(done)}", file=sys.stderr, flush=True)
     clock = progress.Clock(plan)
-    mixing = training_callbacks(args)
+    per_batch = [*training_callbacks(args), *taught, precision.ChannelsLastAutocast(args.precision)]
     n_early = early_epochs(args)
     average = WeightAverage(args.ema, start_epoch=n_early) if args.ema else None
     started = time.perf_counter()
@@ -323,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             learn.freeze()
             continue_from_checkpoint(checkpoint.HEAD)
             learn.fit_one_cycle(head_epochs, args.lr, start_epoch=start,
-                                cbs=[*mixing, SwitchSize(early, dls, head_epochs), *saving(checkpoint.HEAD, start, 0)])
+                                cbs=[*per_batch, SwitchSize(early, dls, head_epochs),
+                                     *saving(checkpoint.HEAD, start, 0)])
         if saved is not None and saved.position.phase == checkpoint.HEAD and start is None:
             learn.freeze()  # the head phase is over: its state goes back, and freeze_to below clears the optimiser
             saved.load_into(learn, loaders)
@@ -335,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs and start is not None:
             continue_from_checkpoint(checkpoint.BODY)
             learn.fit_one_cycle(args.epochs, slice(args.lr / 20, args.lr / 2), start_epoch=start,
-                                cbs=[*mixing, SwitchSize(early, dls, n_early), *([average] if average else []),
+                                cbs=[*per_batch, SwitchSize(early, dls, n_early), *([average] if average else []),
                                      *saving(checkpoint.BODY, start, head_epochs)])
         elif saved is not None and saved.position.phase == checkpoint.BODY:
             saved.load_into(learn, loaders, average)  # every epoch had run: only the saving was left
@@ -344,17 +422,20 @@ def main(argv: list[str] | None = None) -> int:
               "run the same command without --stop-after to go on", file=sys.stderr)
         return 0
     learn.dls = dls
+    # The final figures are the served model's: fp32, whatever the epochs trained in.
+    served = [precision.ChannelsLastAutocast(precision.FP32)]
     if average is not None:
-        loss, acc = learn.validate()
+        loss, acc = learn.validate(cbs=served)
         print(f"validation accuracy of the last weights: {acc:.4f} (loss {loss:.4f})", file=sys.stderr)
         if average.apply(learn.model):
             print(f"averaged the weights over {average.steps} steps (decay {args.ema})", file=sys.stderr)
-    loss, acc = learn.validate()
+    loss, acc = learn.validate(cbs=served)
     # The closure-based splitter is only needed for training; the exported learner keeps fastai's
     # own. The optimizer goes too: its state is shaped by the old splitter and is not exported.
     # The make loss goes as well, so that unpickling the learner needs fastai alone.
     learn.splitter, learn.opt = trainable_params, None
-    learn.loss_func = getattr(learn.loss_func, "base", learn.loss_func)
+    while hasattr(learn.loss_func, "base"):  # the distillation loss, then the make loss
+        learn.loss_func = learn.loss_func.base
     args.out.mkdir(parents=True, exist_ok=True)
     target = (args.out / "export.pkl").resolve()
     # The weights are written before anything that could fail while describing the run.

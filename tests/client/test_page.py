@@ -68,7 +68,9 @@ def test_a_photo_gets_the_same_answer_as_predict(page, server, metadata):
         [p["label"] for p in expected]
     expect(page.locator("#preview")).to_be_visible()
     expect(page.locator("#status")).not_to_have_class(re.compile("error"))
-    if "make" in answer:
+    if answer.get("accepted") is not False:
+        expect(page.locator("#results")).not_to_have_class(re.compile("dimmed"))
+    if "make" in answer and (answer.get("accepted") is not False or answer.get("accepted_level") == "make"):
         expect(page.locator("#make")).to_have_text(f"Make: {answer['make']['label']} "
                                                    f"({answer['make']['probability'] * 100:.1f} %)")
     # Which model, and which version of it, answered.
@@ -91,18 +93,20 @@ def test_a_text_file_shows_the_servers_message(page, tmp_path):
 
 
 def test_a_photo_without_a_car_is_shown_as_not_sure(page, server, metadata):
-    """The committed model turns away a photo unlike its car photos, and the page says so while
-    still showing the closest models."""
+    """The committed model turns away a photo unlike its car photos, and the page leads with that:
+    no make headline, and the closest models follow dimmed."""
     assert metadata["acceptance"]["enabled"], "the committed model should carry acceptance thresholds"
     photo = ROOT / "tests" / "data" / "noncar" / "coffee.jpg"
     answer = server.predict(photo.read_bytes())
-    assert answer["accepted"] is False
+    assert answer["accepted"] is False and answer.get("accepted_level") is None
     page.set_input_files("#file", str(photo))
     status = page.locator("#status")
     expect(status).to_have_class(re.compile("unsure"))
     expect(status).to_have_text("Not sure: " + answer["reason"])
     expect(page.locator("#results li")).to_have_count(min(5, metadata["num_classes"]))
     assert page.locator("#results li").first.locator(".label").text_content() == answer["predictions"][0]["label"]
+    expect(page.locator("#results")).to_have_class(re.compile("dimmed"))
+    expect(page.locator("#make")).to_have_text("")
     shoot(page, "not-sure.png")
     assert page.problems == []
 

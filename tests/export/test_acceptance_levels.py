@@ -89,6 +89,11 @@ def test_other_models_and_non_car_photos(fitted):
     assert u["answered_right_make"] == pytest.approx(1 / 3, abs=1e-4)  # the torn Audi: "an Audi"
     assert u["answered_wrong_make"] == pytest.approx(1 / 3, abs=1e-4)  # the Volvo called an Audi
     assert u["not_named"] == pytest.approx(u["turned_away"] + u["answered_right_make"], abs=1e-4)
+    # Its spread over the two other models: the Audi's photos are half not named, the Volvo's none,
+    # so a resampled pair of models gives 0 (two Volvos) up to 1/2 (two Audis).
+    assert u["models"] == 2
+    assert (u["not_named_interval"]["low"], u["not_named_interval"]["high"]) == (0.0, 0.5)
+    assert "95% interval 0.0%-50.0% over its 2 models" in "\n".join(acceptance.describe(fitted))
     assert fitted.figures["non_car"]["rejected"] == 1.0
 
 

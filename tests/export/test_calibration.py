@@ -244,3 +244,39 @@ def test_confused_pairs_count_both_directions_and_keep_the_most():
         {"a": "a", "b": "b", "count": 3}, {"a": "c", "b": "d", "count": 2}, {"a": "a", "b": "c", "count": 1}]
     assert cal.confused_pairs(predicted, labels, names, most=1) == [{"a": "a", "b": "b", "count": 3}]
     assert cal.confused_pairs(labels, labels, names) == []
+
+
+def test_class_bootstrap_by_hand():
+    # Class 0: one photo, right; class 1: one photo, wrong. A draw of two classes gives 1, 1/2 or 0.
+    interval = cal.class_bootstrap(torch.tensor([True, False]), torch.tensor([0, 1]), draws=2000)
+    assert (interval.low, interval.high) == (0.0, 1.0)
+    assert interval.groups == 2 and interval.draws == 2000 and interval.level == 0.95
+
+
+def test_class_bootstrap_counts_every_photo_of_a_drawn_class():
+    # Nine photos of a class all right, one of another wrong: the mixed draws give 9/10, not 1/2.
+    hits = torch.tensor([True] * 9 + [False])
+    groups = torch.tensor([7] * 9 + [3])
+    interval = cal.class_bootstrap(hits, groups, draws=4000, level=0.2)  # the middle draws: mixed pairs
+    assert interval.low == pytest.approx(0.9) and interval.high == pytest.approx(0.9)
+
+
+def test_class_bootstrap_collapses_when_every_class_scores_alike_and_is_deterministic():
+    hits = torch.tensor([True, False] * 8)
+    groups = torch.arange(16) // 2  # eight classes, each half right
+    interval = cal.class_bootstrap(hits, groups)
+    assert interval.low == pytest.approx(0.5) and interval.high == pytest.approx(0.5)
+    spread = torch.tensor([True] * 6 + [False] * 10)
+    first = cal.class_bootstrap(spread, groups, seed=3)
+    assert first == cal.class_bootstrap(spread, groups, seed=3)
+    assert first.low < 6 / 16 < first.high
+    assert first.as_dict()["classes"] == 8
+
+
+def test_class_bootstrap_refuses_bad_input():
+    with pytest.raises(ValueError):
+        cal.class_bootstrap(torch.tensor([True]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        cal.class_bootstrap(torch.tensor([], dtype=torch.bool), torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError):
+        cal.class_bootstrap(torch.tensor([True]), torch.tensor([0]), level=1.0)

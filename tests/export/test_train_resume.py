@@ -62,6 +62,8 @@ def test_the_run_says_how_long_it_will_take_before_the_first_epoch(uninterrupted
     estimate = next(i for i, line in enumerate(lines) if line.startswith("training: expected to take about"))
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1 of 3"))
     assert estimate < first_epoch
+    chosen = [i for i, line in enumerate(lines) if line.startswith("precision: ")]
+    assert len(chosen) == 1 and chosen[0] < first_epoch and "channels-last" in lines[chosen[0]]
     assert "about" in lines[first_epoch] and "left" in lines[first_epoch]
     # --quiet: the epoch lines in words, not fastai's raw list of values as well.
     assert not [line for line in run.stdout.splitlines() if line.startswith("[")], run.stdout
@@ -76,6 +78,16 @@ def test_a_checkpoint_of_other_arguments_is_refused(tmp_path):
     fresh = train(CARS, tmp_path, "--lr", "0.001", "--fresh", "--stop-after", "1")
     assert fresh.returncode == 0, fresh.stderr
     assert "going on" not in fresh.stderr
+
+
+def test_a_forced_precision_other_than_the_checkpoints_is_refused_and_auto_keeps_it(tmp_path):
+    assert train(CARS, tmp_path, "--precision", "fp32", "--stop-after", "1").returncode == 0
+    other = train(CARS, tmp_path, "--precision", "bf16")
+    assert other.returncode != 0
+    assert "--precision 'fp32' (now 'bf16')" in other.stderr
+    kept = train(CARS, tmp_path, "--stop-after", "2")
+    assert kept.returncode == 0, kept.stderr
+    assert "auto keeps the fp32 of the checkpoint" in kept.stderr and "going on" in kept.stderr
 
 
 def test_a_checkpoint_of_another_data_folder_is_refused(tmp_path):

@@ -1,5 +1,7 @@
 // Upload page: post the chosen photo to /predict and show the make and the top five answers;
-// list the models it knows (from /metadata), searchable.
+// list the models it knows (from /metadata), searchable. A photo turned away (accepted false, at
+// neither model nor make level) leads with the refusal: no make headline, and the closest models
+// follow dimmed, so that nothing reads as an answer.
 // Labels and messages are set with textContent only, never as HTML.
 "use strict";
 
@@ -25,9 +27,19 @@ function percent(probability) {
   return (probability * 100).toFixed(1) + " %";
 }
 
+// Turned away: judged, and not accepted at model or make level. An answer that was not judged
+// (an export without thresholds: accepted null) is shown as before.
+function turnedAway(body) {
+  return body.accepted === false && body.accepted_level !== "make" && body.accepted_level !== "model";
+}
+
 function showPredictions(body) {
   results.replaceChildren();
-  makeLine.textContent = body.make ? "Make: " + body.make.label + " (" + percent(body.make.probability) + ")" : "";
+  const refused = turnedAway(body);
+  makeLine.textContent = body.make && !refused ?
+    "Make: " + body.make.label + " (" + percent(body.make.probability) + ")" : "";
+  results.classList.toggle("dimmed", refused);
+  results.setAttribute("aria-label", refused ? "Closest models, none of them an answer" : "Answers");
   for (const p of body.predictions) {
     const item = document.createElement("li");
     const line = document.createElement("div");
@@ -55,6 +67,7 @@ function showPredictions(body) {
 async function upload(file) {
   if (!file) return;
   results.replaceChildren();
+  results.classList.remove("dimmed");
   modelLine.textContent = "";
   makeLine.textContent = "";
   if (preview.src) URL.revokeObjectURL(preview.src);
