@@ -71,7 +71,7 @@ def _resized(items: list[Path], size: int, method: str) -> torch.Tensor:
 
 
 def _learner_teacher(path: Path) -> Teacher:
-    from export import learner as learner_io
+    from learners import learner as learner_io
 
     try:
         learn = learner_io.load(path)

@@ -15,7 +15,7 @@ from fastai.learner import Learner
 from fastai.losses import LabelSmoothingCrossEntropyFlat
 from torch.utils.data import Dataset
 
-from export.learner import load
+from learners.learner import load
 from tests.support.paths import CARS, ROOT
 from tests.support.tiny_artifact import write_tiny_artifact
 from train import checkpoint, distill
