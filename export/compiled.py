@@ -327,7 +327,7 @@ def load_runner(compiled: Compiled, height: int, width: int, model_path: Path | 
         source = WeightSource.open(model_path, extra)
 
         def constants(names):
-            return source.constants_for(compiled.path, wanted, names)
+            return source.constants_for(compiled.path, wanted, names, compiled.threads)
     model = CompiledLibrary(compiled.path, runners=1, constants=constants)
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
 

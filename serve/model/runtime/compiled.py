@@ -286,7 +286,9 @@ def open_package(path: Path, runners: int = 1) -> CompiledLibrary:
     if wanted is None:
         return CompiledLibrary(path, runners)
     source = WeightSource.of_version(path.parent)
-    return CompiledLibrary(path, runners, constants=lambda names: source.constants_for(path, wanted, names))
+    threads = next((p.threads for p in Manifest.read(path.parent).compiled if p.file == path.name), None)
+    return CompiledLibrary(path, runners,
+                           constants=lambda names: source.constants_for(path, wanted, names, threads))
 
 
 def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, classes: int,
@@ -297,7 +299,8 @@ def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, clas
     wanted = read_constants_list(path)
     if wanted is not None and weights is None:
         raise ArtifactError(f"{path} takes its weights at load and none were given")
-    constants = None if wanted is None else (lambda names: weights().constants_for(path, wanted, names))
+    constants = None if wanted is None else (
+        lambda names: weights().constants_for(path, wanted, names, package.threads))
     try:
         # load_artifact has checked the file against this sha256.
         model = CompiledLibrary(path, runners, sha256=package.sha256, constants=constants)
