@@ -116,3 +116,24 @@ def test_a_frozen_torchscript_modules_constants_are_found_by_their_values():
         frozen = torch.jit.freeze(torch.jit.trace(conv, torch.zeros(1, 3, 8, 8)))
     found = torchscript_constants(frozen)
     assert tensor_sha256(conv.weight) in found and tensor_sha256(conv.bias) in found
+
+
+def test_weights_are_packed_under_the_thread_count_the_package_was_compiled_for(tmp_path, monkeypatch):
+    """oneDNN's kernel, and so its weight layout, follows the threads it runs with: packed under
+    another count, a pass reorders the weights every time."""
+    from serve.model.runtime import weights as weights_module
+
+    seen = []
+
+    def record(weight, *args):
+        seen.append(torch.get_num_threads())
+        return weight
+
+    monkeypatch.setitem(weights_module.PACKING, "mkldnn._reorder_convolution_weight", record)
+    weight = torch.randn(8, 3, 3, 3)
+    source = WeightSource({tensor_sha256(weight): weight}, "model.pt")
+    packed = constant("w", weight, pack="mkldnn._reorder_convolution_weight", args=((1, 1),))
+    before = torch.get_num_threads()
+    for threads in (1, 2):
+        source.constants_for(tmp_path / "p.pt2", [packed], ["w"], threads=threads)
+    assert seen == [1, 2] and torch.get_num_threads() == before
