@@ -25,14 +25,19 @@ class TorchScriptRunner:
         return "torchscript"
 
 
-def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimize: bool) -> torch.jit.ScriptModule:
+def read_torchscript(model_path: Path) -> torch.jit.ScriptModule:
+    """model.pt as TorchScript's loader reads it, or an ArtifactError saying why it cannot be."""
     try:
         with warnings.catch_warnings():
             # torch 2.14 flags jit.load as deprecated; it remains the loader for frozen archives.
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(model_path), map_location="cpu")
+            return torch.jit.load(str(model_path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or ValueError depending on the damage
         raise ArtifactError(f"{model_path} is not a loadable TorchScript module: {first_line(exc)}") from None
+
+
+def load_torchscript(model_path: Path, manifest: Manifest, classes: int, optimize: bool) -> torch.jit.ScriptModule:
+    module = read_torchscript(model_path)
     module.eval()
     if optimize:
         with torch.inference_mode(), warnings.catch_warnings():

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError, first_line
+from .torchscript import read_torchscript
 
 # Where a package keeps its list of constants: a member of its zip, beside AOTInductor's own files.
 CONSTANTS = "whatcar/constants.json"
@@ -216,12 +217,7 @@ class WeightSource:
 
     @classmethod
     def open(cls, model_path: Path, weights_path: Path | None) -> WeightSource:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(model_path), map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or ValueError depending on the damage
-            raise ArtifactError(f"{model_path} is not a loadable TorchScript module: {first_line(exc)}") from None
+        module = read_torchscript(model_path)
         tensors = torchscript_constants(module)
         names = model_path.name
         if weights_path is not None:
