@@ -83,7 +83,8 @@ class Artifact:
         runtime, and the runtime's account says so. Returns the shapes dropped."""
         dropped = check_shapes(self.runner, pixels, expected, len(self.labels), requested, passes)
         if dropped:
-            self.runtime = compiled_choice(self.runner, passes)
+            weights = self.manifest.entry("weights")[0] if self.manifest.has_weights_file else None
+            self.runtime = compiled_choice(self.runner, passes, weights_file=weights)
         return dropped
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..errors import ArtifactError
 from ..manifest import CompiledPackage, Manifest
 from ..onednn import effective_isa
-from .choice import Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fall_back, package_problem
+from .choice import AT_LOAD, Host, RuntimeChoice, RuntimeChoiceError, choose_runtime, fall_back, package_problem
 from .compiled import load_compiled
 from .shapes import ShapedRunner, choose_shape, describe_passes, shape_name
 from .torchscript import TorchScriptRunner, load_torchscript
@@ -151,21 +151,29 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             runner.close()
         raise
     runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0], later)
-    return Opened(runner, None, compiled_choice(runner, passes, host))
+    weights_file = manifest.entry("weights")[0] if manifest.has_weights_file else None
+    return Opened(runner, None, compiled_choice(runner, passes, host, weights_file))
 
 
-def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: Host | None = None) -> RuntimeChoice:
-    """The start-up line's account of a ShapedRunner: what runs each planned pass."""
+def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: Host | None = None,
+                    weights_file: str | None = None) -> RuntimeChoice:
+    """The start-up line's account of a ShapedRunner: what runs each planned pass, and where the
+    packages' weights came from (`weights_file`: the version's, if it has one)."""
     host = host or this_host()
     packages = runner.packages
     if not packages:
         # Only --runtime auto gets here: with compiled, the first shape dropped failed the load.
         return fall_back("auto", "no compiled shape is left to serve")
+    if any(p.weights == AT_LOAD for p in packages):
+        weights = (f"; weights stored once, taken at load from model.pt{f' and {weights_file}' if weights_file else ''}"
+                   f" and packed here for oneDNN's {host.onednn_isa} kernels")
+    else:
+        weights = "; weights inside each package"
     return RuntimeChoice("compiled", f"{describe_passes(passes, packages)}; packages compiled by torch "
                                      f"{', '.join(sorted({p.torch for p in packages}))} for "
                                      f"{', '.join(sorted({p.cpu_capability for p in packages}))}, this host offers "
                                      f"{host.cpu_capability} (oneDNN kernels: {host.onednn_isa}) and runs torch "
-                                     f"{host.torch}")
+                                     f"{host.torch}{weights}")
 
 
 def named(package: CompiledPackage, packages: list[CompiledPackage]) -> str:

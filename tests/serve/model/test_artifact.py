@@ -122,3 +122,17 @@ def test_not_torchscript_is_refused(copy):
     rewrite_manifest(copy, lambda m: m["files"]["model"].update(sha256=sha256_file(model)))
     with pytest.raises(ArtifactError, match="not a loadable TorchScript module"):
         load_artifact(copy, runtime="torchscript")
+
+
+def test_the_start_up_account_says_where_the_packages_weights_came_from(copy):
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the committed packages need a CPU with AVX2")
+    artifact = load_artifact(copy, optimize=False)
+    try:
+        assert artifact.runtime.name == "compiled"
+        assert "weights stored once, taken at load from model.pt and weights.safetensors and packed here for " \
+               "oneDNN's" in artifact.runtime.reason
+    finally:
+        artifact.close()
