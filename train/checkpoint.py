@@ -40,6 +40,20 @@ class CheckpointMismatch(Exception):
     """The checkpoint was made by another run; the message says what differs."""
 
 
+def read_state(path: Path, expected_format: int, error: type[Exception], remedy: str) -> dict:
+    """A state file this code wrote (a checkpoint, a teacher cache), or `error` saying why it
+    cannot be used and `remedy`. Plain tensors, numbers and strings only: the weights-only loader
+    refuses anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file fails in many ways
+        raise error(f"{path} cannot be read ({type(exc).__name__}); {remedy}") from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise error(f"{path} has format {found}, this code writes {expected_format}; {remedy}")
+    return state
+
+
 class StopRun(Exception):
     """--stop-after was reached: the checkpoint is saved and the run ends here."""
 
@@ -188,15 +202,7 @@ class Checkpoints:
         belongs to another run, naming what differs."""
         if not self.path.is_file():
             return None
-        try:
-            # Plain tensors, numbers and strings only: the weights-only loader refuses anything else.
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign file fails in many ways
-            raise CheckpointMismatch(f"{self.path} cannot be read ({type(exc).__name__}); "
-                                     "pass --fresh to start the run over") from None
-        if state.get("format") != FORMAT:
-            raise CheckpointMismatch(f"{self.path} has format {state.get('format')}, this code writes {FORMAT}; "
-                                     "pass --fresh to start the run over")
+        state = read_state(self.path, FORMAT, CheckpointMismatch, "pass --fresh to start the run over")
         made = {**BEFORE_ARGUMENT, **state["recipe"]}
         differs = [f"--{k.replace('_', '-')} {made.get(k)!r} (now {v!r})"
                    for k, v in self.recipe.items() if made.get(k) != v]

@@ -178,15 +178,12 @@ def read_cache(path: Path, key: dict) -> torch.Tensor | None:
     Raises TeacherError naming what differs when the cache was made from anything else."""
     if not path.is_file():
         return None
+    state = checkpoint.read_state(path, CACHE_FORMAT, TeacherError, "delete it to compute the teachers' outputs again")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         saved, logits = state["key"], state["logits"]
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file fails in many ways
-        raise TeacherError(f"{path} cannot be read ({type(exc).__name__}); delete it to compute the teachers' "
-                           "outputs again") from None
-    if state.get("format") != CACHE_FORMAT:
-        raise TeacherError(f"{path} has format {state.get('format')}, this code writes {CACHE_FORMAT}; delete it "
-                           "to compute the teachers' outputs again")
+    except KeyError:
+        raise TeacherError(f"{path} cannot be read (KeyError); delete it to compute the teachers' outputs "
+                           "again") from None
     differs = cache_mismatch(saved, key)
     if differs:
         raise TeacherError(f"{path} was made from {differs}; delete it (or pass --fresh) to compute the "
