@@ -289,8 +289,10 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
             else:
                 program = None
             exported = time.perf_counter()
-            built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize),
-                                             torchscript=None if program is not None else (model_path, height, width))
+            if program is None:
+                built = from_model_pt(served, scratch, shape, model_path, height, width)
+            else:
+                built = compiled.compile_package(program, scratch, shape, quantized=bool(args.quantize))
             runner = compiled.load_runner(built, height, width, model_path)
             try:
                 # The runner answers one row per image, the probabilities first (runtime/outputs.py's output_rows).
@@ -321,6 +323,21 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
     if not packages:
         print("export: no compiled package, the artifact serves TorchScript only")
     return packages
+
+
+def from_model_pt(served, scratch: Path, shape: compiled.Shape, model_path: Path, height: int,
+                  width: int) -> compiled.Compiled:
+    """The package compiled from model.pt, taking its weights from it at load; where model.pt does
+    not convert or compile (an ensemble of learners, whose traced graph the converter cannot turn
+    back into a program), compiled from the module itself with its weights inside, saying so."""
+    try:
+        return compiled.compile_package(None, scratch, shape, torchscript=(model_path, height, width))
+    except compiled.CompileError as exc:
+        if str(exc).startswith("no C++ compiler"):
+            raise
+        print(f"export: {shape.name} keeps its own copy of the weights, as model.pt does not compile: {exc}")
+    program = compiled.export_program(served, height, width, batch=shape.batch)
+    return compiled.compile_package(program, scratch, shape)
 
 
 def judge_int8(args, runner, module, pipe, info: dict, learn, files: list[Path]) -> dict:
