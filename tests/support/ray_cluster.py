@@ -11,7 +11,7 @@ after its `ray start` ended is found by session id and killed by pid.
 127.0.0.2 keeps the traffic on the loopback interface. The temporary folder is short because Ray's
 Unix socket paths inside it must stay under 108 bytes.
 
-Each node's object store (shared memory) holds the whole model version a job ships, about 90 MB
+Each node's object store (shared memory) holds the whole model version a job ships, about 29 MB
 for the default model, with room to spare: an object that does not fit is written to disk
 instead, and Ray refuses that on a disk more than 95 % full, failing the job for a reason that is
 not the job's.
