@@ -161,7 +161,8 @@ def test_first_deploy_builds_checks_and_switches(first, source):
     assert (prefix / "history").read_text().split() == [release]
     assert Prefix(prefix).leftovers() == []
     # The code of the commit, not of the working copy, and the commit's artifact.
-    assert (root / "serve" / "server.py").read_bytes() == (source / "serve" / "server.py").read_bytes()
+    server = Path("serve") / "process" / "server.py"
+    assert (root / server).read_bytes() == (source / server).read_bytes()
     assert sorted(p.name for p in (root / "ops").glob("*.py")) == sorted(p.name for p in (source / "ops").glob("*.py"))
     assert json.loads((root / "artifacts" / "1" / "manifest.json").read_text())["checks"]
     assert not (root / ".git").exists()
