@@ -97,7 +97,7 @@ def build(model_dir: Path, keep: int = KEEP, log=print, portable: bool = False) 
     photos = [source / check.file for check in manifest.checks]
     preprocessor = Preprocessor(manifest.steps, parity.MAX_PIXELS)
     built_for = None if portable else cpu_model() or None
-    weights_file = manifest.entry("weights")[0] if manifest.has_weights_file else None
+    weights_file = manifest.weights_file
 
     def fill(staging: Path) -> None:
         for item in source.iterdir():

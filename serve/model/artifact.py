@@ -83,8 +83,7 @@ class Artifact:
         runtime, and the runtime's account says so. Returns the shapes dropped."""
         dropped = check_shapes(self.runner, pixels, expected, len(self.labels), requested, passes)
         if dropped:
-            weights = self.manifest.entry("weights")[0] if self.manifest.has_weights_file else None
-            self.runtime = compiled_choice(self.runner, passes, weights_file=weights)
+            self.runtime = compiled_choice(self.runner, passes, weights_file=self.manifest.weights_file)
         return dropped
 
     def close(self) -> None:

@@ -357,6 +357,11 @@ class Manifest:
         files = self.data["files"]
         return isinstance(files, dict) and files.get("weights") is not None
 
+    @property
+    def weights_file(self) -> str | None:
+        """The name of that file, or None for a version without one."""
+        return self.entry("weights")[0] if self.has_weights_file else None
+
     def add_file(self, folder: Path, role: str, file: str) -> None:
         """List a file already written in `folder` under `role`, its checksum taken now."""
         path = Path(folder) / file

@@ -94,7 +94,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
         """The version's one copy of the weights, read once for all its packages, when the first
         package that takes its constants at load needs it."""
         if not opened:
-            extra = folder / manifest.entry("weights")[0] if manifest.has_weights_file else None
+            extra = folder / manifest.weights_file if manifest.weights_file else None
             opened.append(WeightSource.open(folder / manifest.entry("model")[0], extra))
         return opened[0]
 
@@ -151,8 +151,7 @@ def open_runner(folder: Path, manifest: Manifest, classes: int, requested: str, 
             runner.close()
         raise
     runner = ShapedRunner(loaded, lambda: torchscript_runner(folder, manifest, classes, optimize)[0], later)
-    weights_file = manifest.entry("weights")[0] if manifest.has_weights_file else None
-    return Opened(runner, None, compiled_choice(runner, passes, host, weights_file))
+    return Opened(runner, None, compiled_choice(runner, passes, host, manifest.weights_file))
 
 
 def compiled_choice(runner: ShapedRunner, passes: list[tuple[int, int]], host: Host | None = None,

@@ -232,7 +232,7 @@ class WeightSource:
         from ..manifest import Manifest
 
         manifest = Manifest.read(folder)
-        extra = folder / manifest.entry("weights")[0] if manifest.has_weights_file else None
+        extra = folder / manifest.weights_file if manifest.weights_file else None
         return cls.open(folder / manifest.entry("model")[0], extra)
 
     def constants_for(self, package: Path, wanted: list[Constant], names: list[str],
