@@ -64,10 +64,9 @@ from serve.model.onednn import PACKED_FOR as ONEDNN_PACKED_FOR
 from serve.model.onednn import VARIABLE as ONEDNN_VARIABLE
 from serve.model.onednn import effective_isa
 from serve.model.runtime.choice import AT_LOAD, PACKED_AT_LOAD
-from serve.model.runtime.compiled import CompiledLibrary, CompiledRunner, extract_library
+from serve.model.runtime.compiled import CompiledRunner, extract_library, package_library
 from serve.model.runtime.weights import (
     WeightSource,
-    read_constants_list,
     read_weights,
     torchscript_constants,
     write_constants_list,
@@ -318,17 +317,11 @@ def evex_instructions(library: Path) -> int | None:
 def load_runner(compiled: Compiled, height: int, width: int, model_path: Path | None = None) -> CompiledRunner:
     """The package loaded exactly as the server loads it (serve/model/runtime/compiled.py); one that
     takes its weights at load takes them from `model_path` (model.pt) and compiled.weights."""
-    wanted = read_constants_list(compiled.path)
-    constants = None
-    if wanted is not None:
-        if model_path is None:
-            raise CompileError(f"{compiled.path.name} takes its weights from model.pt, which was not given")
+    def weights():
         extra = compiled.weights if compiled.weights is not None and compiled.weights.is_file() else None
-        source = WeightSource.open(model_path, extra)
+        return WeightSource.open(model_path, extra)
 
-        def constants(names):
-            return source.constants_for(compiled.path, wanted, names, compiled.threads)
-    model = CompiledLibrary(compiled.path, runners=1, constants=constants)
+    model = package_library(compiled.path, 1, weights if model_path is not None else None, compiled.threads)
     return CompiledRunner(model, height, width, compiled.min_batch, compiled.max_batch)
 
 

@@ -279,16 +279,26 @@ class CompiledRunner:
         self.model.close()
 
 
+def package_library(path: Path, runners: int, weights, threads: int | None,
+                    sha256: str | None = None) -> CompiledLibrary:
+    """A package ready to run: one that takes its constants at load gets them from `weights()`,
+    a callable giving the version's WeightSource (called only then), packed for `threads`, the
+    thread count the package was built for. The server, the exporter's checks and the profiler
+    all load packages through here, so what they run is the same."""
+    wanted = read_constants_list(path)
+    if wanted is None:
+        return CompiledLibrary(path, runners, sha256=sha256)
+    if weights is None:
+        raise PackageError(f"{path} takes its weights at load and none were given")
+    return CompiledLibrary(path, runners, sha256=sha256,
+                           constants=lambda names: weights().constants_for(path, wanted, names, threads))
+
+
 def open_package(path: Path, runners: int = 1) -> CompiledLibrary:
     """One package of a version folder, with its weights from that folder when it takes them at
     load: for tools that run a single package (bench/profile.py)."""
-    wanted = read_constants_list(path)
-    if wanted is None:
-        return CompiledLibrary(path, runners)
-    source = WeightSource.of_version(path.parent)
     threads = next((p.threads for p in Manifest.read(path.parent).compiled if p.file == path.name), None)
-    return CompiledLibrary(path, runners,
-                           constants=lambda names: source.constants_for(path, wanted, names, threads))
+    return package_library(path, runners, lambda: WeightSource.of_version(path.parent), threads)
 
 
 def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, classes: int,
@@ -296,14 +306,9 @@ def load_compiled(path: Path, package: CompiledPackage, manifest: Manifest, clas
     """`weights`: a callable giving the version's WeightSource, opened on first need, for a
     package that takes its constants at load."""
     height, width = manifest.input_size
-    wanted = read_constants_list(path)
-    if wanted is not None and weights is None:
-        raise ArtifactError(f"{path} takes its weights at load and none were given")
-    constants = None if wanted is None else (
-        lambda names: weights().constants_for(path, wanted, names, package.threads))
     try:
         # load_artifact has checked the file against this sha256.
-        model = CompiledLibrary(path, runners, sha256=package.sha256, constants=constants)
+        model = package_library(path, runners, weights, package.threads, sha256=package.sha256)
     except PackageError as exc:
         raise ArtifactError(str(exc)) from None
     runner = CompiledRunner(model, height, width, package.min_batch, package.max_batch)
