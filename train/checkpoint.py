@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ HEAD, BODY = "head", "body"
 NOT_RECIPE = ("out", "quiet", "stop_after", "fresh")
 # What a checkpoint written before an argument existed was made with (it trained in fp32). Without
 # these, every new argument would refuse every older checkpoint.
-BEFORE_ARGUMENT = {"precision": "fp32"}
+BEFORE_ARGUMENT = {"precision": "fp32", "run_seed": None}
 DISTILLATION = ("teacher", "distill", "temperature")
 
 
@@ -197,6 +198,10 @@ class Checkpoints:
         # teachers: weights_digest of each --teacher: the same paths may hold retrained weights.
         self.recipe, self.data, self.start, self.teachers = recipe, data, start, list(teachers or [])
 
+    def inputs(self) -> dict:
+        """What decides this run's weights, as the learner's sidecar keeps it (`finished_as`)."""
+        return {"recipe": self.recipe, "data": self.data, "start": self.start, "teachers": self.teachers}
+
     def read(self) -> Saved | None:
         """The run's last checkpoint; None if there is none. Raises CheckpointMismatch when it
         belongs to another run, naming what differs."""
@@ -240,6 +245,20 @@ class Checkpoints:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def finished_as(sidecar: dict, inputs: dict, any_precision: bool) -> bool:
+    """Whether the learner whose sidecar this is was trained from exactly `inputs`
+    (Checkpoints.inputs): then the run need not run again. With `any_precision` (--precision
+    auto, which resolves per host) the precision it trained in does not count."""
+    saved = sidecar.get("inputs")
+    if not isinstance(saved, dict):
+        return False  # written before the sidecar kept its inputs: nothing says what it came from
+    now = json.loads(json.dumps(inputs))  # as the sidecar stores it: tuples are lists
+    if any_precision:
+        saved = {**saved, "recipe": {k: v for k, v in (saved.get("recipe") or {}).items() if k != "precision"}}
+        now["recipe"].pop("precision", None)
+    return saved == now
 
 
 class SaveEachEpoch(Callback):

@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--valid-pct", type=float, default=DEFAULTS["valid_pct"],
                    help="validation share (default: %(default)s)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="split and training seed (default: %(default)s)")
+    p.add_argument("--run-seed", type=int, default=None,
+                   help="another seed for the training alone (the head's first weights, the order of the photos "
+                        "and their augmentation), the split staying --seed's: runs that differ only in it are "
+                        "teachers that agree on which photos are held out (default: --seed)")
     p.add_argument("--resume", type=Path, default=None,
                    help="continue training this exported learner (from an earlier run on the same DATA, "
                         "split and size) instead of starting from ImageNet weights; skips the head-only epochs")
@@ -231,7 +235,7 @@ def resume_learner(dls, args: argparse.Namespace):
     return with_make_loss(learn, args)
 
 
-def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict:
+def describe_run(args: argparse.Namespace, dls, loss: float, acc: float, inputs: dict) -> dict:
     """What `python -m export` needs to know about this run, stored beside the learner."""
     # Item paths are kept as fastai found them, under DATA: resolving them would follow symlinked
     # class folders out of the data folder.
@@ -243,6 +247,8 @@ def describe_run(args: argparse.Namespace, dls, loss: float, acc: float) -> dict
         "validation": {"accuracy": round(float(acc), 4), "loss": round(float(loss), 4), "images": len(valid),
                        "split": f"random {args.valid_pct:.0%} of the data, seed {args.seed}"},
         "training": checkpoint.recipe(args),
+        # Everything that decided the weights (checkpoint.finished_as): the same command again skips the run.
+        "inputs": inputs,
         # A resumed run's recipe is the whole chain: this run on top of the one it resumed.
         "resumed_from": learner_io.read_sidecar(args.resume).get("training") if args.resume else None,
     }
@@ -302,6 +308,19 @@ def distillation(args: argparse.Namespace, learn, dls, train_loaders: list, teac
                            train_loaders)]
 
 
+def reseed(run_seed: int, loaders: list) -> None:
+    """Everything random in training from `run_seed`: the generators, and each loader's own one.
+    The split is made by then; RandomSplitter also reseeds torch's generator with --seed while the
+    loaders are built, which is why this comes after them."""
+    import random
+
+    from fastai.vision.all import set_seed
+
+    set_seed(run_seed, reproducible=True)
+    for loader in loaders:
+        loader.rng = random.Random(random.randint(0, 2**32 - 1))
+
+
 def run_plan(args: argparse.Namespace, train_batches: int, valid_batches: int) -> progress.Plan:
     """Every epoch of the run in order: the head-only ones (unless continuing an exported learner),
     then the unfrozen ones, each with the size it trains at."""
@@ -334,12 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the early-size dataloaders differ from the final ones")  # same items by construction
     # Each dataloader shuffles with a generator of its own, which a resumed run must restore too.
     loaders = [early.train, early.valid] + ([dls.train, dls.valid] if early is not dls else [])
+    if args.run_seed is not None and args.run_seed != args.seed:
+        reseed(args.run_seed, loaders)
     print(f"{len(dls.vocab)} classes, {len(dls.train_ds)} training and {len(dls.valid_ds)} validation images, "
           f"{args.size} px {args.resize}"
           + (f" ({args.early_size} px for the first epochs)" if progressive(args) else "")
           + f", torch threads {torch.get_num_threads()}", file=sys.stderr)
     teachers = load_teachers(args, list(dls.vocab))
     learn = resume_learner(dls, args) if args.resume else build_learner(dls, args)
+    requested = args.precision
     choice = choose_precision(args)
     # The recipe stores what was chosen, not what was asked: `auto` is bf16 on one host and fp32 on
     # another, and a checkpoint must be continued in the precision it was made in.
@@ -349,9 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = checkpoint.Checkpoints(args.out, checkpoint.recipe(args), fingerprint,
                                          checkpoint.weights_digest(learn.model) if args.resume else None,
                                          [t.digest for t in teachers])
+    learner_file = args.out / "export.pkl"
     if args.fresh:
         checkpoints.remove()
         (args.out / distill.CACHE).unlink(missing_ok=True)
+    elif learner_file.is_file() and checkpoint.finished_as(learner_io.read_sidecar(learner_file), checkpoints.inputs(),
+                                                           any_precision=requested == precision.AUTO):
+        print(f"{learner_file} is this run's already (same recipe, photos, starting weights and teachers); "
+              "skipped. Pass --fresh to train it again", file=sys.stderr)
+        return 0
     try:
         saved = checkpoints.read()
     except checkpoint.CheckpointMismatch as exc:
@@ -437,10 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     while hasattr(learn.loss_func, "base"):  # the distillation loss, then the make loss
         learn.loss_func = learn.loss_func.base
     args.out.mkdir(parents=True, exist_ok=True)
-    target = (args.out / "export.pkl").resolve()
+    target = learner_file.resolve()
     # The weights are written before anything that could fail while describing the run.
     learn.export(target)
-    learner_io.write_sidecar(target, describe_run(args, dls, loss, acc))
+    learner_io.write_sidecar(target, describe_run(args, dls, loss, acc, checkpoints.inputs()))
     minutes = (time.perf_counter() - started) / 60
     print(f"saved {target} after {minutes:.1f} min")
     print(f"validation accuracy: {acc:.4f} ({len(dls.valid_ds)} images, loss {loss:.4f})")

@@ -217,3 +217,48 @@ def test_the_weights_digest_follows_the_weights_not_their_memory_layout():
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1e-3
     assert checkpoint.weights_digest(model) != before
+
+
+def test_a_finished_run_is_skipped_when_run_again_with_the_same_inputs(uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "export.pkl").read_bytes()
+    again = train(CARS, out)
+    assert again.returncode == 0, again.stderr
+    assert "is this run's already" in again.stderr and "skipped" in again.stderr
+    assert not [line for line in again.stderr.splitlines() if line.startswith("epoch ")]
+    assert (out / "export.pkl").read_bytes() == before
+
+
+def test_runs_differing_in_run_seed_hold_out_the_same_photos_but_learn_other_weights(uninterrupted, tmp_path):
+    same = train(CARS, tmp_path / "same", "--run-seed", "42")  # --seed's own: the default run
+    other = train(CARS, tmp_path / "other", "--run-seed", "7")
+    assert same.returncode == 0 and other.returncode == 0, same.stderr + other.stderr
+    sidecar = {name: json.loads((tmp_path / name / "export.pkl.json").read_text()) for name in ("same", "other")}
+    default = json.loads((uninterrupted / "export.pkl.json").read_text())
+    assert sidecar["same"]["valid_files"] == sidecar["other"]["valid_files"] == default["valid_files"]
+    expected, got_same, got_other = weights(uninterrupted), weights(tmp_path / "same"), weights(tmp_path / "other")
+    assert all(torch.equal(expected[name], got_same[name]) for name in expected)
+    assert not all(torch.equal(expected[name], got_other[name]) for name in expected)
+
+
+def finished_inputs(**recipe) -> dict:
+    return {"recipe": {"lr": 0.003, "precision": "bf16", **recipe}, "data": "abc", "start": None, "teachers": ["t1"]}
+
+
+@pytest.mark.parametrize("now, any_precision, skipped", [
+    (finished_inputs(), False, True),
+    (finished_inputs(lr=0.001), False, False),
+    (finished_inputs(precision="fp32"), False, False),
+    (finished_inputs(precision="fp32"), True, True),
+    ({**finished_inputs(), "data": "abd"}, True, False),
+    ({**finished_inputs(), "teachers": ["t2"]}, True, False),
+    ({**finished_inputs(), "start": "s"}, True, False),
+])
+def test_a_run_is_finished_only_if_every_input_is_the_same(now, any_precision, skipped):
+    sidecar = {"inputs": finished_inputs()}
+    assert checkpoint.finished_as(sidecar, now, any_precision) is skipped
+
+
+def test_a_learner_without_recorded_inputs_is_trained_again():
+    assert not checkpoint.finished_as({"training": {"lr": 0.003}}, finished_inputs(), any_precision=True)
