@@ -105,15 +105,28 @@ classify-ray: $(VENV)/ray/.stamp ## the same on the Ray cluster at RAY_ADDRESS (
 	@[ -n "$(IN)" ] && [ -n "$(OUT)" ] || { echo "usage: make classify-ray IN=<folder> OUT=<results.csv|results.jsonl> RAY_ADDRESS=<head:6379>"; exit 2; }
 	$(VENV)/ray/bin/python -m serve.classify "$(IN)" "$(OUT)" --model-dir $(MODEL_DIR) --ray $(RAY_ADDRESS) $(CLASSIFY_ARGS)
 
-# The committed model's recipe is two runs (docs/training.md): the first from ImageNet
-# weights, every epoch at 224 px, writes $(BASE_LEARNER); the second goes on from it for 4 epochs at
-# 256 px, the size served, at a lower learning rate. TRAIN_ARGS go to the first run, FINISH_ARGS
-# to the second; with FINISH_ARGS= the first run alone writes $(LEARNER).
+# The committed model's recipe (docs/training.md). Two teachers, each two runs of its own
+# --run-seed: from ImageNet weights, 2 head-only epochs and 28 more at 224 px (TRAIN_ARGS) into
+# $(MODELS)/teacher-N/base, then 4 epochs at 256 px, the size served, at a lower learning rate
+# (FINISH_ARGS) into $(MODELS)/teacher-N. Then the student, distilled from both: the same two
+# runs with 20 epochs in the first (STUDENT_ARGS), into $(BASE_LEARNER) and $(LEARNER). A run whose
+# learner is already what its arguments, photos and teachers make is skipped; a killed one goes on
+# from its last epoch. TEACHERS="artifacts/1 ..." teaches from existing models instead, and
+# `make train TEACHER_SEEDS= TEACHERS= STUDENT_ARGS=` is the recipe before distillation.
+TEACHER_SEEDS ?= 1 2
+TEACHERS ?= $(foreach seed,$(TEACHER_SEEDS),$(MODELS)/teacher-$(seed)/export.pkl)
 FINISH_ARGS ?= --size 256 --early-size 256 --epochs 4 --lr 4e-4
+STUDENT_ARGS ?= --epochs 20
 BASE_LEARNER ?= $(MODELS)/base/export.pkl
-train: $(VENV)/train/.stamp ## fine-tune on DATA (two runs, the second at 256 px), write $(LEARNER)
-	$(TRAIN_PY) -m train $(DATA) --out $(dir $(if $(FINISH_ARGS),$(BASE_LEARNER),$(LEARNER))) $(TRAIN_ARGS)
-	$(if $(FINISH_ARGS),$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) --resume $(BASE_LEARNER) $(FINISH_ARGS))
+train: $(VENV)/train/.stamp ## train two teachers, then the student distilled from them (hours; resumable), write $(LEARNER)
+	@set -e; for seed in $(TEACHER_SEEDS); do \
+	  $(TRAIN_PY) -m train $(DATA) --out $(MODELS)/teacher-$$seed/base --run-seed $$seed $(TRAIN_ARGS); \
+	  $(TRAIN_PY) -m train $(DATA) --out $(MODELS)/teacher-$$seed --run-seed $$seed \
+	    --resume $(MODELS)/teacher-$$seed/base/export.pkl $(FINISH_ARGS); \
+	done
+	$(TRAIN_PY) -m train $(DATA) --out $(dir $(BASE_LEARNER)) $(TEACHER_FLAGS) $(TRAIN_ARGS) $(STUDENT_ARGS)
+	$(TRAIN_PY) -m train $(DATA) --out $(dir $(LEARNER)) --resume $(BASE_LEARNER) $(TEACHER_FLAGS) $(FINISH_ARGS)
+TEACHER_FLAGS = $(foreach teacher,$(TEACHERS),--teacher $(teacher))
 
 export: $(VENV)/train/.stamp $(VENV)/serve/.stamp cxx ## turn LEARNER into a checked artifact: the next version in MODEL_DIR, made current
 	WHATCAR_COMPILE_PYTHON=$(abspath $(SERVE_PY)) $(TRAIN_PY) -m export $(LEARNER) $(foreach learner,$(ALSO),--also $(learner)) --out $(MODEL_DIR) $(if $(QUANTIZE),--quantize $(QUANTIZE))

@@ -15,7 +15,7 @@ from export.transforms import read_pipeline
 from learners.learner import load
 from serve.model.manifest import Manifest
 from tests.support.paths import ARTIFACT, CARS, ROOT
-from train.cli import DEFAULTS, parse_args
+from train.cli import DEFAULTS, DISTILL_DEFAULTS, parse_args
 from train.stages import WeightAverage
 
 
@@ -103,19 +103,24 @@ def same_recipe(recorded: dict, argv: list[str]) -> None:
 
 
 def test_make_train_with_its_defaults_is_the_committed_models_recipe():
-    """The README promises that `make train` reproduces the committed model: its two runs must be
-    the ones recorded in that model's manifest, the first with `python -m train`'s defaults and
-    the second, going on from it, with the Makefile's FINISH_ARGS."""
+    """The README promises that `make train` reproduces the committed model: the student's two
+    runs must be the ones recorded in that model's manifest, the first with `python -m train`'s
+    defaults and the Makefile's STUDENT_ARGS, the second, going on from it, with its FINISH_ARGS,
+    both distilled from as many teachers as the Makefile trains, at the distillation defaults."""
     source = Manifest.read(ARTIFACT).data["source"]
     finish, first = source["training"], source["resumed_from"]
     # The Makefile's DATA is the folder the model was trained on; any folder stands in for it
     # here, as the defaults do not depend on it and the data need not be beside the checkout.
     assert makefile_value("DATA") == first["data"] == finish["data"]
     assert first["resume"] is None
-    same_recipe(first, [])
+    same_recipe(first, shlex.split(makefile_value("STUDENT_ARGS")))
     base = makefile_value("BASE_LEARNER").replace("$(MODELS)", makefile_value("MODELS"))
     assert finish["resume"] == base
     same_recipe(finish, ["--resume", base, *shlex.split(makefile_value("FINISH_ARGS"))])
+    teachers = len(shlex.split(makefile_value("TEACHER_SEEDS")))
+    for run in (first, finish):
+        assert len(run["teacher"]) == teachers
+        assert (run["distill"], run["temperature"]) == (DISTILL_DEFAULTS["distill"], DISTILL_DEFAULTS["temperature"])
 
 
 def test_the_recipe_check_tells_the_runs_apart():
