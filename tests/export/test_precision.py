@@ -59,12 +59,13 @@ def test_an_unknown_request_is_refused():
         choose_precision(EPYC, "fp16")
 
 
-def test_a_checkpoint_from_before_the_flag_counts_as_fp32(tmp_path):
-    """Older checkpoints trained in fp32 and have no precision in their recipe."""
+def test_a_checkpoint_from_before_the_flags_counts_as_fp32_and_one_seed(tmp_path):
+    """Older checkpoints trained in fp32, with --seed for the training too, and have neither
+    --precision nor --run-seed in their recipe."""
     (tmp_path / checkpoint.FILE).write_bytes(b"")
     assert checkpoint.stored_recipe(tmp_path) is None  # unreadable: Checkpoints.read reports it
     torch.save({"recipe": {"lr": 0.003}}, tmp_path / checkpoint.FILE)
-    assert checkpoint.stored_recipe(tmp_path) == {"lr": 0.003, "precision": FP32}
+    assert checkpoint.stored_recipe(tmp_path) == {"lr": 0.003, "precision": FP32, "run_seed": None}
 
 
 class Seen(Callback):
