@@ -308,7 +308,7 @@ def compiled_packages(args, learn, served, pipe, info: dict, files: list[Path], 
             if args.quantize:
                 raise compiled.CompileError(f"no int8 package: {reason}; nothing was added to {args.out}") from None
             print(f"export: no compiled {shape.name} package, its passes will run on the next runtime: {reason}")
-            if isinstance(exc, compiled.CompileError) and reason.startswith("no C++ compiler"):
+            if isinstance(exc, compiled.NoCompilerError):
                 break
             continue
         print(f"compiled {shape.name}: {built.path.stat().st_size / 1e6:.1f} MB for {built.cpu_capability} CPUs "
@@ -332,9 +332,9 @@ def from_model_pt(served, scratch: Path, shape: compiled.Shape, model_path: Path
     back into a program), compiled from the module itself with its weights inside, saying so."""
     try:
         return compiled.compile_package(None, scratch, shape, torchscript=(model_path, height, width))
+    except compiled.NoCompilerError:
+        raise
     except compiled.CompileError as exc:
-        if str(exc).startswith("no C++ compiler"):
-            raise
         print(f"export: {shape.name} keeps its own copy of the weights, as model.pt does not compile: {exc}")
     program = compiled.export_program(served, height, width, batch=shape.batch)
     return compiled.compile_package(program, scratch, shape)

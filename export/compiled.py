@@ -121,6 +121,10 @@ class CompileError(Exception):
     """No compiled package can be made or kept; the message says why in one line."""
 
 
+class NoCompilerError(CompileError):
+    """No C++ compiler on this machine: no shape can be compiled, so trying the next is pointless."""
+
+
 @dataclass
 class Compiled:
     """A compiled package in a scratch folder, with the facts the manifest records."""
@@ -219,7 +223,7 @@ def compile_package(program, out_dir: Path, shape: Shape = Shape(None, None), qu
     it and taken at load from model.pt, the rest of them from the dense tensors the child saves
     beside it (Compiled.weights; serve/model/runtime/weights.py)."""
     if not cxx_compiler():
-        raise CompileError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
+        raise NoCompilerError("no C++ compiler (g++, or $CXX) on PATH: AOTInductor needs one to build the package; "
                            "serving it needs none")
     if (program is None) == (torchscript is None):
         raise ValueError("compile a program or a TorchScript file, one of the two")
